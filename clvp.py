@@ -18,12 +18,23 @@ decoder with its KV cache, the two CLVP encoders), the CLVP model, and loading. 
 [batch, ..., dim]. Numbers match the original Tortoise code and the Hugging Face port on the same
 weights (see test_clvp.py); where they differ, the comments say which one this file follows.
 """
+import argparse
+import functools
 import json
 import math
 import os
+import pathlib
+import re
+import sys
 import tempfile
+import time
+import unicodedata
+import warnings
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+import scipy.signal
+import soundfile
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -82,6 +93,320 @@ def tiny_config():
     small = dict(dim=64, layers=2, heads=2, ff_dim=128, rotary_dim=32, projection_dim=64)
     return Config(DecoderConfig(dim=64, layers=2, heads=4, conditioning_blocks=2),
                   EncoderConfig(**small), EncoderConfig(vocab_size=8192, **small))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text: English cleaners and the BPE tokenizer
+#
+# Tortoise turns text into ids in two steps, reproduced here without their dependencies:
+#   clean_text: Tortoise's english_cleaners. Transliterate to ASCII (unidecode there), lowercase,
+#     spell out numbers (inflect there), expand a few abbreviations, collapse whitespace, drop '"'.
+#   Tokenizer: the 255-token BPE of Tortoise's tokenizer.json. Spaces become the token [SPACE]; anything
+#     outside the vocabulary (digits, '"', '&', ...) becomes [UNK], one per character.
+# transformers' ClvpTokenizer has its own number normalizer and a byte-level pre-tokenizer, which differ
+# from Tortoise ('1999' -> 'one thousand, nine hundred ...', '21st' -> 'twenty-onest', 'café' -> 'caf');
+# the model was trained on Tortoise's text, so this follows Tortoise.
+# ---------------------------------------------------------------------------------------------------
+
+# unidecode romanizes every character from tables. For accented Latin letters and compatibility
+# forms ('ﬁ', '²', fullwidth 'Ａ') NFKD plus dropping the non-ASCII rest gives the same; this
+# table holds the Latin-1, Latin Extended-A and General Punctuation characters where it does not.
+# What is still not ASCII is dropped, as unidecode drops what it has no entry for (emoji).
+# Deviation: unidecode also romanizes other scripts ('Москва' -> 'Moskva', '中文' -> 'Zhong Wen ')
+# and Latin Extended-B ('ƒ' -> 'f'); those characters are dropped here.
+_ASCII = str.maketrans({
+    'Æ': 'AE', 'æ': 'ae', 'Ð': 'D', 'ð': 'd', 'Ø': 'O', 'ø': 'o', 'Þ': 'Th', 'þ': 'th', 'ß': 'ss',
+    'ẞ': 'SS', 'Đ': 'D', 'đ': 'd', 'Ħ': 'H', 'ħ': 'h', 'ı': 'i', 'ĸ': 'k', 'Ŀ': 'L', 'ŀ': 'l',
+    'Ł': 'L', 'ł': 'l', 'ŉ': "'n", 'Ŋ': 'NG', 'ŋ': 'ng', 'Œ': 'OE', 'œ': 'oe', 'Ŧ': 'T', 'ŧ': 't',
+    'µ': 'u', '¡': '!', '¢': 'C/', '£': 'PS', '¤': '$?', '¥': 'Y=', '¦': '|', '§': 'SS', '¨': '"',
+    '©': '(c)', '«': '<<', '¬': '!', '®': '(r)', '¯': '-', '°': 'deg', '±': '+-', '´': "'", '¶': 'P',
+    '·': '*', '¸': ',', '»': '>>', '¼': ' 1/4', '½': ' 1/2', '¾': ' 3/4', '¿': '?', '×': 'x',
+    '÷': '/', '€': 'EUR', '™': '(tm)', '\u200b': ' ', '\u2028': '\n', '\u2029': '\n\n',
+    '‐': '-', '‑': '-', '‒': '-', '–': '-', '—': '--', '―': '--', '⁃': '--', '‾': '-', '⁀': '-',
+    '‘': "'", '’': "'", '‛': "'", '′': "'", '″': "''", '‴': "'''", '⁗': "''''", '‚': ',',
+    '„': ',,', '“': '"', '”': '"', '‟': '"', '‵': '`', '‶': '``', '‷': '```', '‹': '<', '›': '>',
+    '‖': '||', '‗': '_', '‿': '_', '†': '+', '‡': '++', '•': '*', '‣': '*>', '※': '*', '⁎': '*',
+    '⁂': '***', '‧': '.', '‰': '%0', '‱': '%00', '‸': '^', '⁁': '^', '‽': '!?', '⁄': '/',
+    '⁅': '-[', '⁆': ']-', '⁊': '&', '⁋': 'PP', '⁌': '(]', '⁍': '[)', '⁒': '%', '⁓': '~',
+})
+
+
+def to_ascii(text):
+    """'Ærø café – “ok”' -> 'AEro cafe - "ok"' (unidecode's answer for Latin text)."""
+    text = unicodedata.normalize('NFKD', text.translate(_ASCII))
+    return text.encode('ascii', 'ignore').decode('ascii')
+
+
+# Numbers are spelled as inflect's number_to_words spells them: groups of three joined by
+# commas, no 'and' after 'hundred' (Tortoise passes andword=''), e.g. 1234567 -> 'one million,
+# two hundred thirty-four thousand, five hundred sixty-seven'.
+_ONES = ('zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen '
+         'fifteen sixteen seventeen eighteen nineteen').split()
+_TENS = ['', ''] + 'twenty thirty forty fifty sixty seventy eighty ninety'.split()
+_SCALES = ('', ' thousand', ' million', ' billion', ' trillion', ' quadrillion', ' quintillion',
+           ' sextillion', ' septillion', ' octillion', ' nonillion', ' decillion')
+
+
+def _below_100(n):
+    return _ONES[n] if n < 20 else _TENS[n // 10] + ('-' + _ONES[n % 10] if n % 10 else '')
+
+
+def _below_1000(n, andword):
+    if n < 100:
+        return _below_100(n)
+    return _ONES[n // 100] + ' hundred' + (andword + _below_100(n % 100) if n % 100 else '')
+
+
+def number_to_words(n, andword=' '):
+    """inflect's number_to_words(n, andword='') for n >= 0; andword=' and ' gives inflect's default."""
+    groups = []                                   # groups of three digits, lowest first
+    while n:
+        n, group = divmod(n, 1000)
+        groups.append(group)
+    if len(groups) > len(_SCALES):                # inflect raises NumOutOfRangeError here too
+        raise ValueError('cannot spell a number of more than 36 digits')
+    words = [_below_1000(g, andword) + _SCALES[i] for i, g in reversed(list(enumerate(groups))) if g]
+    # inflect's quirk: a last group below one hundred is joined by the andword, not by a comma:
+    # 1000020 -> 'one million twenty', but 1000100 -> 'one million, one hundred'.
+    if len(words) > 1 and 0 < groups[0] < 100:
+        return ', '.join(words[:-1]) + andword + words[-1]
+    return ', '.join(words) or 'zero'
+
+
+_ORDINAL_ENDINGS = {'ty': 'tieth', 'one': 'first', 'two': 'second', 'three': 'third', 'five': 'fifth',
+                    'eight': 'eighth', 'nine': 'ninth', 'twelve': 'twelfth'}
+
+
+def _ordinal(m):
+    """'21st' -> 'twenty-first'. Tortoise calls inflect on the whole match, which ignores the suffix
+    ('21th' -> 'twenty-first') and keeps inflect's default 'and': '101st' -> 'one hundred and first'."""
+    words = number_to_words(int(m.group(1)), andword=' and ')
+    for ending, ordinal in _ORDINAL_ENDINGS.items():
+        if words.endswith(ending):
+            return words[:-len(ending)] + ordinal
+    return words + 'th'
+
+
+def _number(m):
+    """Integers; 1001..2999 are read as years: 1999 -> 'nineteen ninety-nine', 1905 -> 'nineteen oh
+    five', 1900 -> 'nineteen hundred', but 2000..2009 -> 'two thousand (five)'."""
+    n = int(m.group(0))
+    if not 1000 < n < 3000 or 2000 <= n < 2010:
+        return number_to_words(n)
+    high, low = divmod(n, 100)
+    if low == 0:
+        return _below_100(high) + ' hundred'
+    return _below_100(high) + (' oh ' if low < 10 else ' ') + _below_100(low)
+
+
+def _dollars(m):
+    """'$12.50' -> '12 dollars, 50 cents' (spelled by the later rules); '$.5' -> '5 cents', and as in
+    Tortoise '$12.5' -> '12 dollars, 5 cents'."""
+    dollars, _, cents = m.group(1).partition('.')
+    if '.' in cents:                              # '$1.2.3': left to the decimal rule
+        return m.group(1) + ' dollars'
+    amounts = [(int(dollars or 0), 'dollar'), (int(cents or 0), 'cent')]
+    return ', '.join(f'{n} {unit}' + 's' * (n != 1) for n, unit in amounts if n) or 'zero dollars'
+
+
+# Tortoise's rules in its order. Commas go first, so '1,2,3' is 123. Dollars come before the decimal
+# rule, which then reads the digits after the point as a number: 3.14 -> 'three point fourteen'.
+# Ordinals match inside words too: '1stop' -> 'firstop'. Tortoise also has a '£' rule, but unidecode
+# has already made '£' into 'PS' by then, so it never fires ('£3' -> 'psthree'); it is left out here.
+_NUMBER_RULES = [
+    (re.compile(r'[0-9][0-9,]+[0-9]'), lambda m: m.group(0).replace(',', '')),
+    (re.compile(r'\$([0-9.,]*[0-9]+)'), _dollars),
+    (re.compile(r'([0-9]+)\.([0-9]+)'), r'\1 point \2'),
+    (re.compile(r'([0-9]+)(st|nd|rd|th)'), _ordinal),
+    (re.compile(r'[0-9]+'), _number),
+]
+
+# Applied one after another, as in Tortoise: 'mrs' before 'mr', and 'mr.st.' -> 'misterst.' (the
+# '\b' before 'st' is gone once 'mr.' is replaced). Numbers come first, so '1st.' stays 'first.'.
+_ABBREVIATIONS = [(re.compile(rf'\b{short}\.'), long) for short, long in [
+    ('mrs', 'misess'), ('mr', 'mister'), ('dr', 'doctor'), ('st', 'saint'), ('co', 'company'),
+    ('jr', 'junior'), ('maj', 'major'), ('gen', 'general'), ('drs', 'doctors'), ('rev', 'reverend'),
+    ('lt', 'lieutenant'), ('hon', 'honorable'), ('sgt', 'sergeant'), ('capt', 'captain'),
+    ('esq', 'esquire'), ('ltd', 'limited'), ('col', 'colonel'), ('ft', 'fort')]]
+
+
+def clean_text(text):
+    """Tortoise's english_cleaners: 'Dr. Smith paid $5 in 1999.' ->
+    'doctor smith paid five dollars in nineteen ninety-nine.'"""
+    text = to_ascii(text).lower()
+    for pattern, replacement in _NUMBER_RULES + _ABBREVIATIONS:
+        text = pattern.sub(replacement, text)
+    # The quote is removed after whitespace is collapsed: 'a " b' -> 'a  b' (two spaces).
+    return re.sub(r'\s+', ' ', text).replace('"', '')
+
+
+# BPE in the style of minbpe: a word is a list of ids; repeatedly merge the adjacent pair with the
+# lowest rank (earliest in the merges list), all its occurrences left to right, until none can merge.
+# tokenizers gets the same result from its priority queue of (rank, position).
+def merge(ids, pair, new_id):
+    """Replace every occurrence of pair in ids, left to right: merge([1, 1, 1], (1, 1), 9) -> [9, 1]."""
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def bpe(ids, ranks):
+    """ranks: {(id, id): (rank, merged id)}."""
+    while len(ids) > 1:
+        pair = min(zip(ids, ids[1:]), key=lambda p: ranks.get(p, (float('inf'),)))
+        if pair not in ranks:
+            break
+        ids = merge(ids, pair, ranks[pair][1])
+    return ids
+
+
+# tokenizers' 'Whitespace' pre-tokenizer: a word is a run of letters (digits, '_') or a run of other
+# non-space characters; merges stay inside a word.
+_WORD_RE = re.compile(r'\w+|[^\w\s]+')
+
+
+class Tokenizer:
+    """Tortoise's VoiceBpeTokenizer. vocab: {token: id}; merges: [(a, b), ...], lowest rank first."""
+
+    def __init__(self, vocab, merges):
+        self.vocab = dict(vocab)
+        self.merges = [tuple(m) for m in merges]
+        self.tokens = {i: t for t, i in self.vocab.items()}
+        self.ranks = {(self.vocab[a], self.vocab[b]): (rank, self.vocab[a + b])
+                      for rank, (a, b) in enumerate(self.merges)}
+        self.unk, self.space = self.vocab['[UNK]'], self.vocab['[SPACE]']
+        self.cache = {}                           # word -> ids: a text repeats its words
+
+    @classmethod
+    def from_file(cls, path):
+        """Tortoise's tokenizer.json, or transformers' vocab.json with merges.txt beside it (what
+        ClvpTokenizer.save_pretrained writes), or the directory holding those two."""
+        path = pathlib.Path(path)
+        if path.is_dir():
+            path = path / 'vocab.json'
+        data = json.loads(path.read_text(encoding='utf-8'))
+        if 'model' in data:
+            vocab, merges = data['model']['vocab'], data['model']['merges']
+        else:
+            lines = (path.parent / 'merges.txt').read_text(encoding='utf-8').splitlines()
+            vocab, merges = data, [line for line in lines if line and not line.startswith('#version')]
+        return cls(vocab, [m.split(' ') if isinstance(m, str) else m for m in merges])
+
+    def encode(self, text):
+        """'Hello world' -> [62, 84, 28, 2, 179, 79]: 'he' 'll' 'o' [SPACE] 'wor' 'ld'."""
+        # Tortoise writes each space as '[SPACE]', which tokenizers splits off as a special token.
+        ids = []
+        for i, chunk in enumerate(clean_text(text).split(' ')):
+            if i:
+                ids.append(self.space)
+            for word in _WORD_RE.findall(chunk):
+                if word not in self.cache:
+                    self.cache[word] = bpe([self.vocab.get(ch, self.unk) for ch in word], self.ranks)
+                ids += self.cache[word]
+        return ids
+
+    def decode(self, ids):
+        """As Tortoise: [SPACE] is a space, [STOP] and [UNK] vanish, unknown ids are skipped."""
+        text = ''.join(self.tokens.get(int(i), '') for i in ids)
+        return text.replace('[SPACE]', ' ').replace('[STOP]', '').replace('[UNK]', '')
+
+
+# ---------------------------------------------------------------------------------------------------
+# Audio: a voice clip on disk -> an 80-band log-mel spectrogram
+#
+# The conditioning encoder reads the reference voice as Tortoise's TorchMelSpectrogram made it: 22.05 kHz,
+# STFT (n_fft 1024, hop 256, Hann), power, an 80-band mel filterbank (HTK mel scale, Slaney area
+# normalization, 0-8000 Hz), natural log, and a per-band division by mel_norms.pth. It is written here
+# with torch.stft and a filterbank built by hand; the numbers match transformers' ClvpFeatureExtractor.
+# Where this differs from Tortoise on purpose: load_audio averages all channels (Tortoise keeps the
+# first) and resamples with scipy's polyphase filter (Tortoise: torchaudio's sinc); format_conditioning
+# keeps the first 6 s where Tortoise cuts a random 6 s window, so the same clip always scores the same.
+# ---------------------------------------------------------------------------------------------------
+
+SAMPLE_RATE = 22050             # Hz; everything in CLVP/Tortoise runs at this rate
+N_FFT = 1024                    # FFT size -> N_FFT // 2 + 1 = 513 frequency bins
+HOP = 256                       # samples between frames (~11.6 ms)
+WIN = 1024                      # Hann window length (= N_FFT)
+N_MELS = 80
+F_MIN, F_MAX = 0.0, 8000.0      # Hz covered by the mel bands
+CONDITIONING_SAMPLES = 132300   # 6 s at 22050 Hz -> 517 mel frames
+MIN_SAMPLES = N_FFT // 2 + 1    # centred STFT reflect-pads N_FFT // 2 samples; needs more than that
+SILENCE_PEAK = 1e-4             # about -80 dBFS, a few 16-bit steps: treat as silence
+
+
+class AudioError(ValueError):
+    """A problem with the user's audio (bad file, bad values); the message names it."""
+
+
+def load_audio(path, sampling_rate=SAMPLE_RATE) -> torch.Tensor:
+    """Read WAV/FLAC/OGG (MP3 if libsndfile has it) -> mono float32 [samples] in [-1, 1]."""
+    if not os.path.isfile(path):
+        raise AudioError(f"{path}: no such file")
+    try:  # float32 read: soundfile scales int16/int32 PCM to [-1, 1)
+        data, sr = soundfile.read(path, dtype="float32", always_2d=True)  # [samples, channels]
+    except (soundfile.SoundFileError, RuntimeError) as e:
+        raise AudioError(f"{path}: not a readable audio file ({getattr(e, 'error_string', e)})") from None
+    if data.shape[0] == 0:
+        raise AudioError(f"{path}: audio file is empty (0 samples)")
+    if not np.isfinite(data).all():
+        raise AudioError(f"{path}: audio contains NaN or Inf samples")
+    wav = data.mean(axis=1)  # [samples]: average every channel (stereo, 5.1, ...) to mono
+    if sr != sampling_rate:  # polyphase resampling by the reduced ratio, e.g. 48000 -> 22050 is *147/320
+        g = math.gcd(sr, sampling_rate)
+        wav = scipy.signal.resample_poly(wav, sampling_rate // g, sr // g).astype(np.float32)
+    if len(wav) < MIN_SAMPLES:
+        raise AudioError(f"{path}: too short (only {len(wav)} samples at {sampling_rate} Hz; need at least {MIN_SAMPLES})")
+    wav = np.clip(wav, -1.0, 1.0)  # float files and resampling ringing can overshoot full scale
+    if np.abs(wav).max() < SILENCE_PEAK:
+        warnings.warn(f"{path}: audio is silent; conditioning on silence is meaningless")
+    return torch.from_numpy(np.ascontiguousarray(wav))
+
+
+def format_conditioning(wav: torch.Tensor) -> torch.Tensor:
+    """[..., samples] -> [..., CONDITIONING_SAMPLES]: zero-pad at the end, or keep the first 6 s.
+    Tortoise pads the same way (F.pad at the end) but cuts at a random offset; we cut from
+    the start so the same clip always gives the same score (== ClvpFeatureExtractor)."""
+    gap = CONDITIONING_SAMPLES - wav.shape[-1]
+    return F.pad(wav, (0, gap)) if gap > 0 else wav[..., :CONDITIONING_SAMPLES]
+
+
+@functools.lru_cache(maxsize=None)  # built once per (device, dtype)
+def mel_filterbank(device=torch.device("cpu"), dtype=torch.float32) -> torch.Tensor:
+    """[N_MELS, N_FFT // 2 + 1] = [80, 513] triangles, HTK mel spacing, Slaney area norm.
+    Same formula as torchaudio.functional.melscale_fbanks(norm='slaney', mel_scale='htk')
+    (Tortoise) and transformers' mel_filter_bank (identical in float64, which we build in)."""
+    hz_to_mel = lambda f: 2595.0 * np.log10(1.0 + f / 700.0)  # HTK formula
+    mel_to_hz = lambda m: 700.0 * (10.0 ** (m / 2595.0) - 1.0)
+    fft_hz = np.linspace(0.0, SAMPLE_RATE / 2, N_FFT // 2 + 1)  # [513] centre of each FFT bin
+    # N_MELS + 2 edges equally spaced in mel; band i rises on edge i..i+1, falls on i+1..i+2.
+    edges = mel_to_hz(np.linspace(hz_to_mel(F_MIN), hz_to_mel(F_MAX), N_MELS + 2))  # [82]
+    lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]            # [80, 1] each
+    rise, fall = (fft_hz - lo) / (mid - lo), (hi - fft_hz) / (hi - mid)          # [80, 513]
+    fb = np.maximum(0.0, np.minimum(rise, fall))
+    fb *= 2.0 / (hi - lo)  # Slaney: each triangle has unit area, so wide bands don't get louder
+    return torch.from_numpy(fb).to(device=device, dtype=dtype)
+
+
+def log_mel_spectrogram(wav: torch.Tensor, mel_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """[samples] -> [80, frames] or [B, samples] -> [B, 80, frames]; frames = 1 + samples // HOP.
+    Runs on wav's device/dtype. mel_norms: [80] per-band divisors (tortoise/data/mel_norms.pth)."""
+    if wav.shape[-1] < MIN_SAMPLES:
+        raise AudioError(f"audio too short for the STFT: {wav.shape[-1]} samples, need at least {MIN_SAMPLES}")
+    window = torch.hann_window(WIN, periodic=True, device=wav.device, dtype=wav.dtype)  # torchaudio's default
+    spec = torch.stft(wav, N_FFT, HOP, WIN, window, center=True, pad_mode="reflect",
+                      return_complex=True)                          # [(B,) 513, frames] complex
+    power = spec.abs() ** 2                                         # power spectrum (torchaudio power=2)
+    mel = mel_filterbank(wav.device, wav.dtype) @ power              # [(B,) 80, frames]
+    log_mel = torch.log(torch.clamp(mel, min=1e-5))                 # Tortoise's "dynamic range compression"
+    if mel_norms is not None:                                       # per-band scale the models were trained on
+        log_mel = log_mel / mel_norms.to(log_mel)[:, None]          # [80, 1] broadcasts over frames
+    return log_mel
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -469,7 +794,7 @@ def next_tokens(logits, seen, temperature, top_p, penalty, typical_mass, generat
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
 
 
-def decode_batch(decoder, cache, prompt_logits, prompt_len, max_new_tokens, sampling, on_step=None):
+def decode_batch(decoder, cache, prompt_logits, prompt_len, max_new_tokens, sampling, progress=None):
     """Advance B candidates from the shared prompt until all stop -> tokens [B, steps], stop-padded."""
     c = decoder.config
     B, device = prompt_logits.shape[0], prompt_logits.device
@@ -484,8 +809,8 @@ def decode_batch(decoder, cache, prompt_logits, prompt_len, max_new_tokens, samp
         tokens[:, k] = token
         seen[torch.arange(B, device=device), token] = True
         done |= token == c.stop_token
-        if on_step:
-            on_step(B, int((~done).sum()))
+        if progress:
+            progress.decode(k, B, int((~done).sum()))
         if done.all():
             return tokens[:, :k + 1]
         x = decoder.embed_speech(token[:, None], speech_position(k + 1))  # [B, 1, D]
@@ -512,10 +837,11 @@ def fix_candidates(tokens, stop_token, pad_to=None):
 @torch.inference_mode()
 def generate_and_rank(model, text_ids, mels, num_candidates=16, batch_size=16, max_new_tokens=500,
                       temperature=0.8, top_p=0.8, repetition_penalty=2.0, typical_mass=None, top_k=1,
-                      seed=None, pad_to_max=True, on_step=None):
+                      seed=None, pad_to_max=True, progress=None):
     """Sample num_candidates speech-token sequences for one text in one voice and rank them by CLVP.
 
     text_ids: raw tokenizer ids [T] or [1, T]; mels: [C, 80, frames], one row per reference clip.
+    progress: None, or an object with decode(step, batch_size, running) and rerank(done, total).
     """
     dec, c = model.decoder, model.config.decoder
     device = mels.device
@@ -532,12 +858,16 @@ def generate_and_rank(model, text_ids, mels, num_candidates=16, batch_size=16, m
     for first in range(0, num_candidates, batch_size):
         B = min(batch_size, num_candidates - first)
         batches.append(decode_batch(dec, cache, prompt_logits.expand(B, -1).clone(), P, max_new_tokens,
-                                    sampling, on_step))
+                                    sampling, progress))
     longest = max(b.shape[1] for b in batches)
     tokens = torch.cat([F.pad(b, (0, longest - b.shape[1]), value=c.stop_token) for b in batches])
     candidates, lengths = fix_candidates(tokens, c.stop_token, max_new_tokens if pad_to_max else None)
-    scores = torch.cat([model.similarity(text_ids, candidates[i:i + batch_size])[0]
-                        for i in range(0, num_candidates, batch_size)])
+    scores = []
+    for i in range(0, num_candidates, batch_size):
+        scores.append(model.similarity(text_ids, candidates[i:i + batch_size])[0])
+        if progress:
+            progress.rerank(i + len(scores[-1]), num_candidates)
+    scores = torch.cat(scores)
     order = scores.argsort(descending=True)
     return Generation(candidates, lengths, scores, order, candidates[order[:top_k]])
 
@@ -570,23 +900,31 @@ def check_weights(expected, weights, source):
         raise CheckpointError(f"{source}: {len(problems)} bad tensor(s): " + "; ".join(problems))
 
 
+def write_atomically(path, write):
+    """Call write(file) on a temporary file beside `path`, then rename it into place: the file appears
+    whole or not at all, even on an error, a full disk or Ctrl-C."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".clvp-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)                       # mkstemp makes it private; use the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def save_checkpoint(path, config, weights, tokenizer=None, mel_norms=None, dtype=None):
-    """Write a checkpoint atomically: to a temporary file beside `path`, renamed only when complete."""
+    """Write config, weights (optionally cast to dtype), tokenizer and mel norms as one file."""
     with torch.device("meta"):
         check_weights(CLVP(config).state_dict(), weights, "weights")
     weights = {k: v.detach().to("cpu", dtype=dtype or v.dtype).contiguous() for k, v in weights.items()}
     blob = {"format": "clvp", "version": FORMAT_VERSION, "config": asdict(config), "weights": weights,
             "tokenizer": None if tokenizer is None else {"vocab": tokenizer.vocab, "merges": tokenizer.merges},
             "mel_norms": None if mel_norms is None else torch.as_tensor(mel_norms, dtype=torch.float32)}
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".clvp-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomically(path, lambda f: torch.save(blob, f))
 
 
 def load_model(path, device=None):
@@ -616,3 +954,470 @@ def load_model(path, device=None):
     if model.mel_norms is not None:
         model.mel_norms = model.mel_norms.to(device)
     return model.to(device=device, dtype=torch.float32).eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line: python clvp.py --text "..." --audio voice.wav
+#
+# Everything a user can get wrong is checked here, at the boundary, and reported as one line on stderr
+# with exit code 2; the model code above assumes valid input. Outputs are written atomically at the
+# end, so an error or Ctrl-C never leaves a half-written file.
+# ---------------------------------------------------------------------------------------------------
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "data")          # the official tokenizer.json and mel_norms.pth (Apache-2.0)
+
+
+class UsageError(ValueError):
+    """Bad input from the command line; reported as one line, exit code 2."""
+
+
+def default_checkpoint():
+    return os.path.join(os.environ.get("CLVP_CACHE") or os.path.expanduser("~/.cache/clvp"), "clvp.pt")
+
+
+NO_CHECKPOINT = """no checkpoint found at {path}. clvp.py needs the official Tortoise weights converted to
+its format: run `python convert_weights.py --download` (fetches autoregressive.pth, clvp2.pth,
+tokenizer.json and mel_norms.pth into {cache} and writes clvp.pt there), or convert files you already
+have with `python convert_weights.py --tortoise-ar autoregressive.pth --tortoise-clvp clvp2.pth -o clvp.pt`
+(or `--hf DIR` for a transformers save_pretrained directory) and pass `--checkpoint clvp.pt`. To watch
+the pipeline run without any weights, use `--random-init --tiny`."""
+
+
+class Progress:
+    """A one-line progress display on stderr; silent when stderr is not a terminal or with --quiet."""
+
+    def __init__(self, enabled):
+        self.enabled, self.stream, self.clock = enabled, sys.stderr, time.perf_counter
+        self.start, self.tokens = self.clock(), 0
+
+    def show(self, line):
+        if self.enabled:
+            self.stream.write("\r\033[K" + line)
+            self.stream.flush()
+
+    def decode(self, step, batch_size, running):
+        self.tokens += batch_size
+        rate = self.tokens / max(self.clock() - self.start, 1e-9)
+        self.show(f"decoding: step {step + 1}, {running}/{batch_size} candidates running, {rate:.0f} tokens/s")
+
+    def rerank(self, done, total):
+        self.show(f"reranking: {done}/{total} candidates scored")
+
+    def close(self):
+        self.show("")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):                                # one line, exit 2 (argparse adds a usage block)
+        raise UsageError(message)
+
+
+def build_parser():
+    p = ArgumentParser(prog="clvp.py", description="Sample speech-token candidates for a text in a reference "
+                       "voice with Tortoise's decoder, and rank them with CLVP.")
+    p.add_argument("--text", help="the sentence to speak")
+    p.add_argument("--text-file", metavar="FILE", help="one sentence per line, each ranked on its own")
+    p.add_argument("--audio", nargs="+", metavar="WAV", help="reference clip(s) of the voice")
+    p.add_argument("--checkpoint", help="converted weights (default: $CLVP_CACHE or ~/.cache/clvp, clvp.pt)")
+    p.add_argument("--random-init", action="store_true", help="random weights: watch the pipeline, ignore the scores")
+    p.add_argument("--tiny", action="store_true", help="with --random-init: a small model instead of the official size")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--candidates", type=int, default=16, help="how many candidates to sample (default 16)")
+    g.add_argument("--batch-size", type=int, default=16, help="candidates decoded together (default 16)")
+    g.add_argument("--top-k", type=int, default=1, help="how many of the best candidates to keep (default 1)")
+    g.add_argument("--seed", type=int, help="random seed, for repeatable candidates")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (default 0.8)")
+    g.add_argument("--top-p", type=float, default=0.8, help="nucleus sampling mass (default 0.8)")
+    g.add_argument("--repetition-penalty", type=float, default=2.0, help="default 2.0")
+    g.add_argument("--typical-mass", type=float, help="typical sampling mass (off by default)")
+    g.add_argument("--max-tokens", type=int, default=500, help="speech tokens per candidate at most (default 500)")
+    g.add_argument("--no-pad", action="store_true", help="score candidates unpadded (transformers) rather than "
+                   "stop-padded to --max-tokens (Tortoise)")
+    b = p.add_argument_group("benchmark (python clvp.py --benchmark)")
+    b.add_argument("--benchmark", action="store_true", help="time generation on random weights, print a table")
+    b.add_argument("--tokens", type=int, default=100, help="decode steps per candidate (default 100)")
+    b.add_argument("--text-tokens", type=int, default=40, help="text length in tokens (default 40)")
+    b.add_argument("--repeat", type=int, default=3, help="runs per implementation; the median is reported")
+    b.add_argument("--compare", action="store_true", help="also time transformers' generate on the same weights")
+    o = p.add_argument_group("running and output")
+    o.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    o.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    o.add_argument("--out", default="best.npy", help="where to write the best tokens (default best.npy)")
+    o.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    o.add_argument("--quiet", action="store_true", help="no progress display")
+    o.add_argument("--explain", action="store_true", help="print every stage and the shape of every tensor")
+    return p
+
+
+def check_args(args):
+    """Every user mistake named in one line before any work starts."""
+    if args.benchmark:
+        for ok, message in [(1 <= args.tokens <= 600, "--tokens must be in 1..600"),
+                            (1 <= args.text_tokens <= 400, "--text-tokens must be in 1..400"),
+                            (args.repeat >= 1, "--repeat must be at least 1")]:
+            if not ok:
+                raise UsageError(message)
+    elif (args.text is None) == (args.text_file is None):
+        raise UsageError("give the text with exactly one of --text or --text-file")
+    elif not args.audio:
+        raise UsageError("give at least one reference clip with --audio")
+    checks = [(args.candidates >= 1, f"--candidates must be at least 1, not {args.candidates}"),
+              (args.batch_size >= 1, f"--batch-size must be at least 1, not {args.batch_size}"),
+              (args.top_k >= 1, f"--top-k must be at least 1, not {args.top_k}"),
+              (0 < args.top_p <= 1, f"--top-p must be in (0, 1], not {args.top_p}"),
+              (args.temperature >= 0, f"--temperature must be 0 (greedy) or more, not {args.temperature}"),
+              (args.repetition_penalty > 0, f"--repetition-penalty must be positive, not {args.repetition_penalty}"),
+              (args.typical_mass is None or 0 < args.typical_mass <= 1,
+               f"--typical-mass must be in (0, 1], not {args.typical_mass}"),
+              (args.max_tokens >= 1, f"--max-tokens must be at least 1, not {args.max_tokens}"),
+              (not args.tiny or args.random_init or args.benchmark, "--tiny only applies with --random-init")]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    try:
+        device = resolve_device(args.device)
+    except RuntimeError:
+        raise UsageError(f"unknown device {args.device!r} (use cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but this torch sees no CUDA GPU")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"unsupported device {args.device!r} (use cpu or cuda)")
+    return device
+
+
+def prepare_model(args, device):
+    """The model, its tokenizer and mel norms, on device in the asked dtype."""
+    if args.random_init:
+        torch.manual_seed(0)                                 # the same random model every run
+        model = CLVP(tiny_config() if args.tiny else Config()).to(device).eval()
+    else:
+        path = args.checkpoint or default_checkpoint()
+        if args.checkpoint is None and not os.path.exists(path):
+            raise UsageError(NO_CHECKPOINT.format(path=path, cache=os.path.dirname(path)))
+        model = load_model(path, device)
+    if model.tokenizer is None:
+        model.tokenizer = Tokenizer.from_file(os.path.join(DATA, "tokenizer.json"))
+    if model.mel_norms is None:
+        model.mel_norms = torch.load(os.path.join(DATA, "mel_norms.pth"), weights_only=True).to(device)
+    return model.to(getattr(torch, args.dtype))
+
+
+def read_texts(args):
+    if args.text is not None:
+        return [args.text]
+    try:
+        with open(args.text_file, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{args.text_file}: cannot read ({e.strerror if isinstance(e, OSError) else e})") from None
+    if not lines:
+        raise UsageError(f"{args.text_file}: no text in it")
+    return lines
+
+
+def encode_text(model, text):
+    """A sentence -> raw ids [T], or a UsageError that says what is wrong with it."""
+    if not text.strip():
+        raise UsageError("the text is empty")
+    ids = model.tokenizer.encode(text)
+    if not ids:
+        raise UsageError(f"the text {text[:40]!r} is empty after cleaning")
+    limit = model.config.decoder.text_positions - 3           # room for [255] ... [0, 0]
+    if len(ids) > limit:
+        raise UsageError(f"the text is {len(ids)} tokens long; the model reads at most {limit} "
+                         "(split it into sentences, one per line, with --text-file)")
+    return torch.tensor(ids, device=model.logit_scale.device)
+
+
+def voice_mels(model, paths):
+    """Reference clips -> mels [C, 80, frames]: each clip padded or cut to 6 s, as Tortoise does."""
+    device, dtype = model.logit_scale.device, model.logit_scale.dtype
+    wavs = [format_conditioning(load_audio(path)) for path in paths]
+    return torch.stack([log_mel_spectrogram(w.to(device), model.mel_norms) for w in wavs]).to(dtype)
+
+
+def output_paths(out, n):
+    if n == 1:
+        return [out]
+    stem, ext = os.path.splitext(out)
+    return [f"{stem}-{i + 1}{ext or '.npy'}" for i in range(n)]
+
+
+def explain_run(say, model, text, ids, paths, mels, args):
+    """--explain: what happens at each stage, with the shapes of the tensors involved."""
+    c = model.config
+    P = 1 + len(ids) + 3 + 1
+    batch = min(args.batch_size, args.candidates)
+    say(f"[text]     {text!r}\n           cleaned: {clean_text(text)!r}\n"
+        f"           BPE ids [{len(ids)}]: {ids.tolist()[:16]}{' ...' if len(ids) > 16 else ''}")
+    say(f"[audio]    {len(paths)} clip(s), each resampled to 22050 Hz mono, padded or cut to "
+        f"{CONDITIONING_SAMPLES} samples (6 s)\n           log-mel spectrograms / mel_norms: mels {list(mels.shape)}")
+    say(f"[latent]   conditioning encoder: mels {list(mels.shape)} -> 1x1 conv [C, {c.decoder.dim}, frames] -> "
+        f"{c.decoder.conditioning_blocks} attention blocks -> first frame [C, {c.decoder.dim}] -> mean [{c.decoder.dim}]")
+    say(f"[prompt]   [voice latent] + text [255] + ids + [0, 0] (text positions 0..{len(ids) + 2}) + start token "
+        f"8192 (speech position 0): [1, {P}, {c.decoder.dim}]")
+    say(f"[prefill]  {c.decoder.layers} GPT-2 blocks over the prompt once, at batch 1; KV cache "
+        f"[{c.decoder.layers} layers, {batch} rows, {c.decoder.heads} heads, {P + args.max_tokens} positions, "
+        f"{c.decoder.dim // c.decoder.heads}] gets the prompt in every row")
+    say(f"[decode]   {args.candidates} candidate(s) in batches of {batch}: each step embeds [{batch}, 1] tokens "
+        f"(the k-th at speech position k + 1), runs [{batch}, 1, {c.decoder.dim}] through the cached blocks -> "
+        f"logits [{batch}, {c.decoder.speech_vocab_size}] -> repetition penalty {args.repetition_penalty}, "
+        + ("greedy" if args.temperature == 0 else f"temperature {args.temperature}, top-p {args.top_p}")
+        + f" -> next tokens; at most {args.max_tokens} steps, stop token 8193 ends a candidate")
+
+
+def run(args, device):
+    model = prepare_model(args, device)
+    limit = model.config.decoder.speech_positions - 1        # the last token fed back sits at position max
+    if args.max_tokens > limit:
+        raise UsageError(f"--max-tokens must be at most {limit} (the decoder has {limit + 1} speech positions)")
+    texts = read_texts(args)
+    ids_list = [encode_text(model, t) for t in texts]        # check every line before any work
+    mels = voice_mels(model, args.audio)
+    quiet = args.quiet or args.json or not sys.stderr.isatty()
+    say = print if args.explain and not args.json else (lambda *a: None)
+    if args.random_init and not args.json:
+        print("NOTE: --random-init: the weights are random, so the candidates and scores are meaningless; "
+              "this run only shows every stage working.")
+    results = []
+    for text, ids, out in zip(texts, ids_list, output_paths(args.out, len(texts))):
+        explain_run(say, model, text, ids, args.audio, mels, args)
+        progress = Progress(not quiet)
+        t0 = time.perf_counter()
+        gen = model.generate(ids, mels, num_candidates=args.candidates, batch_size=args.batch_size,
+                             max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                             repetition_penalty=args.repetition_penalty, typical_mass=args.typical_mass,
+                             top_k=min(args.top_k, args.candidates), seed=args.seed, pad_to_max=not args.no_pad,
+                             progress=progress)
+        progress.close()
+        seconds = time.perf_counter() - t0
+        say(f"[fix]      candidates [{args.candidates}, {gen.candidates.shape[1]}]: "
+            + ("" if args.no_pad else f"stop-padded to {args.max_tokens}, ")
+            + "from the first stop token on -> 83, last three -> 45, 45, 248")
+        say(f"[encoders] text ids + [0] [1, {len(ids) + 1}] -> text encoder -> [1, {model.config.text.projection_dim}]; "
+            f"candidates {list(gen.candidates.shape)} -> speech encoder -> [{args.candidates}, "
+            f"{model.config.speech.projection_dim}]")
+        say(f"[scores]   cosine similarity * exp(logit_scale) = {model.logit_scale.exp().item():.2f}: scores "
+            f"[{args.candidates}], best first -> keep the top {len(gen.best)}")
+        write_atomically(out, lambda f: np.save(f, gen.best.cpu().numpy()))
+        results.append(dict(text=text, ids=ids.tolist(), out=out, seconds=round(seconds, 3),
+                            scores=[round(s, 6) for s in gen.scores.float().tolist()], order=gen.order.tolist(),
+                            lengths=gen.lengths.tolist(), best=gen.best.tolist()))
+        if not args.json:
+            print_table(text, gen, out, seconds)
+    if args.json:
+        print(json.dumps(dict(checkpoint=None if args.random_init else (args.checkpoint or default_checkpoint()),
+                              random_init=args.random_init, device=str(device), dtype=args.dtype,
+                              scores_meaningful=not args.random_init, results=results)))
+    return 0
+
+
+def print_table(text, gen, out, seconds, rows=10):
+    print(f"\n{text!r}: {len(gen.scores)} candidates in {seconds:.1f} s")
+    print(f"{'rank':>4}  {'candidate':>9}  {'score':>9}  {'length':>6}")
+    for rank, i in enumerate(gen.order.tolist()[:rows]):
+        print(f"{rank + 1:>4}  {i:>9}  {gen.scores[i].item():>9.4f}  {gen.lengths[i].item():>6}")
+    if len(gen.order) > rows:
+        print(f"      ... {len(gen.order) - rows} more")
+    print(f"best {len(gen.best)} candidate(s), tokens {list(gen.best.shape)}, written to {out}")
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# Benchmark: python clvp.py --benchmark [--compare]
+#
+# Random weights in the official shapes (or --tiny), the stop token banned so decoding runs exactly
+# --tokens steps. Forward hooks on the decoder timestamp every step, so the same code times clvp.py and,
+# with --compare, transformers' ClvpModelForConditionalGeneration.generate on identical weights and
+# inputs in the same process. The yardstick is the decode step's matrix products run bare: the same
+# weights and shapes through torch.matmul, with nothing else around them.
+# ---------------------------------------------------------------------------------------------------
+
+
+class PeakMemory:
+    """Peak extra memory while a block runs: CUDA max allocated, or process RSS sampled every 5 ms."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def rss(self):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        import threading
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        self.base = self.peak = self.rss()
+        self.running = True
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.bytes = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.running = False
+            self.thread.join()
+            self.bytes = max(self.peak, self.rss()) - self.base
+
+
+def timed_run(run, decoder, device):
+    """Run `run()` once with a hook on `decoder`: the first forward is the prefill, the others the steps."""
+    marks = []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    hook = decoder.register_forward_hook(lambda *a: (sync(), marks.append(time.perf_counter())))
+    try:
+        with PeakMemory(device) as mem:
+            sync()
+            t0 = time.perf_counter()
+            run()
+            sync()
+            end = time.perf_counter()
+    finally:
+        hook.remove()
+    steps = len(marks) - 1
+    return {"conditioning + prefill ms": (marks[0] - t0) * 1e3,
+            "decode ms/step": (marks[-1] - marks[0]) / steps * 1e3,
+            "rerank ms": (end - marks[-1]) * 1e3, "end to end s": end - t0, "peak memory MiB": mem.bytes / 2**20,
+            "steps": steps}
+
+
+def bare_matmul_ms(model, n, context, device, repeat=5):
+    """One decode step's matrix products alone: every weight matmul at batch n, and attention's two
+    products over `context` cached positions."""
+    c = model.config.decoder
+    x = torch.randn(n, c.dim, device=device, dtype=model.logit_scale.dtype)
+    q = torch.randn(n, c.heads, 1, c.dim // c.heads, device=device, dtype=x.dtype)
+    kv = torch.randn(n, c.heads, context, c.dim // c.heads, device=device, dtype=x.dtype)
+    weights = [b.qkv.weight for b in model.decoder.blocks], [b.out.weight for b in model.decoder.blocks]
+    fc = [b.fc.weight for b in model.decoder.blocks]
+    proj = [b.proj.weight for b in model.decoder.blocks]
+    hidden = torch.randn(n, 4 * c.dim, device=device, dtype=x.dtype)
+
+    def step():
+        for qkv, out, w1, w2 in zip(*weights, fc, proj):
+            torch.matmul(x, qkv.T), torch.matmul(x, out.T), torch.matmul(x, w1.T), torch.matmul(hidden, w2.T)
+            torch.matmul(torch.matmul(q, kv.transpose(2, 3)), kv)
+        torch.matmul(x, model.decoder.head.weight.T)
+
+    step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        step()
+    sync()
+    return (time.perf_counter() - t0) / repeat * 1e3
+
+
+def reference_model(model):
+    """transformers' CLVP holding exactly `model`'s weights (for --compare)."""
+    from transformers import ClvpConfig, ClvpModelForConditionalGeneration
+    import convert_weights
+    c = model.config
+
+    def encoder(e):
+        return dict(vocab_size=e.vocab_size, hidden_size=e.dim, num_hidden_layers=e.layers,
+                    num_attention_heads=e.heads, intermediate_size=e.ff_dim, projection_dim=e.projection_dim)
+
+    d = c.decoder
+    hf = ClvpConfig(text_config=encoder(c.text), speech_config=encoder(c.speech), projection_dim=c.text.projection_dim,
+                    decoder_config=dict(hidden_size=d.dim, num_hidden_layers=d.layers, num_attention_heads=d.heads,
+                                        num_mel_attn_blocks=d.conditioning_blocks))
+    ref = ClvpModelForConditionalGeneration(hf).eval()
+    ours = model.state_dict()
+    theirs = dict(ref.state_dict())
+    for name, (how, source) in convert_weights.hf_weight_map(c).items():
+        if how == "copy":
+            theirs[source] = ours[name]
+        elif how == "conv1d":
+            theirs[source] = ours[name].T
+        else:
+            for s, part in zip(source, ours[name].chunk(3)):
+                theirs[s] = part
+    ref.load_state_dict(theirs)
+    return ref.to(model.logit_scale.device, model.logit_scale.dtype)
+
+
+def benchmark(args, device):
+    import statistics
+    torch.manual_seed(0)
+    model = CLVP(tiny_config() if args.tiny else Config()).to(device).eval()
+    with torch.no_grad():
+        model.decoder.head.bias[model.config.decoder.stop_token] = -1e9    # run every one of the L steps
+    model = model.to(getattr(torch, args.dtype))
+    N, L = args.candidates, args.tokens
+    text = torch.randint(3, 200, (1, args.text_tokens), device=device)
+    mels = log_mel_spectrogram(0.1 * torch.randn(CONDITIONING_SAMPLES, device=device))[None].to(model.logit_scale.dtype)
+    runs = {"clvp.py": (lambda: model.generate(text, mels, num_candidates=N, batch_size=N, max_new_tokens=L,
+                                               pad_to_max=False, seed=0), model.decoder)}
+    if args.compare:
+        ref = reference_model(model)
+        hf_generate = lambda: ref.generate(input_ids=text, input_features=mels, do_sample=True, temperature=0.8,
+                                           top_p=0.8, repetition_penalty=2.0, num_return_sequences=N,
+                                           max_new_tokens=L, pad_token_id=8193,
+                                           eos_token_id=8193, return_dict_in_generate=True)
+        runs["transformers"] = (hf_generate, ref.speech_decoder_model)
+    table = {}
+    with torch.inference_mode():
+        for name, (run, decoder) in runs.items():
+            run()                                                           # warm-up
+            results = [timed_run(run, decoder, device) for _ in range(args.repeat)]
+            table[name] = {k: statistics.median(r[k] for r in results) for k in results[0]}
+            table[name]["candidate-tokens/s"] = N / table[name]["decode ms/step"] * 1e3
+        bare = bare_matmul_ms(model, N, 1 + args.text_tokens + 4 + L // 2, device)
+    ours = table["clvp.py"]
+    ours["bare matmul ms/step"] = bare
+    ours["decode / bare matmul"] = ours["decode ms/step"] / bare
+    report = dict(device=str(device), dtype=args.dtype, config="tiny" if args.tiny else "official",
+                  candidates=N, tokens=L, text_tokens=args.text_tokens, repeat=args.repeat,
+                  torch=torch.__version__, threads=torch.get_num_threads(), results=table)
+    if args.compare:
+        report["ratio (transformers / clvp.py)"] = {k: table["transformers"][k] / ours[k] for k in
+                                                    ("conditioning + prefill ms", "decode ms/step", "rerank ms",
+                                                     "end to end s", "peak memory MiB") if ours[k] > 0}
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"benchmark: {report['config']} config, {device} {args.dtype}, N={N} candidates, L={L} tokens, "
+          f"{args.text_tokens} text tokens, median of {args.repeat}, torch {torch.__version__}, "
+          f"{report['threads']} threads")
+    names = list(table)
+    print(f"{'':28}" + "".join(f"{n:>15}" for n in names) + (f"{'ratio':>10}" if args.compare else ""))
+    for row in ours:
+        if row == "steps":
+            continue
+        cells = "".join(f"{table[n][row]:>15.2f}" if row in table[n] else f"{'':>15}" for n in names)
+        ratio = report.get("ratio (transformers / clvp.py)", {}).get(row)
+        print(f"{row:28}{cells}" + (f"{ratio:>9.2f}x" if ratio else ""))
+    return 0
+
+
+def main(argv=None):
+    warnings.formatwarning = lambda message, *rest, **kw: f"clvp.py: warning: {message}\n"
+    try:
+        args = build_parser().parse_args(argv)
+        device = check_args(args)
+        return benchmark(args, device) if args.benchmark else run(args, device)
+    except (UsageError, CheckpointError, AudioError) as e:
+        print(f"clvp.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nclvp.py: interrupted; no output written for the unfinished text", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

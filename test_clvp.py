@@ -4,15 +4,32 @@ Parity tests build transformers' CLVP (the version pinned in requirements-dev.tx
 save it with save_pretrained, convert it with convert_weights.py, load it with clvp.load_model and
 compare numbers. Tolerances are absolute, in fp32 on the CPU.
 """
+import glob
+import importlib.util
+import json
+import math
 import os
 import subprocess
 import sys
+import tarfile
+import time
+import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile
 import torch
+
+import transformers
+from transformers import ClvpFeatureExtractor
+from transformers.audio_utils import mel_filter_bank
 
 import clvp
 import convert_weights
+from clvp import (CONDITIONING_SAMPLES, HOP, MIN_SAMPLES, N_FFT, N_MELS, SAMPLE_RATE, AudioError, Tokenizer,
+                  bpe, clean_text, format_conditioning, load_audio, log_mel_spectrogram, mel_filterbank, merge,
+                  number_to_words, to_ascii)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = 1e-4
@@ -343,3 +360,736 @@ def test_processors_match_transformers():
         assert torch.equal(clvp.top_p_filter(logits, p), TopPLogitsWarper(p)(ids, logits.clone()))
     for mass in (0.2, 0.9):
         assert torch.equal(clvp.typical_filter(logits, mass), TypicalLogitsWarper(mass)(ids, logits.clone()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reference files: the tortoise-tts 3.0.0 source package from PyPI (texts, tokenizer.json, voices,
+# mel_norms.pth, and the original code). $CLVP_TORTOISE_SRC, or downloaded once into ~/.cache/clvp-test.
+# ---------------------------------------------------------------------------------------------------
+
+TORTOISE_VERSION = "3.0.0"
+
+
+@pytest.fixture(scope="session")
+def tortoise_src() -> Path:
+    """Directory of the unpacked tortoise-tts 3.0.0 sdist.
+
+    $CLVP_TORTOISE_SRC if set; otherwise `pip download` it once into ~/.cache/clvp-test."""
+    env = os.environ.get("CLVP_TORTOISE_SRC")
+    if env:
+        root = Path(env)
+        if not (root / "tortoise" / "data" / "mel_norms.pth").is_file():
+            pytest.fail(f"CLVP_TORTOISE_SRC={env} does not look like the unpacked tortoise-tts sdist")
+        return root
+    cache = Path.home() / ".cache" / "clvp-test"
+    root = cache / f"tortoise-tts-{TORTOISE_VERSION}"
+    if not (root / "tortoise" / "data" / "mel_norms.pth").is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        sdist = cache / f"tortoise-tts-{TORTOISE_VERSION}.tar.gz"
+        if not sdist.is_file():
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                            f"tortoise-tts=={TORTOISE_VERSION}", "-d", str(cache)], check=True)
+        with tarfile.open(sdist) as tar:
+            kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(cache, **kw)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text front end: clean_text and Tokenizer against Tortoise's own tokenizer.py
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='session')
+def original(tortoise_src):
+    """Tortoise's tortoise/utils/tokenizer.py, imported by path."""
+    spec = importlib.util.spec_from_file_location(
+        'tortoise_tokenizer', tortoise_src / 'tortoise' / 'utils' / 'tokenizer.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='session')
+def tokenizer_json(tortoise_src):
+    return tortoise_src / 'tortoise' / 'data' / 'tokenizer.json'
+
+
+@pytest.fixture(scope='session')
+def original_tokenizer(original, tokenizer_json):
+    return original.VoiceBpeTokenizer(vocab_file=str(tokenizer_json))
+
+
+@pytest.fixture(scope='session')
+def tokenizer(tokenizer_json):
+    return Tokenizer.from_file(tokenizer_json)
+
+
+@pytest.fixture(scope='session')
+def shipped_texts(tortoise_src):
+    """{name: text} of tortoise/data/*.txt."""
+    paths = sorted((tortoise_src / 'tortoise' / 'data').glob('*.txt'))
+    return {p.name: p.read_text(encoding='utf-8') for p in paths}
+
+
+# ------------------------------------------------------------------------------------------------
+# Sentences
+# ------------------------------------------------------------------------------------------------
+NUMBERS = [0, 7, 13, 20, 21, 99, 100, 101, 110, 999, 1000, 1001, 1010, 1100, 1900, 1905, 1999, 2000,
+           2001, 2005, 2009, 2010, 2019, 2100, 2999, 3000, 3001, 10000, 10001, 100000, 123456,
+           1000000, 1000001, 1000020, 1000100, 1234567890, 10 ** 12, 10 ** 15 + 7, 10 ** 21 + 100,
+           int('9' * 36), 10 ** 35]
+
+HANDWRITTEN = [
+    # numbers in context, leading zeros, digits glued to words
+    'It happened in 1066, not in 1492.', 'Call 007 now.', 'Room 0 and room 00.', 'He is 42 years old.',
+    'Highway 101 runs north.', 'The 1990s were loud.', 'Windows 95 and Windows 2000.', 'mp3 files',
+    'Agent 47 and COVID-19.', 'Catch-22 is a book.', 'Page 3 of 12.', 'In 2024 or 2025?',
+    # money
+    'It costs $12.50 today.', 'Only $1.', 'A bargain at $0.01!', 'That is $1.01 exactly.', 'About $.5 each.',
+    'It cost £3.', 'We paid £1,000 for it.', 'A cool $1,000,000.', 'Nothing: $0.', 'Still nothing: $0.00.',
+    'Odd price $1.2.3 here.', 'It was $5. Then $6.', 'Twenty $20 bills.', 'It costs €20.', 'It costs ¥100.',
+    'Only 5¢.', '$100,000.99 in total', 'A $1 bill and a $2 bill.', 'Pay $12.5 or $12.05.',
+    # ordinals
+    'The 1st, 2nd and 3rd place.', 'The 4th of July.', 'His 11th, 12th and 13th tries.',
+    'The 21st century.', 'The 101st Airborne.', 'The 1000th visitor.', 'The 22nd and 23rd.',
+    'The 100th and 111th.', 'The 1,000,001st time.', 'The 0th element.', 'The 21th of June.',
+    'The 1ST and 2ND.', 'He came 1stop 4the win.', 'The 1900th year.', 'My 90th birthday.',
+    # decimals and comma numbers
+    'Pi is 3.14.', 'Half is 0.5.', 'It was 10.05 seconds.', 'Version 2.5.6 is out.', '1.000 exactly',
+    'We sold 1,000 copies.', 'There are 12,345,678 people.', 'Count 1,2,3 go.', 'It was 1,000.50 total.',
+    'Numbers like 1, 2, and 3.', 'See 1,2 and 3,4,5.', '1,234th place',
+    # abbreviations, case variants
+    'Mr. Smith met Mrs. Smith.', 'Dr. Who and Drs. Jekyll.', 'St. Louis and St. Paul.',
+    'Acme Co. and Acme Ltd.', 'Martin Luther King Jr. spoke.', 'Maj. Gen. Lee arrived.',
+    'Rev. Lt. Hon. Sgt. Capt. Esq. Col. Ft. all here.', 'MR. BIG and MRS. BIG.', 'mR. mixed case.',
+    'Dr.Who without a space.', 'mr.st. together', 'Main st. is closed.', 'Ft. Worth, Texas.',
+    'He is the Hon. member.', 'Capt. Kirk and Lt. Uhura.', 'Sgt. Pepper.', 'John Smith, Esq.',
+    'Col. Mustard.', 'Mrs.Mr.Dr.', 'The mrs and the mr without dots.', 'Gen. 1st Lt. Rev. 2nd',
+    # punctuation and quotes
+    'Wait... what?!', 'A (parenthetical) remark; then a colon: done.', 'and/or', 'well-known',
+    "'single quotes'", 'He said "hi" to me.', 'a " b', '"Quoted." "Twice."', 'tabs\tand\nnewlines',
+    '  leading and trailing  ', 'multiple     spaces', 'Hashtag #one @user & co', '100% sure',
+    'x*y=z', '~tilde~', '[brackets] {braces} <angle>', 'back\\slash', 'pipe|char', '`backtick`',
+    "don't", "I'm", "rock 'n' roll", '_underscore_', 'a_b', 'Is it?', 'Yes!', 'No.', '...',
+    '!!!???', '-', '--', '---', 'end.', '.start', '—', "It's 5 o'clock.",
+    '“Hello,” she said.', '‘Yes,’ he replied — it’s fine…', '„German“ and «French» and ‹single›.',
+    'He is 5′ 6″ tall.', 'A bullet • point.', 'Dash – en and — em.', 'non‑breaking‑hyphen',
+    # non-ASCII Latin text and symbols
+    'café', 'naïve', 'Zürich', 'Ærø', 'Łódź', 'Straße', 'ß', 'smörgåsbord', 'façade', 'jalapeño',
+    'Ångström', 'Dvořák', 'Œuvre', 'Þór', 'ðe', 'Ħal', 'Đorđe', 'İstanbul', 'µm', '½ cup', '5°C',
+    '©2023', 'Brand® and Name™', '±3', '2×3', '6÷2', '§5', '¶', '¿Qué?', '¡Hola!', 'Ａｂｃ',
+    'ﬁnd', 'x² + y³', 'zero\u200bwidth', 'no\u00a0break', 'line\u2028sep', 'para\u2029sep',
+    'Ŋ and ŋ', 'ĸ ı ŀ ŉ', 'Ŧ ŧ Ŀ', 'Per mille ‰', '¼ and ¾', 'E = mc²', 'naïve café in Zürich at 5 p.m.',
+    'I love it 😀👍', 'Flags 🇺🇸 and hearts ❤️', 'Emoji only: 🎉',
+    # long words, mixed
+    'supercalifragilisticexpialidocious', 'pneumonoultramicroscopicsilicovolcanoconiosis',
+    'a' * 500, 'ab' * 300, 'the' * 200, 'Hello world', 'The quick brown fox jumps over the lazy dog.',
+    "On Jan. 5th, 2021, Dr. Smith paid $1,234.56 for 3.5 lbs of café au lait at St. Mary's.",
+    'In 1999, Mrs. Jones (aged 67) won £250 and bought 3 Ångström-thin films on the 22nd.',
+    '', ' ', '\n', '\x00\x01\x1f control', '\x1c\x1d separators',
+]
+
+SENTENCES = HANDWRITTEN + [f'There were {n} of them.' for n in NUMBERS] + \
+    [f'In {n}, the {n}th man paid ${n}.{n % 100:02d}' for n in NUMBERS]
+
+# unidecode romanizes Chinese ('中文' -> 'Zhong Wen '); this port drops CJK (see to_ascii), so these
+# are checked separately and not against the original.
+CJK = ['我爱你', 'Tokyo 東京 is big.', '中文 and English']
+
+
+# ------------------------------------------------------------------------------------------------
+# Against the original
+# ------------------------------------------------------------------------------------------------
+def test_enough_sentences():
+    assert len(SENTENCES) >= 200
+
+
+@pytest.mark.parametrize('text', SENTENCES)
+def test_clean_text_matches_original(original, text):
+    assert clean_text(text) == original.english_cleaners(text)
+
+
+@pytest.mark.parametrize('text', SENTENCES)
+def test_encode_matches_original(tokenizer, original_tokenizer, text):
+    assert tokenizer.encode(text) == original_tokenizer.encode(text)
+
+
+def test_shipped_texts_match_original(tokenizer, original_tokenizer, shipped_texts):
+    lines = [line for text in shipped_texts.values() for line in text.splitlines() if line.strip()]
+    assert len(lines) > 50
+    assert [tokenizer.encode(line) for line in lines] == [original_tokenizer.encode(line) for line in lines]
+
+
+def test_longest_shipped_text(tokenizer, original_tokenizer, shipped_texts):
+    text = ' '.join(max(shipped_texts.values(), key=len).split('\n'))
+    start = time.perf_counter()
+    ours = tokenizer.encode(text)
+    middle = time.perf_counter()
+    theirs = original_tokenizer.encode(text)
+    print(f'{len(text)} chars: ours {middle - start:.4f}s, original {time.perf_counter() - middle:.4f}s')
+    assert len(ours) > 1000 and ours == theirs
+
+
+def test_pre_tokenizer_matches_original(original, tokenizer_json, tmp_path):
+    """Tortoise's merges never join a letter and a punctuation mark, so add two that would: words
+    must split as tokenizers' Whitespace pre-tokenizer splits them ('x.' stays 'x' '.')."""
+    data = json.loads(tokenizer_json.read_text(encoding='utf-8'))
+    data['model']['vocab'].update({'x.': 255, '..': 256})
+    data['model']['merges'] += ['x .', '. .']
+    path = tmp_path / 'tokenizer.json'
+    path.write_text(json.dumps(data), encoding='utf-8')
+    ours, theirs = Tokenizer.from_file(path), original.VoiceBpeTokenizer(vocab_file=str(path))
+    for text in ['a x. b', 'Wait... x..x', 'x.x.x.', '_x._', 'x. x.. x...']:
+        assert ours.encode(text) == theirs.encode(text)
+    assert 256 in ours.encode('Wait...') and 255 not in ours.encode('x.')
+
+
+def test_decode_matches_original(tokenizer, original_tokenizer):
+    ids = tokenizer.encode("On Jan. 5th, Dr. Smith & co. paid $3 -- 'really'?") + [0, 1, 2, 254, 999]
+    assert tokenizer.decode(ids) == original_tokenizer.decode(ids)
+
+
+def test_number_to_words_matches_inflect(original):
+    numbers = list(range(2000)) + [10 ** k + d for k in range(3, 36) for d in (-1, 0, 1, 20, 101, 999)]
+    for n in numbers:
+        assert number_to_words(n) == original._inflect.number_to_words(n, andword=''), n
+        assert number_to_words(n, andword=' and ') == original._inflect.number_to_words(n), n
+
+
+def test_too_many_digits_raise_like_original(original):
+    text = '1' + '0' * 36
+    with pytest.raises(Exception):
+        original.english_cleaners(text)
+    with pytest.raises(ValueError):
+        clean_text(text)
+
+
+@pytest.mark.parametrize('block', [(0x00, 0x80), (0x80, 0x100), (0x100, 0x180), (0x2000, 0x2070)],
+                         ids=['ascii', 'latin-1', 'latin-extended-a', 'general-punctuation'])
+def test_to_ascii_matches_unidecode(block):
+    from unidecode import unidecode
+    chars = [chr(c) for c in range(*block)]
+    assert [to_ascii(c) for c in chars] == [unidecode(c) for c in chars]
+
+
+# ------------------------------------------------------------------------------------------------
+# Round trip, unknown characters, file formats
+# ------------------------------------------------------------------------------------------------
+def test_round_trip(tokenizer):
+    known = [t for t in SENTENCES if set(clean_text(t)) <= set(tokenizer.vocab) | {' '}]
+    assert len(known) > 100
+    for text in known:
+        assert tokenizer.decode(tokenizer.encode(text)) == clean_text(text)
+
+
+def test_round_trip_drops_unknown(tokenizer):
+    for text in SENTENCES:
+        kept = ''.join(c for c in clean_text(text) if c in tokenizer.vocab or c == ' ')
+        assert tokenizer.decode(tokenizer.encode(text)) == kept
+
+
+def test_unknown_characters(tokenizer):
+    assert tokenizer.encode('a&b') == [14, 1, 15]
+    assert tokenizer.encode('#_@*') == [1, 1, 1, 1]          # one [UNK] per character
+    for text in CJK + ['\x00\x7f', '\ud800', '\U0010ffff', '🎉' * 50]:
+        ids = tokenizer.encode(text)
+        assert all(0 <= i < len(tokenizer.vocab) for i in ids)
+
+
+def test_cjk_is_dropped():
+    assert clean_text('Tokyo 東京 is big.') == 'tokyo is big.'
+
+
+def test_hello_world(tokenizer):
+    assert tokenizer.encode('Hello world') == [62, 84, 28, 2, 179, 79]
+    assert len(tokenizer.vocab) == 255 and len(tokenizer.merges) == 215
+    assert (tokenizer.vocab['[STOP]'], tokenizer.vocab['[UNK]'], tokenizer.vocab['[SPACE]']) == (0, 1, 2)
+
+
+def test_merge_and_bpe():
+    assert merge([1, 1, 1, 2], (1, 1), 9) == [9, 1, 2]
+    ranks = {(1, 2): (0, 10), (10, 3): (1, 11), (2, 3): (2, 12)}
+    assert bpe([1, 2, 3], ranks) == [11]             # (1, 2) outranks (2, 3)
+    assert bpe([4, 2, 3], ranks) == [4, 12]
+    assert bpe([5], ranks) == [5]
+
+
+def test_from_vocab_and_merges(tokenizer):
+    """The checkpoint stores vocab and merges (as JSON-like lists); rebuilding gives the same ids."""
+    saved = json.loads(json.dumps({'vocab': tokenizer.vocab, 'merges': tokenizer.merges}))
+    rebuilt = Tokenizer(saved['vocab'], saved['merges'])
+    assert rebuilt.merges == tokenizer.merges
+    assert [rebuilt.encode(t) for t in SENTENCES] == [tokenizer.encode(t) for t in SENTENCES]
+
+
+@pytest.fixture(scope='session')
+def hf_dir(tokenizer_json, tmp_path_factory):
+    """What transformers' ClvpTokenizer.save_pretrained writes for Tortoise's vocabulary."""
+    import transformers
+    model = json.loads(tokenizer_json.read_text(encoding='utf-8'))['model']
+    source, saved = tmp_path_factory.mktemp('hf_source'), tmp_path_factory.mktemp('hf_saved')
+    (source / 'vocab.json').write_text(json.dumps(model['vocab']), encoding='utf-8')
+    merges = '\n'.join(model['merges'])
+    (source / 'merges.txt').write_text(f'#version: 0.2\n{merges}\n', encoding='utf-8')
+    transformers.ClvpTokenizer(str(source / 'vocab.json'), str(source / 'merges.txt')).save_pretrained(saved)
+    return saved
+
+
+@pytest.mark.parametrize('which', ['directory', 'vocab.json'])
+def test_hf_format(tokenizer, hf_dir, which):
+    loaded = Tokenizer.from_file(hf_dir if which == 'directory' else hf_dir / 'vocab.json')
+    assert loaded.vocab == tokenizer.vocab and loaded.merges == tokenizer.merges
+    assert [loaded.encode(t) for t in SENTENCES] == [tokenizer.encode(t) for t in SENTENCES]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Audio front end: against transformers' ClvpFeatureExtractor (numpy, float64), whose defaults are
+# Tortoise's TorchMelSpectrogram; called with defaults it pads at the end or cuts from the start to 6 s,
+# exactly format_conditioning.
+# ---------------------------------------------------------------------------------------------------
+
+MEL_TOL = 1e-3  # max abs difference on the (normalized) log-mel scale
+transformers.logging.set_verbosity_error()  # the extractor warns on every call otherwise
+
+@pytest.fixture(scope="session")
+def mel_norms(tortoise_src) -> torch.Tensor:
+    norms = torch.load(tortoise_src / "tortoise" / "data" / "mel_norms.pth", weights_only=True)
+    assert norms.shape == (N_MELS,)
+    return norms
+
+
+@pytest.fixture(scope="session")
+def voice_clips(tortoise_src) -> list:
+    clips = sorted(glob.glob(str(tortoise_src / "tortoise" / "voices" / "*" / "*.wav")))
+    assert len(clips) >= 60, f"expected the ~70 shipped voice clips, found {len(clips)}"
+    return clips
+
+
+@pytest.fixture(scope="session")
+def extractor(mel_norms):
+    return ClvpFeatureExtractor(mel_norms=mel_norms.tolist())
+
+
+@pytest.fixture(scope="session")
+def extractor_raw():
+    return ClvpFeatureExtractor()  # no mel_norms: plain log-mel
+
+
+def reference_mel(fe, wav: torch.Tensor, pad_to_6s: bool = True) -> np.ndarray:
+    """[samples] -> [80, frames] from ClvpFeatureExtractor (float64 numpy inside)."""
+    kw = {} if pad_to_6s else dict(padding=False, truncation=False)
+    out = fe(wav.numpy(), sampling_rate=SAMPLE_RATE, return_tensors="np", **kw)["input_features"]
+    assert out.shape[0] == 1
+    return out[0]
+
+
+def synthetic(name: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    t = torch.arange(3 * SAMPLE_RATE) / SAMPLE_RATE
+    return {
+        "silence": torch.zeros(2 * SAMPLE_RATE),
+        "sine": 0.5 * torch.sin(2 * math.pi * 440.0 * t),
+        "noise": 0.3 * torch.randn(3 * SAMPLE_RATE, generator=g),
+        "short500": 0.3 * torch.randn(500, generator=g),            # shorter than one window
+        "long10s": 0.1 * torch.randn(10 * SAMPLE_RATE, generator=g),  # exercises the cut
+        "full_scale": torch.sign(torch.sin(2 * math.pi * 100.0 * t)),  # square wave at +-1
+    }[name].float()
+
+
+# ---------------------------------------------------------------------------
+# (a) parity with ClvpFeatureExtractor
+# ---------------------------------------------------------------------------
+def test_filterbank_matches_transformers():
+    ref = mel_filter_bank(num_frequency_bins=N_FFT // 2 + 1, num_mel_filters=N_MELS, min_frequency=0.0,
+                          max_frequency=8000.0, sampling_rate=SAMPLE_RATE, norm="slaney", mel_scale="htk").T
+    ours64 = mel_filterbank(torch.device("cpu"), torch.float64).numpy()
+    ours32 = mel_filterbank().numpy()
+    assert ours32.shape == ours64.shape == ref.shape == (80, 513)
+    np.testing.assert_allclose(ours64, ref, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(ours32, ref, rtol=1e-6, atol=1e-9)
+    assert (ours64.max(axis=1) > 0).all(), "every band must pick up some FFT bin"
+    assert (ours64[:, 372:] == 0).all(), "nothing above 8 kHz (bin 371.5)"
+    assert mel_filterbank() is mel_filterbank(), "filterbank should be built once and cached"
+
+
+def test_voice_clips_match_extractor(voice_clips, mel_norms, extractor, extractor_raw):
+    """Every shipped voice clip, cut/padded to 6 s: normalized and plain log-mel."""
+    worst = {}
+    for path in voice_clips:
+        wav = load_audio(path)
+        cond = format_conditioning(wav)
+        ours = log_mel_spectrogram(cond, mel_norms).numpy()
+        ref = reference_mel(extractor, wav)  # the extractor pads/cuts to 6 s itself
+        assert ours.shape == ref.shape == (N_MELS, 1 + CONDITIONING_SAMPLES // HOP)
+        plain = np.abs(log_mel_spectrogram(cond).numpy() - reference_mel(extractor_raw, wav)).max()
+        worst[os.path.relpath(path, os.path.dirname(os.path.dirname(path)))] = (np.abs(ours - ref).max(), plain)
+    print("\nper-clip max abs diff (normalized, plain log):")
+    for name, (d, p) in sorted(worst.items()):
+        print(f"  {name:28s} {d:.2e} {p:.2e}")
+    name, (d, p) = max(worst.items(), key=lambda kv: max(kv[1]))
+    assert max(d, p) <= MEL_TOL, f"{name}: max abs diff {d:.3g} (normalized) / {p:.3g} (plain)"
+
+
+def test_full_length_voice_clips_match_extractor(voice_clips, mel_norms, extractor):
+    """Whole clips, no padding or truncation on either side: frames must line up too."""
+    worst = 0.0
+    for path in voice_clips:
+        wav = load_audio(path)
+        ours = log_mel_spectrogram(wav, mel_norms).numpy()
+        ref = reference_mel(extractor, wav, pad_to_6s=False)
+        assert ours.shape == ref.shape == (N_MELS, 1 + len(wav) // HOP), path
+        worst = max(worst, float(np.abs(ours - ref).max()))
+    print(f"\nfull-length clips: max abs diff {worst:.2e}")
+    assert worst <= MEL_TOL
+
+
+@pytest.mark.parametrize("name", ["silence", "sine", "noise", "short500", "long10s", "full_scale"])
+def test_synthetic_signals_match_extractor(name, mel_norms, extractor, extractor_raw):
+    wav = synthetic(name)
+    cond = format_conditioning(wav)
+    ours = log_mel_spectrogram(cond, mel_norms).numpy()
+    ref = reference_mel(extractor, wav)
+    assert ours.shape == ref.shape == (N_MELS, 517)
+    d = np.abs(ours - ref).max()
+    p = np.abs(log_mel_spectrogram(cond).numpy() - reference_mel(extractor_raw, wav)).max()
+    print(f"\n{name}: max abs diff {d:.2e} (normalized), {p:.2e} (plain)")
+    assert d <= MEL_TOL and p <= MEL_TOL
+
+
+def test_silence_hits_the_floor(mel_norms):
+    out = log_mel_spectrogram(torch.zeros(CONDITIONING_SAMPLES))
+    np.testing.assert_allclose(out.numpy(), math.log(1e-5), rtol=1e-6)
+    normed = log_mel_spectrogram(torch.zeros(CONDITIONING_SAMPLES), mel_norms)
+    torch.testing.assert_close(normed, out / mel_norms[:, None])
+
+
+# ---------------------------------------------------------------------------
+# (b) shapes, batching, dtype
+# ---------------------------------------------------------------------------
+def test_batch_equals_rows(mel_norms):
+    batch = torch.stack([synthetic("sine")[:40000], synthetic("noise")[:40000], torch.zeros(40000)])
+    out = log_mel_spectrogram(batch, mel_norms)
+    assert out.shape == (3, N_MELS, 1 + 40000 // HOP)
+    for i in range(3):
+        torch.testing.assert_close(out[i], log_mel_spectrogram(batch[i], mel_norms), rtol=0, atol=1e-5)
+    assert not torch.allclose(out[0], out[1]), "rows must not be mixed up"
+
+
+@pytest.mark.parametrize("n", [MIN_SAMPLES, 1000, 22050, CONDITIONING_SAMPLES])
+def test_frame_count(n):
+    assert log_mel_spectrogram(torch.randn(n)).shape == (N_MELS, 1 + n // HOP)
+
+
+def test_follows_input_dtype():
+    wav = synthetic("noise")
+    out64 = log_mel_spectrogram(wav.double())
+    assert out64.dtype == torch.float64 and log_mel_spectrogram(wav).dtype == torch.float32
+    torch.testing.assert_close(out64.float(), log_mel_spectrogram(wav), rtol=0, atol=1e-4)
+
+
+def test_mel_norms_divide_each_band(mel_norms):
+    wav = synthetic("noise")
+    torch.testing.assert_close(log_mel_spectrogram(wav, mel_norms) * mel_norms[:, None], log_mel_spectrogram(wav))
+
+
+def test_too_short_for_stft():
+    with pytest.raises(AudioError, match=str(MIN_SAMPLES)):
+        log_mel_spectrogram(torch.zeros(MIN_SAMPLES - 1))
+
+
+def test_format_conditioning_pads_at_end_and_cuts_from_start():
+    short = torch.randn(1000)
+    padded = format_conditioning(short)
+    assert padded.shape == (CONDITIONING_SAMPLES,)
+    assert torch.equal(padded[:1000], short) and not padded[1000:].any()
+    long = torch.randn(CONDITIONING_SAMPLES + 5000)
+    assert torch.equal(format_conditioning(long), long[:CONDITIONING_SAMPLES])  # deterministic: first 6 s
+    exact = torch.randn(CONDITIONING_SAMPLES)
+    assert torch.equal(format_conditioning(exact), exact)
+    assert format_conditioning(torch.randn(2, 1000)).shape == (2, CONDITIONING_SAMPLES)
+
+
+# ---------------------------------------------------------------------------
+# (c) load_audio
+# ---------------------------------------------------------------------------
+def sine(freq, sr, seconds=1.0, amp=0.5):
+    t = np.arange(int(sr * seconds)) / sr
+    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def peak_hz(wav: torch.Tensor, sr=SAMPLE_RATE) -> float:
+    spectrum = np.abs(np.fft.rfft(wav.numpy()))
+    return float(np.argmax(spectrum) * sr / len(wav))
+
+
+def test_load_float_wav_unchanged(tmp_path):
+    x = sine(440, SAMPLE_RATE)
+    soundfile.write(tmp_path / "a.wav", x, SAMPLE_RATE, subtype="FLOAT")
+    wav = load_audio(str(tmp_path / "a.wav"))
+    assert wav.dtype == torch.float32 and wav.ndim == 1
+    assert torch.equal(wav, torch.from_numpy(x))
+
+
+def test_int16_scaled_to_unit_range(tmp_path):
+    ints = np.array([0, 16384, -16384, 32767, -32768] * 200, dtype=np.int16)
+    soundfile.write(tmp_path / "i16.wav", ints, SAMPLE_RATE, subtype="PCM_16")
+    wav = load_audio(str(tmp_path / "i16.wav"))
+    torch.testing.assert_close(wav, torch.from_numpy(ints.astype(np.float32) / 32768.0), rtol=0, atol=0)
+    assert wav.min() == -1.0 and wav[1] == 0.5
+
+
+def test_int32_scaled_to_unit_range(tmp_path):
+    ints = np.array([0, 2**30, -(2**30), -(2**31)] * 200, dtype=np.int32)
+    soundfile.write(tmp_path / "i32.wav", ints, SAMPLE_RATE, subtype="PCM_32")
+    wav = load_audio(str(tmp_path / "i32.wav"))
+    np.testing.assert_allclose(wav[:4].numpy(), [0.0, 0.5, -0.5, -1.0])
+
+
+def test_stereo_averaged(tmp_path):
+    left, right = sine(440, SAMPLE_RATE, amp=0.6), np.full(SAMPLE_RATE, 0.2, np.float32)
+    soundfile.write(tmp_path / "st.wav", np.stack([left, right], axis=1), SAMPLE_RATE, subtype="FLOAT")
+    wav = load_audio(str(tmp_path / "st.wav"))
+    torch.testing.assert_close(wav, torch.from_numpy((left + right) / 2))
+
+
+def test_six_channels_averaged(tmp_path):
+    chans = np.stack([np.full(5000, v, np.float32) for v in (0.6, -0.6, 0.3, 0.0, 0.9, 0.0)], axis=1)
+    soundfile.write(tmp_path / "51.wav", chans, SAMPLE_RATE, subtype="FLOAT")
+    wav = load_audio(str(tmp_path / "51.wav"))
+    assert wav.shape == (5000,)
+    torch.testing.assert_close(wav, torch.full((5000,), 0.2))
+
+
+@pytest.mark.parametrize("sr", [8000, 16000, 44100, 48000])
+def test_resampled_to_22050(tmp_path, sr):
+    n = int(1.5 * sr)
+    soundfile.write(tmp_path / f"{sr}.wav", sine(440, sr, 1.5), sr, subtype="FLOAT")
+    wav = load_audio(str(tmp_path / f"{sr}.wav"))
+    assert wav.shape == (math.ceil(n * SAMPLE_RATE / sr),)  # 1.5 s -> 33075 samples
+    assert abs(peak_hz(wav) - 440) < 1.0, "pitch must survive resampling"
+    assert 0.45 < wav[1000:-1000].abs().max() < 0.55, "amplitude must survive resampling"
+
+
+def test_resample_to_other_rate(tmp_path):
+    soundfile.write(tmp_path / "a.wav", sine(440, SAMPLE_RATE), SAMPLE_RATE)
+    assert load_audio(str(tmp_path / "a.wav"), sampling_rate=16000).shape == (16000,)
+
+
+def test_clipped_to_unit_range(tmp_path):
+    x = np.array([0.5, 1.5, -2.0, 1.0, -1.0, 0.99] * 200, dtype=np.float32)
+    soundfile.write(tmp_path / "hot.wav", x, SAMPLE_RATE, subtype="FLOAT")
+    wav = load_audio(str(tmp_path / "hot.wav"))
+    torch.testing.assert_close(wav, torch.from_numpy(np.clip(x, -1, 1)))
+    assert wav.max() == 1.0 and wav.min() == -1.0
+
+
+@pytest.mark.parametrize("fmt,ext", [("FLAC", "flac"), ("OGG", "ogg")])
+def test_other_containers(tmp_path, fmt, ext):
+    path = tmp_path / f"a.{ext}"
+    soundfile.write(path, sine(440, SAMPLE_RATE, 2.0), SAMPLE_RATE, format=fmt)
+    wav = load_audio(str(path))
+    assert abs(len(wav) - 2 * SAMPLE_RATE) <= 2048  # lossy codecs may add priming/padding
+    assert abs(peak_hz(wav) - 440) < 1.0
+
+
+def test_loads_shipped_voice_clip(voice_clips):
+    wav = load_audio(voice_clips[0])
+    assert wav.ndim == 1 and wav.dtype == torch.float32 and len(wav) > SAMPLE_RATE
+    assert -1.0 <= wav.min() < 0 < wav.max() <= 1.0
+
+
+# ---------------------------------------------------------------------------
+# (d) bad input -> one-line AudioError naming the file; silence -> warning
+# ---------------------------------------------------------------------------
+def expect_audio_error(path, *words):
+    with pytest.raises(AudioError) as info:
+        load_audio(str(path))
+    msg = str(info.value)
+    assert str(path) in msg and "\n" not in msg, msg
+    for w in words:
+        assert w in msg, msg
+    return msg
+
+
+def test_missing_file(tmp_path):
+    expect_audio_error(tmp_path / "nope.wav", "no such file")
+
+
+def test_not_audio(tmp_path):
+    path = tmp_path / "notes.wav"
+    path.write_text("this is a text file, not a RIFF/WAVE stream\n")
+    expect_audio_error(path, "not a readable audio file")
+
+
+def test_directory_is_not_a_file(tmp_path):
+    expect_audio_error(tmp_path, "no such file")
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.wav"
+    soundfile.write(path, np.zeros(0, np.float32), SAMPLE_RATE)
+    expect_audio_error(path, "empty")
+
+
+def test_one_sample_file(tmp_path):
+    path = tmp_path / "one.wav"
+    soundfile.write(path, np.array([0.5], np.float32), SAMPLE_RATE)
+    expect_audio_error(path, "too short", str(MIN_SAMPLES))
+
+
+def test_short_after_resampling(tmp_path):
+    path = tmp_path / "short48k.wav"  # 1000 samples at 48 kHz -> 460 at 22050: below the minimum
+    soundfile.write(path, sine(440, 48000, 1000 / 48000), 48000)
+    expect_audio_error(path, "too short", "460")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_samples(tmp_path, bad):
+    x = sine(440, SAMPLE_RATE)
+    x[100] = bad
+    path = tmp_path / "bad.wav"
+    soundfile.write(path, x, SAMPLE_RATE, subtype="FLOAT")
+    expect_audio_error(path, "NaN or Inf")
+
+
+def test_silent_file_warns_but_loads(tmp_path):
+    path = tmp_path / "silence.wav"
+    soundfile.write(path, np.zeros(SAMPLE_RATE, np.int16), SAMPLE_RATE, subtype="PCM_16")
+    with pytest.warns(UserWarning, match="silent"):
+        wav = load_audio(str(path))
+    assert wav.shape == (SAMPLE_RATE,) and not wav.any()
+
+
+def test_quiet_speech_does_not_warn(tmp_path):
+    path = tmp_path / "quiet.wav"
+    soundfile.write(path, sine(440, SAMPLE_RATE, amp=0.01), SAMPLE_RATE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_audio(str(path))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------
+
+VOICE = os.path.join(HERE, "examples", "voice.wav")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random model saved as a real checkpoint, with the official tokenizer and mel norms."""
+    torch.manual_seed(11)
+    config = clvp.tiny_config()
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    clvp.save_checkpoint(path, config, clvp.CLVP(config).state_dict(),
+                         Tokenizer.from_file(os.path.join(HERE, "data", "tokenizer.json")),
+                         torch.load(os.path.join(HERE, "data", "mel_norms.pth"), weights_only=True))
+    return str(path)
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, os.path.join(HERE, "clvp.py"), *map(str, args)], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})})
+
+
+def test_cli_table_and_npy(tiny_checkpoint, tmp_path):
+    out = tmp_path / "best.npy"
+    r = cli("--text", "Hello there.", "--audio", VOICE, "--checkpoint", tiny_checkpoint, "--candidates", 5,
+            "--batch-size", 2, "--max-tokens", 30, "--seed", 1, "--top-k", 2, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "rank" in r.stdout and "score" in r.stdout and f"written to {out}" in r.stdout
+    assert len([line for line in r.stdout.splitlines() if line.strip()[:1].isdigit()]) == 5
+    best = np.load(out)
+    assert best.shape == (2, 30) and best.dtype == np.int64
+    again = tmp_path / "again.npy"
+    assert cli("--text", "Hello there.", "--audio", VOICE, "--checkpoint", tiny_checkpoint, "--candidates", 5,
+               "--batch-size", 2, "--max-tokens", 30, "--seed", 1, "--top-k", 2, "--out", again).returncode == 0
+    assert np.array_equal(np.load(again), best)                 # same seed, same candidates
+
+
+def test_cli_json_and_text_file(tiny_checkpoint, tmp_path):
+    lines = tmp_path / "lines.txt"
+    lines.write_text("The first sentence.\n\nAnd a second one, with 2 numbers: 3.\n")
+    r = cli("--text-file", lines, "--audio", VOICE, VOICE, "--checkpoint", tiny_checkpoint, "--candidates", 3,
+            "--max-tokens", 12, "--json", "--out", tmp_path / "b.npy")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert [x["text"] for x in report["results"]] == ["The first sentence.", "And a second one, with 2 numbers: 3."]
+    for i, result in enumerate(report["results"]):
+        assert sorted(result["order"]) == [0, 1, 2] and len(result["scores"]) == 3
+        assert result["out"] == str(tmp_path / f"b-{i + 1}.npy")
+        assert np.load(result["out"]).tolist() == result["best"]
+        assert max(result["scores"]) == result["scores"][result["order"][0]]
+
+
+def test_cli_random_init_explain():
+    r = cli("--text", "Hi there.", "--audio", VOICE, "--random-init", "--tiny", "--explain", "--candidates", 2,
+            "--max-tokens", 10, "--out", os.devnull)
+    assert r.returncode == 0, r.stderr
+    assert "meaningless" in r.stdout
+    for stage in ("[text]", "[audio]", "[latent]", "[prompt]", "[prefill]", "[decode]", "[fix]", "[encoders]",
+                  "[scores]"):
+        assert stage in r.stdout, stage
+    assert "mels [1, 80, 517]" in r.stdout and "[1, 64]" in r.stdout
+
+
+def test_cli_without_checkpoint_explains_how_to_get_one(tmp_path):
+    r = cli("--text", "Hi.", "--audio", VOICE, env={"CLVP_CACHE": str(tmp_path)})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "convert_weights.py --download" in r.stderr and str(tmp_path) in r.stderr
+
+
+def run_main(capsys, *args):
+    code = clvp.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.err.strip().splitlines()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--text", "", "--audio", VOICE], "text is empty"),
+    (["--text", "   ", "--audio", VOICE], "text is empty"),
+    (["--text", "\"\"", "--audio", VOICE], "empty after cleaning"),
+    (["--text", "word " * 300, "--audio", VOICE], "at most 401"),
+    (["--text", "Hi.", "--audio", "missing.wav"], "missing.wav: no such file"),
+    (["--text", "Hi.", "--audio", __file__], "not a readable audio file"),
+    (["--text", "Hi.", "--audio", VOICE, "--candidates", 0], "--candidates"),
+    (["--text", "Hi.", "--audio", VOICE, "--batch-size", 0], "--batch-size"),
+    (["--text", "Hi.", "--audio", VOICE, "--batch-size", -3], "--batch-size"),
+    (["--text", "Hi.", "--audio", VOICE, "--top-p", 0], "--top-p"),
+    (["--text", "Hi.", "--audio", VOICE, "--top-p", 1.5], "--top-p"),
+    (["--text", "Hi.", "--audio", VOICE, "--temperature", -1], "--temperature"),
+    (["--text", "Hi.", "--audio", VOICE, "--device", "tpu9"], "device"),
+    (["--text", "Hi.", "--audio", VOICE, "--device", "cuda"], "CUDA"),
+    (["--text", "Hi.", "--audio", VOICE, "--max-tokens", 5000], "--max-tokens"),
+    (["--text", "Hi.", "--audio", VOICE, "--candidates", "many"], "invalid int"),
+    (["--text", "Hi."], "--audio"),
+    (["--audio", VOICE], "--text"),
+])
+def test_cli_bad_input(tiny_checkpoint, tmp_path, capsys, monkeypatch, args, words):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(capsys, "--checkpoint", tiny_checkpoint, "--max-tokens", 8, "--candidates", 1, *args)
+    assert code == 2 and len(err) == 1 and words in err[0], err
+    assert os.listdir(tmp_path) == []                            # no output file, no temporary left
+
+
+def test_cli_bad_checkpoint(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    code, err = run_main(capsys, "--text", "Hi.", "--audio", VOICE, "--checkpoint", bad)
+    assert code == 2 and len(err) == 1 and "bad.pt: not a readable clvp checkpoint" in err[0]
+    assert sorted(os.listdir(tmp_path)) == ["bad.pt"]
+
+
+def test_cli_ctrl_c_leaves_no_output(tiny_checkpoint, tmp_path):
+    import signal
+    out = tmp_path / "best.npy"
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "clvp.py"), "--text", "A long run.", "--audio", VOICE,
+                          "--checkpoint", tiny_checkpoint, "--candidates", "400", "--batch-size", "8", "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(6)
+    assert p.poll() is None                                      # still generating
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    assert os.listdir(tmp_path) == []
