@@ -498,29 +498,31 @@ def speech_position(k):
 
 
 class KVCache:
-    """Keys and values of every layer, allocated once per generation: [layers, N, heads, max_len, head_dim].
+    """Keys and values of every layer, allocated once per generation: [layers, max_len, N, heads, head_dim].
 
     Each step writes its new keys/values in place and attends to a view of everything so far, so step t
-    costs O(t) and allocates nothing. The prompt is the same for all N candidates: it is run once at
-    batch 1 and its keys/values are copied into every candidate's row.
+    costs O(t) and allocates nothing. Positions are the outer axis, so one step's write is one contiguous
+    block. The prompt is the same for all N candidates: it is run once at batch 1 and its keys/values are
+    copied into every candidate's row.
     """
 
     def __init__(self, c: DecoderConfig, batch, max_len, device, dtype):
-        shape = (c.layers, batch, c.heads, max_len, c.dim // c.heads)
+        shape = (c.layers, max_len, batch, c.heads, c.dim // c.heads)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
 
     def update(self, layer, start, k, v):
-        """Store k, v [B, heads, T, hd] at positions start.. of rows 0..B-1; return those rows so far."""
+        """Store k, v [B, heads, T, hd] at positions start.. of rows 0..B-1; return those rows so far,
+        as [B, heads, positions, hd] views."""
         B, end = k.shape[0], start + k.shape[2]
-        self.k[layer, :B, :, start:end] = k
-        self.v[layer, :B, :, start:end] = v
-        return self.k[layer, :B, :, :end], self.v[layer, :B, :, :end]
+        self.k[layer, start:end, :B] = k.permute(2, 0, 1, 3)
+        self.v[layer, start:end, :B] = v.permute(2, 0, 1, 3)
+        return self.k[layer, :end, :B].permute(1, 2, 0, 3), self.v[layer, :end, :B].permute(1, 2, 0, 3)
 
     def broadcast_prompt(self, length):
         """Copy row 0's first `length` positions (the prompt, run once at batch 1) into every row."""
-        self.k[:, 1:, :, :length] = self.k[:, :1, :, :length]
-        self.v[:, 1:, :, :length] = self.v[:, :1, :, :length]
+        self.k[:, :length, 1:] = self.k[:, :length, :1]
+        self.v[:, :length, 1:] = self.v[:, :length, :1]
 
 
 class DecoderBlock(nn.Module):
@@ -811,11 +813,11 @@ def decode_batch(decoder, cache, prompt_logits, prompt_len, max_new_tokens, samp
         done |= token == c.stop_token
         if progress:
             progress.decode(k, B, int((~done).sum()))
-        if done.all():
-            return tokens[:, :k + 1]
+        if done.all() or k == max_new_tokens - 1:
+            break
         x = decoder.embed_speech(token[:, None], speech_position(k + 1))  # [B, 1, D]
         logits = decoder.logits(decoder(x, cache, start=prompt_len + k))[:, -1]
-    return tokens
+    return tokens[:, :k + 1]
 
 
 def fix_candidates(tokens, stop_token, pad_to=None):
@@ -1277,7 +1279,12 @@ def timed_run(run, decoder, device):
     """Run `run()` once with a hook on `decoder`: the first forward is the prefill, the others the steps."""
     marks = []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    hook = decoder.register_forward_hook(lambda *a: (sync(), marks.append(time.perf_counter())))
+
+    def mark(*_):                                            # a forward hook must return None
+        sync()
+        marks.append(time.perf_counter())
+
+    hook = decoder.register_forward_hook(mark)
     try:
         with PeakMemory(device) as mem:
             sync()
@@ -1364,6 +1371,9 @@ def benchmark(args, device):
     runs = {"clvp.py": (lambda: model.generate(text, mels, num_candidates=N, batch_size=N, max_new_tokens=L,
                                                pad_to_max=False, seed=0), model.decoder)}
     if args.compare:
+        import transformers
+        transformers.logging.set_verbosity_error()
+        warnings.filterwarnings("ignore", module="transformers")
         ref = reference_model(model)
         hf_generate = lambda: ref.generate(input_ids=text, input_features=mels, do_sample=True, temperature=0.8,
                                            top_p=0.8, repetition_penalty=2.0, num_return_sequences=N,
@@ -1388,6 +1398,8 @@ def benchmark(args, device):
         report["ratio (transformers / clvp.py)"] = {k: table["transformers"][k] / ours[k] for k in
                                                     ("conditioning + prefill ms", "decode ms/step", "rerank ms",
                                                      "end to end s", "peak memory MiB") if ours[k] > 0}
+    if args.compare:
+        report["front ends"] = front_end_speed(device)
     if args.json:
         print(json.dumps(report))
         return 0
@@ -1402,7 +1414,43 @@ def benchmark(args, device):
         cells = "".join(f"{table[n][row]:>15.2f}" if row in table[n] else f"{'':>15}" for n in names)
         ratio = report.get("ratio (transformers / clvp.py)", {}).get(row)
         print(f"{row:28}{cells}" + (f"{ratio:>9.2f}x" if ratio else ""))
+    for name, (ours_ms, theirs_ms, what) in report.get("front ends", {}).items():
+        print(f"{name:28}{ours_ms:>15.2f}{theirs_ms:>15.2f}{theirs_ms / ours_ms:>9.2f}x   ms, {what}")
     return 0
+
+
+def front_end_speed(device, repeat=20):
+    """Tokenizer and log-mel against transformers' ClvpTokenizer and ClvpFeatureExtractor (best of `repeat`)."""
+    from transformers import ClvpFeatureExtractor, ClvpTokenizer
+    tokenizer = Tokenizer.from_file(os.path.join(DATA, "tokenizer.json"))
+    source = os.environ.get("CLVP_TORTOISE_SRC") or os.path.expanduser("~/.cache/clvp-test/tortoise-tts-3.0.0")
+    try:
+        with open(os.path.join(source, "tortoise", "data", "got.txt"), encoding="utf-8") as f:
+            text, what = " ".join(f.read().split("\n")), "Tortoise's longest shipped text"
+    except OSError:
+        text, what = " ".join([__doc__] * 4), "this file's docstring x 4 (Tortoise's texts not found)"
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "vocab.json"), "w") as f:
+            json.dump(tokenizer.vocab, f)
+        with open(os.path.join(d, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in tokenizer.merges) + "\n")
+        theirs = ClvpTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"))
+    wav = 0.1 * torch.randn(CONDITIONING_SAMPLES)
+    extractor = ClvpFeatureExtractor()
+
+    def best(f):
+        f()
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+        return min(times) * 1e3
+
+    fresh = lambda: Tokenizer(tokenizer.vocab, tokenizer.merges).encode(text)    # no warm word cache
+    return {"tokenizer encode": (best(fresh), best(lambda: theirs(text)), f"{len(text)} chars of {what}"),
+            "log-mel (6 s clip)": (best(lambda: log_mel_spectrogram(wav.to(device))),
+                                   best(lambda: extractor(wav.numpy(), sampling_rate=SAMPLE_RATE)), "one clip")}
 
 
 def main(argv=None):

@@ -1093,3 +1093,18 @@ def test_cli_ctrl_c_leaves_no_output(tiny_checkpoint, tmp_path):
     stdout, stderr = p.communicate(timeout=60)
     assert p.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_benchmark_tiny_runs_and_reports_every_row():
+    r = cli("--benchmark", "--tiny", "--candidates", 2, "--tokens", 6, "--repeat", 1, "--compare", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    ours, theirs = report["results"]["clvp.py"], report["results"]["transformers"]
+    for row in ("conditioning + prefill ms", "decode ms/step", "rerank ms", "end to end s", "peak memory MiB",
+                "candidate-tokens/s"):
+        assert ours[row] >= 0 and theirs[row] >= 0, row
+    assert ours["steps"] == theirs["steps"] == 5                  # the stop token is banned: all 6 tokens
+    assert ours["bare matmul ms/step"] > 0 and ours["decode / bare matmul"] > 0
+    assert set(report["front ends"]) == {"tokenizer encode", "log-mel (6 s clip)"}
+    table = cli("--benchmark", "--tiny", "--candidates", 2, "--tokens", 4, "--repeat", 1)
+    assert table.returncode == 0 and "decode / bare matmul" in table.stdout and "transformers" not in table.stdout
