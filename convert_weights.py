@@ -12,9 +12,15 @@ stored [in, out], are transposed into Linear's [out, in]. Nothing is unpickled: 
 read by a few lines below and .bin files with torch.load(weights_only=True).
 """
 import argparse
+import http.client
 import json
 import os
+import ssl
 import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 
 import torch
 
@@ -219,6 +225,130 @@ def convert_hf(directory):
         with open(pre) as f:
             mel_norms = json.load(f).get("mel_norms")
     return config, weights, tokenizer, mel_norms
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fetching the official files: streamed to NAME.part, resumed with HTTP Range after a dropped
+# connection, size-checked, renamed to NAME only when complete, retried on transient errors.
+# ---------------------------------------------------------------------------------------------------
+
+
+class DownloadError(ConversionError):
+    """A file that could not be fetched; the message names the URL or the host."""
+
+
+# Where Tortoise itself gets them: the weights from its Hugging Face repository, the tokenizer and
+# the mel normalization from its source tree. CLVP_HUB_URL=<base> fetches all four from <base>/<name>.
+HUB_URL = "https://huggingface.co/jbetker/tortoise-tts-v2/resolve/main/.models"
+SOURCE_URL = "https://raw.githubusercontent.com/neonbjb/tortoise-tts/main/tortoise/data"
+OFFICIAL_FILES = {
+    "autoregressive.pth": HUB_URL,   # GPT-2 speech decoder and conditioning encoder
+    "clvp2.pth": HUB_URL,            # the text and speech encoders
+    "tokenizer.json": SOURCE_URL,    # the text BPE
+    "mel_norms.pth": SOURCE_URL,     # per-band divisors of the log-mel spectrogram
+}
+CHUNK = 2**20    # bytes read and written at a time
+TIMEOUT = 30     # seconds without a byte before a try counts as failed
+
+
+def official_urls():
+    base = os.environ.get("CLVP_HUB_URL", "").rstrip("/")
+    return {name: f"{base or default}/{name}" for name, default in OFFICIAL_FILES.items()}
+
+
+def cache_dir():
+    return os.environ.get("CLVP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "clvp")
+
+
+class _Incomplete(Exception):
+    """A try that ended early; worth another, which resumes from the .part file."""
+
+
+def _fetch(url, part, progress):
+    """One request, appending to `part`. Returns once `part` holds the whole file."""
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=TIMEOUT)
+    except urllib.error.HTTPError as e:
+        if e.code != 416 or not have:
+            raise
+        # 416: nothing lies past byte `have`. The .part is whole if the size the server gives agrees.
+        total = (e.headers.get("Content-Range") or "").rpartition("/")[2]
+        e.close()
+        if total == str(have):
+            return
+        os.remove(part)
+        raise _Incomplete(f"{part} does not match the file on the server; starting over") from None
+    with response:
+        if response.status == 206:   # the rest, as asked: "Content-Range: bytes START-END/TOTAL"
+            span, _, total = response.headers.get("Content-Range", "").partition(" ")[2].partition("/")
+            if span.partition("-")[0] != str(have):
+                os.remove(part)
+                raise _Incomplete(f"server sent another range than bytes {have}-; starting over")
+        else:                        # 200: the whole file (a server that ignores Range): start over
+            have, total = 0, response.headers.get("Content-Length")
+        total = int(total) if total and total.isdigit() else None
+        show = progress and sys.stderr.isatty()
+        start, first = time.monotonic(), have
+        try:
+            with open(part, "ab") as f:
+                f.truncate(have)     # "ab" writes at the end, which is now `have`
+                while chunk := response.read(CHUNK):
+                    f.write(chunk)
+                    have += len(chunk)
+                    if show and total:
+                        mib, rate = have / 2**20, (have - first) / 2**20 / max(time.monotonic() - start, 1e-3)
+                        print(f"\r{os.path.basename(url)}: {100 * have // total:3d}% {mib:.1f}/{total / 2**20:.1f}"
+                              f" MiB {rate:.1f} MiB/s", end="", file=sys.stderr, flush=True)
+        finally:
+            if show and total:
+                print(file=sys.stderr)
+    # read() does not raise when the connection closes early: only the byte count tells.
+    if total is not None and have != total:
+        raise _Incomplete(f"connection closed after {have} of {total} bytes")
+
+
+def download(url, dest, progress=True, retries=3, sleep=time.sleep):
+    """Fetch `url` to `dest` (kept if already there), retrying transient failures `retries` times."""
+    if os.path.exists(dest):
+        return dest   # only ever renamed into place when complete
+    part, host = dest + ".part", urllib.parse.urlsplit(url).netloc
+    for attempt in range(retries + 1):
+        if attempt:
+            sleep(2 ** (attempt - 1))   # 1 s, 2 s, 4 s: resets and 5xx tend to be brief
+        try:
+            _fetch(url, part, progress)
+            # Bytes go to .part and the name appears only now, atomically: a file under the final
+            # name is always whole, and an interrupted run leaves a .part the next run resumes.
+            os.replace(part, dest)
+            return dest
+        except urllib.error.HTTPError as e:
+            e.close()          # it holds the connection
+            if e.code < 500 and e.code != 429:   # 404, 403...: asking again will not help
+                raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
+            reason = f"HTTP {e.code} {e.reason}"
+        except urllib.error.URLError as e:   # failed before any response
+            reason = getattr(e.reason, "strerror", None) or str(e.reason)
+            # No name resolution, or refused: an offline machine or a wrong CLVP_HUB_URL. Not retried.
+            transient = isinstance(e.reason, (TimeoutError, ConnectionError)) and \
+                not isinstance(e.reason, ConnectionRefusedError)
+            if not transient or attempt == retries:
+                raise DownloadError(f"cannot reach {host}: {reason}; "
+                                    "check your network connection or set CLVP_HUB_URL") from None
+        except (_Incomplete, http.client.HTTPException, ConnectionError, TimeoutError, ssl.SSLError) as e:
+            reason = str(e) or type(e).__name__
+    kept = f"; the {os.path.getsize(part)} bytes fetched are kept in {part} and a new run resumes" \
+        if os.path.exists(part) else ""
+    raise DownloadError(f"{url}: failed {retries + 1} times, last: {reason}{kept}")
+
+
+def download_official(directory=None, progress=True):
+    """Fetch the four official files into `directory` (default: cache_dir()); name -> path."""
+    directory = directory or cache_dir()
+    os.makedirs(directory, exist_ok=True)
+    return {name: download(url, os.path.join(directory, name), progress)
+            for name, url in official_urls().items()}
 
 
 # ---------------------------------------------------------------------------------------------------

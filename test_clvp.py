@@ -5,13 +5,18 @@ save it with save_pretrained, convert it with convert_weights.py, load it with c
 compare numbers. Tolerances are absolute, in fp32 on the CPU.
 """
 import glob
+import http.server
 import importlib.util
+import io
 import json
 import math
 import os
+import random
+import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -1108,3 +1113,251 @@ def test_benchmark_tiny_runs_and_reports_every_row():
     assert set(report["front ends"]) == {"tokenizer encode", "log-mel (6 s clip)"}
     table = cli("--benchmark", "--tiny", "--candidates", 2, "--tokens", 4, "--repeat", 1)
     assert table.returncode == 0 and "decode / bare matmul" in table.stdout and "transformers" not in table.stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fetching the official files, against a local HTTP server on 127.0.0.1 that misbehaves on demand
+# ---------------------------------------------------------------------------------------------------
+
+BIG = random.Random(0).randbytes(5 * 2**20 // 2)   # 2.5 MiB: several 1 MiB chunks
+SMALL = b'{"model": {"type": "BPE"}}'
+
+
+class Hub(http.server.ThreadingHTTPServer):
+    """Serves `files` with Range support. The sets name files to misbehave on (see Handler)."""
+
+    def __init__(self, files):
+        super().__init__(("127.0.0.1", 0), HubHandler)
+        self.files, self.requests, self.sent = dict(files), [], 0
+        self.drop_once, self.always_short, self.fail_once, self.ignore_range = set(), set(), set(), False
+        self.fail_code = 500
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class HubHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        s, name, rng = self.server, self.path.lstrip("/"), self.headers.get("Range")
+        s.requests.append((name, rng))
+        if name.startswith("r/"):   # as Hugging Face does: resolve/... redirects to a CDN
+            self.send_response(302)
+            self.send_header("Location", "/" + name[2:])
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
+        if name not in s.files:
+            return self.send_error(404)
+        if name in s.fail_once:
+            s.fail_once.discard(name)
+            return self.send_error(s.fail_code)
+        data, start = s.files[name], 0
+        if rng and not s.ignore_range:
+            start = int(rng.removeprefix("bytes=").rstrip("-"))
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                return self.end_headers()
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if name in s.drop_once or name in s.always_short:
+            # Headers promise the whole body; half of it is written, then the socket closes.
+            s.drop_once.discard(name)
+            body = body[:len(body) // 2]
+            self.close_connection = True
+        s.sent += len(body)   # counted first: the client may finish before write() returns
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def hub(no_hub_settings):
+    s = Hub({"big.bin": BIG, "tokenizer.json": SMALL, "autoregressive.pth": BIG[:1000],
+                "clvp2.pth": BIG[1000:3000], "mel_norms.pth": BIG[-80:]})
+    thread = threading.Thread(target=s.serve_forever, args=(0.01,), daemon=True)
+    thread.start()
+    yield s
+    s.shutdown()
+    s.server_close()
+    thread.join(5)
+
+
+@pytest.fixture
+def no_hub_settings(monkeypatch):
+    monkeypatch.delenv("CLVP_HUB_URL", raising=False)
+    monkeypatch.delenv("CLVP_CACHE", raising=False)
+    monkeypatch.setattr(convert_weights, "TIMEOUT", 5)
+
+
+class Sleeps(list):
+    """Stands in for time.sleep: records the delays, waits for none."""
+
+    def __call__(self, seconds):
+        self.append(seconds)
+
+
+def fetch(hub, tmp_path, name="big.bin", **kw):
+    kw.setdefault("sleep", Sleeps())
+    dest = str(tmp_path / name)
+    return convert_weights.download(f"{hub.url}/{name}", dest, progress=False, **kw), kw["sleep"]
+
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_full_download(hub, tmp_path):
+    path, sleeps = fetch(hub, tmp_path)
+    assert read(path) == BIG
+    assert hub.requests == [("big.bin", None)] and sleeps == []
+    assert os.listdir(tmp_path) == ["big.bin"]
+
+
+def test_dropped_connection_is_resumed_with_range(hub, tmp_path):
+    hub.drop_once.add("big.bin")
+    path, sleeps = fetch(hub, tmp_path)
+    assert hub.requests == [("big.bin", None), ("big.bin", f"bytes={len(BIG) // 2}-")]
+    assert hub.sent == len(BIG)   # nothing fetched twice
+    assert read(path) == BIG and sleeps == [1]
+    assert os.listdir(tmp_path) == ["big.bin"]
+
+
+def test_range_survives_a_redirect(hub, tmp_path):
+    hub.drop_once.add("big.bin")
+    path = convert_weights.download(f"{hub.url}/r/big.bin", str(tmp_path / "big.bin"), progress=False, sleep=Sleeps())
+    half = f"bytes={len(BIG) // 2}-"
+    assert hub.requests == [("r/big.bin", None), ("big.bin", None), ("r/big.bin", half), ("big.bin", half)]
+    assert read(path) == BIG
+
+
+def test_existing_part_is_resumed(hub, tmp_path):
+    (tmp_path / "big.bin.part").write_bytes(BIG[:123457])
+    path, sleeps = fetch(hub, tmp_path)
+    assert hub.requests == [("big.bin", "bytes=123457-")]
+    assert hub.sent == len(BIG) - 123457
+    assert read(path) == BIG and sleeps == []
+
+
+def test_complete_part_answered_416_is_kept(hub, tmp_path):
+    (tmp_path / "big.bin.part").write_bytes(BIG)
+    path, _ = fetch(hub, tmp_path)
+    assert hub.requests == [("big.bin", f"bytes={len(BIG)}-")] and hub.sent == 0
+    assert read(path) == BIG
+
+
+def test_part_longer_than_file_starts_over(hub, tmp_path):
+    (tmp_path / "big.bin.part").write_bytes(BIG + b"junk")
+    path, _ = fetch(hub, tmp_path)
+    assert hub.requests == [("big.bin", f"bytes={len(BIG) + 4}-"), ("big.bin", None)]
+    assert read(path) == BIG
+
+
+def test_server_ignoring_range_restarts_from_zero(hub, tmp_path):
+    hub.ignore_range = True
+    (tmp_path / "big.bin.part").write_bytes(b"x" * 1000)   # appending to this would corrupt the file
+    hub.drop_once.add("big.bin")
+    path, sleeps = fetch(hub, tmp_path)
+    assert [r for _, r in hub.requests] == ["bytes=1000-", f"bytes={len(BIG) // 2}-"]
+    assert read(path) == BIG and sleeps == [1]
+
+
+@pytest.mark.parametrize("code", [500, 503, 429])
+def test_server_errors_and_rate_limits_are_retried(hub, tmp_path, code):
+    hub.fail_once.add("big.bin")
+    hub.fail_code = code
+    path, sleeps = fetch(hub, tmp_path)
+    assert len(hub.requests) == 2 and sleeps == [1]
+    assert read(path) == BIG
+
+
+def test_404_names_url_and_leaves_nothing(hub, tmp_path):
+    with pytest.raises(convert_weights.DownloadError) as e:
+        fetch(hub, tmp_path, name="missing.pth")
+    assert f"{hub.url}/missing.pth" in str(e.value) and "404" in str(e.value)
+    assert len(hub.requests) == 1   # not retried
+    assert os.listdir(tmp_path) == []
+
+
+def test_short_body_every_time_fails_after_retries(hub, tmp_path):
+    hub.always_short.add("big.bin")
+    with pytest.raises(convert_weights.DownloadError) as e:
+        fetch(hub, tmp_path, retries=2)
+    assert len(hub.requests) == 3 and e.value.args[0].count("\n") == 0
+    assert "failed 3 times" in str(e.value) and f"of {len(BIG)} bytes" in str(e.value)
+    assert not (tmp_path / "big.bin").exists()
+    # What did arrive is kept for the next run: half, then half of the rest, ...
+    assert read(tmp_path / "big.bin.part") == BIG[:len(BIG) - len(BIG) // 8]
+
+
+def test_offline_is_one_clear_line_and_quick(no_hub_settings, tmp_path, monkeypatch):
+    with socket.socket() as s:   # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("CLVP_HUB_URL", f"http://127.0.0.1:{port}")
+    t = time.monotonic()
+    with pytest.raises(convert_weights.DownloadError) as e:
+        convert_weights.download_official(str(tmp_path / "w"), progress=False)
+    assert time.monotonic() - t < 2
+    assert str(e.value) == (f"cannot reach 127.0.0.1:{port}: Connection refused; "
+                            "check your network connection or set CLVP_HUB_URL")
+    sleeps = Sleeps()
+    with pytest.raises(convert_weights.DownloadError):
+        convert_weights.download(f"http://127.0.0.1:{port}/x", str(tmp_path / "x"), sleep=sleeps)
+    assert sleeps == []   # refused is not retried
+    assert os.listdir(tmp_path / "w") == []
+
+
+def test_existing_dest_is_not_fetched_again(hub, tmp_path):
+    (tmp_path / "big.bin").write_bytes(b"already here")
+    path, _ = fetch(hub, tmp_path)
+    assert hub.requests == [] and read(path) == b"already here"
+
+
+def test_download_official(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLVP_HUB_URL", hub.url + "/")
+    monkeypatch.setenv("CLVP_CACHE", str(tmp_path / "cache"))
+    paths = convert_weights.download_official(progress=False)
+    assert sorted(paths) == sorted(convert_weights.OFFICIAL_FILES)
+    for name, path in paths.items():
+        assert path == str(tmp_path / "cache" / name) and read(path) == hub.files[name]
+    assert sorted(hub.requests) == sorted((name, None) for name in convert_weights.OFFICIAL_FILES)
+
+
+def test_official_urls_and_cache_dir(no_hub_settings, monkeypatch):
+    urls = convert_weights.official_urls()
+    assert urls["clvp2.pth"] == "https://huggingface.co/jbetker/tortoise-tts-v2/resolve/main/.models/clvp2.pth"
+    assert urls["autoregressive.pth"].endswith("tortoise-tts-v2/resolve/main/.models/autoregressive.pth")
+    assert urls["mel_norms.pth"] == \
+        "https://raw.githubusercontent.com/neonbjb/tortoise-tts/main/tortoise/data/mel_norms.pth"
+    assert urls["tokenizer.json"].endswith("/tortoise-tts/main/tortoise/data/tokenizer.json")
+    assert convert_weights.cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "clvp")
+    monkeypatch.setenv("CLVP_HUB_URL", "http://mirror/x")
+    assert set(convert_weights.official_urls().values()) == {f"http://mirror/x/{n}" for n in convert_weights.OFFICIAL_FILES}
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_only_on_a_tty(hub, tmp_path, monkeypatch, capsys):
+    convert_weights.download(f"{hub.url}/big.bin", str(tmp_path / "big.bin"), progress=True)
+    assert capsys.readouterr().err == ""   # captured stderr is not a TTY: nothing is printed
+    tty = FakeTTY()
+    monkeypatch.setattr("sys.stderr", tty)
+    convert_weights.download(f"{hub.url}/big.bin", str(tmp_path / "again.bin"), progress=True)
+    out = tty.getvalue()
+    assert "\rbig.bin: 100% 2.5/2.5 MiB" in out and "MiB/s" in out and out.endswith("\n")
+    tty2 = FakeTTY()
+    monkeypatch.setattr("sys.stderr", tty2)
+    convert_weights.download(f"{hub.url}/tokenizer.json", str(tmp_path / "t.json"), progress=False)
+    assert tty2.getvalue() == ""
