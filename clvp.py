@@ -720,7 +720,9 @@ class CLVP(nn.Module):
 
     def generate(self, text_ids, mels, **options):
         """Sample candidates and rank them: see generate_and_rank in the generation section."""
-        return generate_and_rank(self, text_ids, mels, **options)
+        generation = generate_and_rank(self, text_ids, mels, **options)
+        # Tensors made in inference mode cannot enter autograd later; hand back ordinary copies.
+        return Generation(**{name: t.clone() for name, t in vars(generation).items()})
 
     def contrastive_loss(self, text_ids, speech_ids):
         """CLIP's symmetric cross-entropy over a batch of matching (text, speech) rows."""

@@ -335,6 +335,7 @@ def test_generate_batches_and_seed(tiny_pair):
     # Scores are CLVP's similarity of the text with each fixed candidate, whatever the batching.
     with torch.inference_mode():
         assert maxdiff(model.similarity(text[None], a.candidates)[0], a.scores) <= 1e-5
+    assert maxdiff(model.similarity(text[None], a.candidates)[0], a.scores) <= 1e-5   # usable outside, too
     # Greedy candidates are identical however they are batched, and the prompt is averaged over clips.
     g1 = model.generate(text, mels, num_candidates=3, batch_size=1, max_new_tokens=12, temperature=0)
     g3 = model.generate(text, mels, num_candidates=3, batch_size=3, max_new_tokens=12, temperature=0)
@@ -1361,3 +1362,20 @@ def test_progress_only_on_a_tty(hub, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("sys.stderr", tty2)
     convert_weights.download(f"{hub.url}/tokenizer.json", str(tmp_path / "t.json"), progress=False)
     assert tty2.getvalue() == ""
+
+
+def test_convert_carries_tokenizer_and_mel_norms(tiny_pair, tokenizer_json, tmp_path):
+    ref, _ = tiny_pair
+    ref.save_pretrained(tmp_path)
+    model = json.loads(tokenizer_json.read_text(encoding="utf-8"))["model"]
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "vocab.json").write_text(json.dumps(model["vocab"]))
+    (tmp_path / "src" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(model["merges"]) + "\n")
+    transformers.ClvpTokenizer(str(tmp_path / "src" / "vocab.json"),
+                               str(tmp_path / "src" / "merges.txt")).save_pretrained(tmp_path)
+    norms = torch.load(os.path.join(HERE, "data", "mel_norms.pth"), weights_only=True)
+    ClvpFeatureExtractor(mel_norms=norms.tolist()).save_pretrained(tmp_path)
+    assert convert_weights.main(["--hf", str(tmp_path), "-o", str(tmp_path / "c.pt")]) == 0
+    loaded = clvp.load_model(tmp_path / "c.pt", "cpu")
+    assert loaded.tokenizer.encode("Hello world") == [62, 84, 28, 2, 179, 79]
+    assert maxdiff(loaded.mel_norms, norms) < 1e-6
