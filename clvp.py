@@ -1024,6 +1024,8 @@ def build_parser():
     p.add_argument("--text-file", metavar="FILE", help="one sentence per line, each ranked on its own")
     p.add_argument("--audio", nargs="+", metavar="WAV", help="reference clip(s) of the voice")
     p.add_argument("--checkpoint", help="converted weights (default: $CLVP_CACHE or ~/.cache/clvp, clvp.pt)")
+    p.add_argument("--download", action="store_true", help="when no checkpoint is found, fetch the official "
+                   "weights and convert them into the cache (see convert_weights.py)")
     p.add_argument("--random-init", action="store_true", help="random weights: watch the pipeline, ignore the scores")
     p.add_argument("--tiny", action="store_true", help="with --random-init: a small model instead of the official size")
     g = p.add_argument_group("sampling")
@@ -1098,7 +1100,13 @@ def prepare_model(args, device):
     else:
         path = args.checkpoint or default_checkpoint()
         if args.checkpoint is None and not os.path.exists(path):
-            raise UsageError(NO_CHECKPOINT.format(path=path, cache=os.path.dirname(path)))
+            if not args.download:
+                raise UsageError(NO_CHECKPOINT.format(path=path, cache=os.path.dirname(path)))
+            import convert_weights
+            try:
+                path = convert_weights.fetch_and_convert(os.path.dirname(path), progress=not args.quiet)
+            except ValueError as e:                          # ConversionError, DownloadError
+                raise UsageError(str(e)) from None
         model = load_model(path, device)
     if model.tokenizer is None:
         model.tokenizer = Tokenizer.from_file(os.path.join(DATA, "tokenizer.json"))

@@ -1,6 +1,11 @@
 """convert_weights.py: official CLVP checkpoints -> the single file clvp.py loads.
 
+    python convert_weights.py --tortoise-ar autoregressive.pth --tortoise-clvp clvp2.pth -o clvp.pt
     python convert_weights.py --hf DIR -o clvp.pt [--dtype float16]
+    python convert_weights.py --download            # fetch the official files, write ~/.cache/clvp/clvp.pt
+
+Tortoise's own files: autoregressive.pth (the decoder and its conditioning encoder) and clvp2.pth (the
+text and speech encoders), with tokenizer.json and mel_norms.pth (copies ship in data/).
 
 DIR is what transformers' `ClvpModelForConditionalGeneration.save_pretrained` writes: config.json and
 model.safetensors or pytorch_model.bin (sharded or not), plus, when present, the tokenizer's
@@ -15,6 +20,7 @@ import argparse
 import http.client
 import json
 import os
+import re
 import ssl
 import sys
 import time
@@ -60,13 +66,18 @@ def read_safetensors(path):
         raise ConversionError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def read_torch(path):
+def load_plain(path):
+    """torch.load that accepts only tensors and plain containers: a file that needs code is refused."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConversionError(f"{path}: cannot be read as plain tensors ({reason[:200]}); "
                               "files that need to unpickle code are refused") from None
+
+
+def read_torch(path):
+    state = load_plain(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConversionError(f"{path}: not a state dict of tensors")
     return state
@@ -88,6 +99,58 @@ def read_hf_weights(directory):
         if os.path.exists(os.path.join(directory, name)):
             return reader(os.path.join(directory, name))
     raise ConversionError(f"{directory}: no weights found (expected model.safetensors or pytorch_model.bin)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weight maps: clvp name -> (how, source name(s)), read like a table. The layouts `how` can name:
+#   copy      the tensor as it is
+#   conv1d    GPT-2's Conv1D weight [in, out] -> Linear [out, in]
+#   conv      a 1x1 Conv1d [out, in, 1] -> Linear [out, in]
+#   qkv       separate q, k, v projections stacked into one [q; k; v]
+#   conv_qkv  the conditioning encoder's fused 1x1 qkv conv, its output channels head by head
+#             ([heads, (q, k, v), head_dim]) -> Linear [q; k; v]
+# ---------------------------------------------------------------------------------------------------
+
+
+def per_head_to_stacked(t, heads):
+    """[heads * (q, k, v) * head_dim, ...] -> [(q, k, v) * heads * head_dim, ...]: the legacy QKV
+    attention splits heads first, then q, k, v; clvp.py splits q, k, v first, then heads."""
+    return t.reshape(heads, 3, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
+LAYOUTS = {   # how -> what it does to the source tensor(s)
+    "copy": lambda t, heads: t,
+    "conv1d": lambda t, heads: t.T,
+    "conv": lambda t, heads: t.squeeze(-1),
+    "conv_qkv": lambda t, heads: per_head_to_stacked(t.squeeze(-1) if t.dim() == 3 else t, heads),
+}
+
+
+def source_shapes(how, shape):
+    """The shape(s) the source tensor(s) must have to give clvp.py a tensor of `shape`."""
+    if how == "conv1d":
+        return [shape[::-1]]
+    if how == "qkv":
+        return [[shape[0] // 3, *shape[1:]]] * 3
+    if how in ("conv", "conv_qkv") and len(shape) == 2:
+        return [shape + [1]]
+    return [shape]
+
+
+def apply_weight_map(weight_map, state, source, heads=None):
+    """Build clvp's state dict from `state` by a weight map; `heads` (the decoder's) is for 'conv_qkv'.
+    One error names every source tensor that is missing."""
+    missing = sorted({n for _, names in weight_map.values() for n in ([names] if isinstance(names, str) else names)
+                      if n not in state})
+    if missing:
+        raise ConversionError(f"{source}: {len(missing)} tensor(s) missing: " + ", ".join(missing))
+    out = {}
+    for ours, (how, names) in weight_map.items():
+        if how == "qkv":
+            out[ours] = torch.cat([state[n] for n in names], dim=0)
+        else:
+            out[ours] = LAYOUTS[how](state[names], heads)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -119,7 +182,7 @@ def hf_config(d):
 
 
 def hf_weight_map(config):
-    """clvp name -> (how, source names). how: 'copy', 'qkv' (stack q, k, v) or 'conv1d' (transpose)."""
+    """clvp name -> (how, source names) for a transformers ClvpModelForConditionalGeneration."""
     m = {"logit_scale": ("copy", "logit_scale")}
     ce, dec = "conditioning_encoder.", "speech_decoder_model.model.decoder."
 
@@ -174,23 +237,6 @@ def hf_weight_map(config):
 HF_IGNORED_SUFFIXES = ("rotary_pos_emb.inv_freq", ".bias_mask", "attn.bias", "attn.masked_bias")
 
 
-def apply_weight_map(weight_map, state, source):
-    """Build clvp's state dict from `state`; one error names every source tensor that is missing."""
-    missing = sorted({n for _, names in weight_map.values() for n in ([names] if isinstance(names, str) else names)
-                      if n not in state})
-    if missing:
-        raise ConversionError(f"{source}: {len(missing)} tensor(s) missing: " + ", ".join(missing))
-    out = {}
-    for ours, (how, names) in weight_map.items():
-        if how == "copy":
-            out[ours] = state[names]
-        elif how == "conv1d":
-            out[ours] = state[names].T
-        else:
-            out[ours] = torch.cat([state[n] for n in names], dim=0)
-    return out
-
-
 def convert_hf(directory):
     """A save_pretrained directory -> (config, weights, tokenizer or None, mel_norms or None)."""
     if not os.path.isdir(directory):
@@ -225,6 +271,215 @@ def convert_hf(directory):
         with open(pre) as f:
             mel_norms = json.load(f).get("mel_norms")
     return config, weights, tokenizer, mel_norms
+
+
+# ---------------------------------------------------------------------------------------------------
+# The original Tortoise layout: autoregressive.pth + clvp2.pth
+#
+#   autoregressive.pth: UnifiedVoice: conditioning_encoder.*, text/mel embeddings and position tables,
+#                       gpt.h.N.* (GPT-2 blocks), gpt.ln_f, final_norm, mel_head
+#   clvp2.pth:          CLVP: text_emb, speech_emb, {text,speech}_transformer.* (x-transformers encoders),
+#                       to_text_latent, to_speech_latent, temperature
+# ---------------------------------------------------------------------------------------------------
+
+# Tensors of the original files that clvp.py has no use for.
+TORTOISE_SKIPPED = re.compile(r"""
+      gpt\.h\.\d+\.attn\.(bias|masked_bias)      # GPT-2 causal-mask buffers that older transformers saved
+    | text_head\.(weight|bias)                   # UnifiedVoice's text prediction head: training only
+    | (inference_model|gpt_inference)\..+        # the decoder again, as post_init_gpt2_config wraps it
+    | gpt\.(wte|wpe)\.weight                     # GPT-2's own tables; wte is mel_embedding once more
+    | (text|speech)_transformer\.transformer\.attn_layers\.rotary_pos_emb\.inv_freq   # checked, then recomputed
+""", re.X)
+
+AR_FILE, CLVP_FILE = "autoregressive.pth", "clvp2.pth"
+
+
+def _kind(state):
+    """What a state dict looks like: AR_FILE, CLVP_FILE, 'transformers' or None."""
+    if any(k.startswith(("gpt.h.", "conditioning_encoder.", "mel_head.")) for k in state):
+        return AR_FILE
+    if any(k.startswith(("text_transformer.", "speech_transformer.")) for k in state):
+        return CLVP_FILE
+    if any(k.startswith(("speech_decoder_model.", "text_encoder_model.")) for k in state):
+        return "transformers"
+    return None
+
+
+def check_tortoise_file(state, expected, path):
+    """One clear error when `path` is not the file it was given as."""
+    kind = _kind(state)
+    if kind == expected:
+        return
+    what = {AR_FILE: "autoregressive.pth (the decoder)", CLVP_FILE: "clvp2.pth (the CLVP encoders)"}
+    if kind in what:
+        raise ConversionError(f"{path}: this is {what[kind]}, given as {what[expected]}; were the two "
+                              "files mixed up?")
+    if kind == "transformers":
+        raise ConversionError(f"{path}: this is a transformers CLVP checkpoint, not Tortoise's {expected}; "
+                              "convert its save_pretrained directory with --hf")
+    raise ConversionError(f"{path}: not Tortoise's {expected}: none of its {len(state)} tensors has a "
+                          f"name of that file (first: {next(iter(state), 'none')})")
+
+
+def _count(state, prefix):
+    """How many numbered children `prefix` has: 'gpt.h.' -> 30."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return len({m.group(1) for k in state if (m := pattern.match(k))})
+
+
+def tortoise_config(ar, cl, ar_path=AR_FILE, clvp_path=CLVP_FILE):
+    """Sizes read off the tensor shapes of the two state dicts -> clvp.Config.
+
+    The decoder's head count leaves no trace in any shape; it is taken as width // 64 (16 for the
+    official 1024, and what UnifiedVoice's docstring recommends). The CLVP encoders' is readable:
+    x-transformers' attention is heads x 64 wide."""
+    def shape(state, name, path):
+        if name not in state:
+            raise ConversionError(f"{path}: tensor {name} is missing")
+        return state[name].shape
+
+    dim = shape(ar, "text_embedding.weight", ar_path)[1]
+    speech_vocab = shape(ar, "mel_embedding.weight", ar_path)[0]
+    text_vocab = shape(ar, "text_embedding.weight", ar_path)[0]
+    if dim % 64:
+        raise ConversionError(f"{ar_path}: decoder width {dim} is not a multiple of 64, so its number of "
+                              "attention heads (width // 64) cannot be inferred")
+    decoder = clvp.DecoderConfig(
+        dim=dim, layers=_count(ar, "gpt.h."), heads=dim // 64,
+        speech_vocab_size=speech_vocab, speech_positions=shape(ar, "mel_pos_embedding.emb.weight", ar_path)[0],
+        start_token=speech_vocab - 2, stop_token=speech_vocab - 1,        # 8192 and 8193: the last two codes
+        text_vocab_size=text_vocab, text_positions=shape(ar, "text_pos_embedding.emb.weight", ar_path)[0],
+        text_start_token=text_vocab - 1, text_stop_token=0,               # 255 and 0
+        mel_channels=shape(ar, "conditioning_encoder.init.weight", ar_path)[1],
+        conditioning_blocks=_count(ar, "conditioning_encoder.attn."))
+
+    def encoder(side):
+        layers = f"{side}_transformer.transformer.attn_layers."
+        vocab, width = shape(cl, f"{side}_emb.weight", clvp_path)
+        to_q = shape(cl, layers + "layers.0.1.wrap.to_q.weight", clvp_path)
+        if to_q[0] != width or width % 64:
+            raise ConversionError(f"{clvp_path}: {side} attention is {to_q[0]} wide (heads x 64) in a "
+                                  f"{width}-wide encoder; clvp.py needs the two equal")
+        inv_freq = cl.get(layers + "rotary_pos_emb.inv_freq")
+        if inv_freq is None:
+            raise ConversionError(f"{clvp_path}: tensor {layers}rotary_pos_emb.inv_freq is missing")
+        rotary_dim = 2 * inv_freq.numel()
+        if not torch.allclose(inv_freq.float(), 1 / 10000 ** (torch.arange(0, rotary_dim, 2) / rotary_dim)):
+            raise ConversionError(f"{clvp_path}: {layers}rotary_pos_emb.inv_freq is not the standard "
+                                  f"rotary table (base 10000 over {rotary_dim} dims)")
+        return clvp.EncoderConfig(
+            vocab_size=vocab, dim=width, layers=_count(cl, layers + "layers.") // 2,   # attention, feed-forward
+            heads=to_q[0] // 64, ff_dim=shape(cl, layers + "layers.1.1.wrap.net.0.proj.weight", clvp_path)[0] // 2,
+            rotary_dim=rotary_dim, projection_dim=shape(cl, f"to_{side}_latent.weight", clvp_path)[0])
+
+    config = clvp.Config(decoder, encoder("text"), encoder("speech"))
+    if config.speech.vocab_size < decoder.start_token:
+        raise ConversionError(f"{clvp_path}: the speech encoder reads {config.speech.vocab_size} codes, but "
+                              f"{ar_path}'s decoder writes {decoder.start_token}: not a matching pair")
+    return config
+
+
+def tortoise_weight_map(config):
+    """clvp name -> (how, source names) over both files (their names do not overlap)."""
+    m = {"logit_scale": ("copy", "temperature")}        # both are used as exp()
+    d = config.decoder
+
+    def linear(ours, theirs, how="copy"):
+        m[ours + ".weight"] = (how, theirs + ".weight")
+        m[ours + ".bias"] = ("conv_qkv" if how == "conv_qkv" else "copy", theirs + ".bias")
+
+    m["conditioning.conv.weight"] = ("copy", "conditioning_encoder.init.weight")     # Conv1d(80, D, 1) in both
+    m["conditioning.conv.bias"] = ("copy", "conditioning_encoder.init.bias")
+    for i in range(d.conditioning_blocks):
+        ours, theirs = f"conditioning.blocks.{i}.", f"conditioning_encoder.attn.{i}."
+        linear(ours + "norm", theirs + "norm")
+        linear(ours + "qkv", theirs + "qkv", "conv_qkv")
+        linear(ours + "out", theirs + "proj_out", "conv")
+    m["decoder.text_embedding.weight"] = ("copy", "text_embedding.weight")
+    m["decoder.text_positions.weight"] = ("copy", "text_pos_embedding.emb.weight")
+    m["decoder.speech_embedding.weight"] = ("copy", "mel_embedding.weight")
+    m["decoder.speech_positions.weight"] = ("copy", "mel_pos_embedding.emb.weight")
+    for i in range(d.layers):
+        ours, theirs = f"decoder.blocks.{i}.", f"gpt.h.{i}."
+        linear(ours + "norm1", theirs + "ln_1")
+        linear(ours + "qkv", theirs + "attn.c_attn", "conv1d")      # its out axis is already [q; k; v]
+        linear(ours + "out", theirs + "attn.c_proj", "conv1d")
+        linear(ours + "norm2", theirs + "ln_2")
+        linear(ours + "fc", theirs + "mlp.c_fc", "conv1d")
+        linear(ours + "proj", theirs + "mlp.c_proj", "conv1d")
+    linear("decoder.norm", "gpt.ln_f")
+    linear("decoder.final_norm", "final_norm")
+    linear("decoder.head", "mel_head")
+    for side, c in (("text", config.text), ("speech", config.speech)):
+        ours, theirs = f"{side}_encoder.", f"{side}_transformer.transformer."
+        m[ours + "embedding.weight"] = ("copy", f"{side}_emb.weight")
+        for i in range(c.layers):
+            # x-transformers numbers its sublayers: 2i is attention, 2i + 1 the feed-forward; in each,
+            # .0.0 is the pre-norm and .1.wrap the block (wrapped by Tortoise's CheckpointedLayer). Its
+            # RMSNorm is x / max(|x| / sqrt(dim), 1e-8) * g = x / rms(x) * g: the gain g is our weight as is.
+            b = f"{ours}blocks.{i}."
+            attn, ff = (f"{theirs}attn_layers.layers.{j}." for j in (2 * i, 2 * i + 1))
+            m[b + "norm1.weight"] = ("copy", attn + "0.0.g")
+            m[b + "qkv.weight"] = ("qkv", [f"{attn}1.wrap.to_{x}.weight" for x in "qkv"])
+            linear(b + "out", attn + "1.wrap.to_out")
+            m[b + "norm2.weight"] = ("copy", ff + "0.0.g")
+            linear(b + "ff_in", ff + "1.wrap.net.0.proj")                # GLU: [value; gate]
+            linear(b + "ff_out", ff + "1.wrap.net.3")
+        linear(ours + "norm", theirs + "norm")
+        m[ours + "projection.weight"] = ("copy", f"to_{side}_latent.weight")
+    return m
+
+
+def _home(name):
+    """Which of the two files a source tensor belongs to."""
+    clvp_prefixes = ("text_emb.", "speech_emb.", "text_transformer.", "speech_transformer.", "to_text_latent.",
+                     "to_speech_latent.")
+    return CLVP_FILE if name == "temperature" or name.startswith(clvp_prefixes) else AR_FILE
+
+
+def _describe(config):
+    d, t, s = config.decoder, config.text, config.speech
+    return (f"decoder {d.layers} layers x {d.dim} wide, {d.conditioning_blocks} conditioning blocks; "
+            f"text encoder {t.layers} x {t.dim}; speech encoder {s.layers} x {s.dim}")
+
+
+def convert_tortoise(ar_path, clvp_path):
+    """autoregressive.pth + clvp2.pth -> (config, weights, skipped): `skipped` lists the tensors of
+    the two files that clvp.py does not use (for --verbose). Every other problem is one ConversionError
+    naming the file and the tensors."""
+    ar, cl = read_torch(ar_path), read_torch(clvp_path)
+    kinds = (_kind(ar), _kind(cl))
+    if kinds == (CLVP_FILE, AR_FILE):
+        raise ConversionError(f"{ar_path} is clvp2.pth and {clvp_path} is autoregressive.pth: the two files "
+                              "were given the other way round")
+    check_tortoise_file(ar, AR_FILE, ar_path)
+    check_tortoise_file(cl, CLVP_FILE, clvp_path)
+    config = tortoise_config(ar, cl, ar_path, clvp_path)
+    weight_map = tortoise_weight_map(config)
+    with torch.device("meta"):
+        expected = clvp.CLVP(config).state_dict()
+    wanted = {}                                              # source name -> shape it must have
+    for ours, (how, names) in weight_map.items():
+        for name, shape in zip([names] if isinstance(names, str) else names,
+                               source_shapes(how, list(expected[ours].shape))):
+            wanted[name] = shape
+    skipped = []
+    for state, path, kind in ((ar, ar_path, AR_FILE), (cl, clvp_path, CLVP_FILE)):
+        missing = [n for n in wanted if _home(n) == kind and n not in state]
+        if missing:
+            raise ConversionError(f"{path}: {len(missing)} tensor(s) missing: " + ", ".join(missing))
+        unexpected = [n for n in state if n not in wanted and not TORTOISE_SKIPPED.fullmatch(n)]
+        if unexpected:
+            raise ConversionError(f"{path}: {len(unexpected)} unexpected tensor(s): " + ", ".join(unexpected))
+        misfits = [f"{n} is {list(t.shape)}, expected {wanted[n]}" for n, t in state.items()
+                   if n in wanted and list(t.shape) != wanted[n]]
+        if misfits:
+            raise ConversionError(f"{path}: {len(misfits)} tensor(s) do not fit the size read from its other "
+                                  f"tensors ({_describe(config)}; the official size: {_describe(clvp.Config())}): "
+                                  + "; ".join(misfits))
+        skipped += [n for n in state if n not in wanted]
+    weights = apply_weight_map(weight_map, {**ar, **cl}, f"{ar_path} + {clvp_path}", heads=config.decoder.heads)
+    return config, weights, skipped
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -356,22 +611,88 @@ def download_official(directory=None, progress=True):
 # ---------------------------------------------------------------------------------------------------
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):                                # one line, exit 2 (argparse adds a usage block)
+        raise ConversionError(message)
+
+
+def shipped(name):
+    """tokenizer.json or mel_norms.pth as shipped in data/ (the official files, Apache-2.0)."""
+    return os.path.join(clvp.DATA, name)
+
+
+def read_mel_norms(path):
+    norms = load_plain(path)
+    if not isinstance(norms, torch.Tensor) or norms.shape != (80,):
+        raise ConversionError(f"{path}: not mel norms (80 numbers)")
+    return norms
+
+
+def read_tokenizer(path):
+    try:
+        return clvp.Tokenizer.from_file(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConversionError(f"{path}: not a readable tokenizer ({type(e).__name__}: {e})") from None
+
+
+def fetch_and_convert(directory=None, progress=True):
+    """Download the four official files into `directory` (default: cache_dir()) and write clvp.pt there."""
+    paths = download_official(directory, progress)
+    config, weights, _ = convert_tortoise(paths["autoregressive.pth"], paths["clvp2.pth"])
+    out = os.path.join(os.path.dirname(paths["clvp2.pth"]), "clvp.pt")
+    clvp.save_checkpoint(out, config, weights, read_tokenizer(paths["tokenizer.json"]),
+                         read_mel_norms(paths["mel_norms.pth"]))
+    return out
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Convert official CLVP weights into one clvp.py checkpoint.")
-    p.add_argument("--hf", metavar="DIR", required=True, help="a transformers save_pretrained directory")
-    p.add_argument("-o", "--output", required=True, help="where to write the checkpoint (e.g. clvp.pt)")
+    p = ArgumentParser(prog="convert_weights.py", description="Convert official CLVP weights into the one file "
+                       "clvp.py loads. Give one source: --hf, --tortoise-ar with --tortoise-clvp, or --download.")
+    p.add_argument("--hf", metavar="DIR", help="a transformers save_pretrained directory")
+    p.add_argument("--tortoise-ar", metavar="PATH", help="Tortoise's autoregressive.pth")
+    p.add_argument("--tortoise-clvp", metavar="PATH", help="Tortoise's clvp2.pth")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json for --tortoise-* (default: data/tokenizer.json)")
+    p.add_argument("--mel-norms", metavar="PATH", help="mel_norms.pth for --tortoise-* (default: data/mel_norms.pth)")
+    p.add_argument("--download", action="store_true", help="fetch the official Tortoise files and convert them")
+    p.add_argument("--cache", metavar="DIR", help="where --download keeps the files (default: $CLVP_CACHE or "
+                   "~/.cache/clvp); clvp.pt is written there")
+    p.add_argument("-o", "--output", help="where to write the checkpoint (e.g. clvp.pt)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="storage precision of the weights (float16 halves the file)")
-    args = p.parse_args(argv)
+    p.add_argument("--verbose", action="store_true", help="list the source tensors that clvp.py does not use")
     try:
+        args = p.parse_args(argv)
+        if args.download:
+            out = fetch_and_convert(args.cache, progress=True)
+            print(f"wrote {out}")
+            return 0
+        if bool(args.hf) == bool(args.tortoise_ar or args.tortoise_clvp):
+            raise ConversionError("give one source: --hf DIR, or --tortoise-ar with --tortoise-clvp, or --download")
+        if not args.output:
+            raise ConversionError("say where to write the checkpoint with -o PATH")
         out_dir = os.path.dirname(os.path.abspath(args.output))
         if not os.path.isdir(out_dir):
             raise ConversionError(f"{args.output}: directory {out_dir} does not exist")
-        config, weights, tokenizer, mel_norms = convert_hf(args.hf)
+        if args.hf:
+            config, weights, tokenizer, mel_norms = convert_hf(args.hf)
+            skipped = []
+        else:
+            if not (args.tortoise_ar and args.tortoise_clvp):
+                raise ConversionError("the Tortoise layout needs both --tortoise-ar and --tortoise-clvp")
+            config, weights, skipped = convert_tortoise(args.tortoise_ar, args.tortoise_clvp)
+            tokenizer = read_tokenizer(args.tokenizer or shipped("tokenizer.json"))
+            mel_norms = read_mel_norms(args.mel_norms or shipped("mel_norms.pth"))
         clvp.save_checkpoint(args.output, config, weights, tokenizer, mel_norms, dtype=getattr(torch, args.dtype))
-    except (ConversionError, clvp.CheckpointError, OSError) as e:
+    except (ConversionError, clvp.CheckpointError) as e:
         print(f"convert_weights.py: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"convert_weights.py: error: {e.filename or ''}: {e.strerror or e}; nothing was written",
+              file=sys.stderr)
+        return 2
+    if args.verbose:
+        for name in skipped:
+            print(f"skipped {name}")
     print(f"wrote {args.output} ({os.path.getsize(args.output) / 2**20:.1f} MiB, "
           f"{sum(v.numel() for v in weights.values()) / 1e6:.1f} M parameters)")
     return 0

@@ -1,0 +1,451 @@
+"""Parity with the ORIGINAL Tortoise code: autoregressive.pth + clvp2.pth -> clvp.py.
+
+tortoise_oracle.py builds Tortoise's own UnifiedVoice and CLVP (tortoise-tts 3.0.0, under the transformers 4.31.0
+it pins) with random weights, saves them in the layout of the official files and records what the
+original code computes. It runs in a virtual environment of its own, made here on first use
+(~/.cache/clvp-test/venv-tortoise, or $CLVP_TORTOISE_VENV), because the project's environment has a
+newer transformers. This file converts the two files with convert_weights.convert_tortoise, loads the result
+with clvp.load_model and compares, in fp32 on the CPU, at a tiny size and at the official size.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import clvp
+import convert_weights
+from convert_weights import ConversionError
+
+HERE = Path(__file__).resolve().parent
+
+TOL = 1e-4
+START, STOP = 8192, 8193
+
+# What the original UnifiedVoice and CLVP import, at versions that install from wheels (no compiler).
+# transformers goes in with --no-deps: its tokenizers<0.14 would need a Rust build on newer Pythons,
+# and these two models never tokenize. torchaudio (imported by arch_util for a mel spectrogram the
+# models do not use) is stubbed by oracle.py. torch is the local CPU build.
+VENV_PACKAGES = ["torch==2.13.0", "numpy==1.26.4", "einops==0.8.2", "rotary-embedding-torch==0.9.1",
+                 "huggingface-hub==0.16.4", "safetensors==0.4.5", "regex==2026.11.19", "requests==2.34.2",
+                 "packaging==26.3", "filelock==4.2.12", "pyyaml==6.0.4", "tqdm==4.70.1"]
+VENV_NO_DEPS = ["transformers==4.31.0"]
+CACHE = Path.home() / ".cache" / "clvp-test"
+TIMINGS, DIFFS = {}, {}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The original code and its environment
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tortoise_python() -> Path:
+    """The venv's python; the venv is (re)made when its record of installed pins is missing or differs."""
+    venv = Path(os.environ.get("CLVP_TORTOISE_VENV") or CACHE / "venv-tortoise")
+    python, record = venv / "bin" / "python", venv / "clvp-packages.txt"
+    wanted = "\n".join(VENV_PACKAGES + ["--no-deps"] + VENV_NO_DEPS) + "\n"
+    if record.is_file() and record.read_text() == wanted and python.exists():
+        return python
+    t0 = time.perf_counter()
+    shutil.rmtree(venv, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    for args in (VENV_PACKAGES, ["--no-deps"] + VENV_NO_DEPS):
+        proc = subprocess.run(pip + args, capture_output=True, text=True)
+        if proc.returncode:
+            pytest.fail(f"making {venv} failed: pip install {' '.join(args)}:\n{proc.stderr[-4000:]}")
+    record.write_text(wanted)                # last: a venv cut short is made again next time
+    TIMINGS["venv"] = time.perf_counter() - t0
+    return python
+
+
+def run_oracle(python, src, out, size, seed):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    t0 = time.perf_counter()
+    proc = subprocess.run([str(python), str(HERE / "tortoise_oracle.py"), "--src", str(src), "--out", str(out),
+                           "--size", size, "--seed", str(seed)], capture_output=True, text=True, env=env)
+    if proc.returncode:
+        pytest.fail(f"oracle.py --size {size} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}")
+    TIMINGS[f"oracle {size}"] = time.perf_counter() - t0
+    return out
+
+
+def convert_and_load(directory):
+    """The two files -> our checkpoint on disk -> clvp.load_model; also the inferred config and skip list."""
+    t0 = time.perf_counter()
+    config, weights, skipped = convert_weights.convert_tortoise(directory / "autoregressive.pth",
+                                                             directory / "clvp2.pth")
+    clvp.save_checkpoint(directory / "clvp.pt", config, weights)
+    del weights
+    model = clvp.load_model(directory / "clvp.pt", "cpu")
+    TIMINGS[f"convert+load {config.decoder.dim}"] = time.perf_counter() - t0
+    return model, config, skipped
+
+
+@pytest.fixture(scope="session")
+def tiny(tortoise_python, tortoise_src, tmp_path_factory):
+    d = run_oracle(tortoise_python, tortoise_src, tmp_path_factory.mktemp("tortoise-tiny"), "tiny", 0)
+    model, config, skipped = convert_and_load(d)
+    return dict(dir=d, model=model, config=config, skipped=skipped,
+                expected=torch.load(d / "expected.pt", weights_only=True))
+
+
+@pytest.fixture(scope="session")
+def official(tortoise_python, tortoise_src, tmp_path_factory):
+    d = run_oracle(tortoise_python, tortoise_src, tmp_path_factory.mktemp("tortoise-official"), "official", 1)
+    model, config, skipped = convert_and_load(d)
+    for name in ("autoregressive.pth", "clvp2.pth", "clvp.pt"):   # 5 GB that nothing reads again
+        (d / name).unlink()
+    return dict(dir=d, model=model, config=config, skipped=skipped,
+                expected=torch.load(d / "expected.pt", weights_only=True))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def report_timings():
+    yield
+    if TIMINGS:
+        print("\ntest_tortoise timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in TIMINGS.items()))
+    if DIFFS:
+        print("test_tortoise max |differences|: " + ", ".join(f"{k} {v:.1e}" for k, v in DIFFS.items()))
+
+
+SIZES = ["tiny", "official"]
+
+
+def assert_close(what, ours, theirs):
+    """Max absolute difference <= TOL; the largest seen per `what` is printed at the end (pytest -s)."""
+    diff = (ours.double() - theirs.double()).abs().max().item()
+    DIFFS[what] = max(diff, DIFFS.get(what, 0.0))
+    assert diff <= TOL, f"{what}: max |difference| {diff:.2e} > {TOL}"
+
+
+def not_start(x):
+    """Every column but the start token's, whose bias is -1e4 on both sides (fp32 rounding there is ~1e-3)."""
+    keep = torch.ones(x.shape[-1], dtype=torch.bool)
+    keep[START] = False
+    return x[..., keep]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Conversion: sizes read from shapes, tensors skipped
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_config_read_from_shapes(tiny, official):
+    small = dict(layers=2, rotary_dim=32, projection_dim=96)
+    assert tiny["config"] == clvp.Config(
+        clvp.DecoderConfig(dim=128, layers=2, heads=2),
+        clvp.EncoderConfig(vocab_size=256, dim=64, heads=1, ff_dim=128, **small),
+        clvp.EncoderConfig(vocab_size=8192, dim=128, heads=2, ff_dim=256, **small))
+    assert official["config"] == clvp.Config()
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_skipped_tensors(size, request):
+    r = request.getfixturevalue(size)
+    layers = r["config"].decoder.layers
+    assert sorted(r["skipped"]) == sorted(
+        [f"gpt.h.{i}.attn.{b}" for i in range(layers) for b in ("bias", "masked_bias")]
+        + ["text_head.weight", "text_head.bias"]
+        + [f"{s}_transformer.transformer.attn_layers.rotary_pos_emb.inv_freq" for s in ("text", "speech")])
+
+
+def test_inference_copies_are_skipped(tiny, tmp_path):
+    """A state dict saved after post_init_gpt2_config also holds the decoder again (inference_model.*)
+    and gpt.wte; they are left out and change nothing."""
+    state = torch.load(tiny["dir"] / "autoregressive.pth", weights_only=True)
+    state["gpt.wte.weight"] = state["mel_embedding.weight"]
+    state.update({"inference_model.transformer." + k[4:]: v for k, v in list(state.items())
+                  if k.startswith("gpt.h.")})
+    torch.save(state, tmp_path / "ar.pth")
+    _, weights, skipped = convert_weights.convert_tortoise(tmp_path / "ar.pth", tiny["dir"] / "clvp2.pth")
+    assert "gpt.wte.weight" in skipped and "inference_model.transformer.h.0.ln_1.weight" in skipped
+    for name, t in tiny["model"].state_dict().items():
+        assert torch.equal(weights[name], t), name
+
+
+def test_legacy_qkv_reordering():
+    """Output channel h * 3 * hd + j * hd + c of the per-head layout is j * D + h * hd + c in ours."""
+    heads, hd = 3, 2
+    per_head = torch.arange(heads * 3 * hd)
+    stacked = convert_weights.per_head_to_stacked(per_head, heads)
+    for h in range(heads):
+        for j in range(3):
+            for c in range(hd):
+                assert stacked[j * heads * hd + h * hd + c] == h * 3 * hd + j * hd + c
+
+
+# ---------------------------------------------------------------------------------------------------
+# Numbers against the original code
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_conditioning_latent(size, request):
+    r = request.getfixturevalue(size)
+    e = r["expected"]
+    with torch.no_grad():
+        ours = r["model"].voice_latent(e["mels"][0])        # [clips, 80, frames] -> mean of the clip latents
+    assert_close(f"{size} conditioning latent", ours, e["cond_latent"][0])
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_decoder_logits_match_original_generate(size, request):
+    """The original's per-step greedy scores (raw logits: no processor runs at repetition_penalty 1.0) are
+    our teacher-forced logits with the k-th generated token at speech position k + 1."""
+    r = request.getfixturevalue(size)
+    e = r["expected"]
+    tokens, scores = e["greedy_tokens"], e["greedy_scores"]
+    assert tokens.shape[1] == e["stop_at"] + 1 and tokens[0, -1] == STOP     # the oracle's stop, halfway
+    with torch.no_grad():
+        logits = r["model"].speech_logits(e["mels"][0], e["text_ids"], tokens)[:, :tokens.shape[1]]
+    assert_close(f"{size} greedy logits", not_start(logits), not_start(scores))
+    assert torch.equal(logits.argmax(-1), tokens)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_greedy_generate_matches_original(size, request):
+    r = request.getfixturevalue(size)
+    e = r["expected"]
+    gen = r["model"].generate(e["text_ids"][0], e["mels"][0], num_candidates=1, temperature=0,
+                              repetition_penalty=1.0, max_new_tokens=e["steps"], pad_to_max=False)
+    fixed, length = clvp.fix_candidates(e["greedy_tokens"], STOP)
+    assert torch.equal(gen.candidates, fixed) and torch.equal(gen.lengths, length)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_repetition_penalty_reaches_fake_prompt(size, request):
+    """Quirk: the original prompts generate() with a run of token 1 ending in the start token, so its
+    repetition penalty also hits speech token 1. clvp.py penalizes the start token and the generated
+    tokens only: the same scores except in column 1."""
+    r = request.getfixturevalue(size)
+    e = r["expected"]
+    tokens, scores = e["penalized_tokens"], e["penalized_scores"]
+    assert set(e["fake_prompt"][0, :-1].tolist()) == {1} and e["fake_prompt"][0, -1] == START
+    with torch.no_grad():
+        raw = r["model"].speech_logits(e["mels"][0], e["text_ids"], tokens)[0, :tokens.shape[1]]
+    for k in range(tokens.shape[1]):
+        seen = torch.zeros(raw.shape[-1], dtype=torch.bool)
+        seen[[START, *tokens[0, :k].tolist()]] = True
+        ours = clvp.repetition_penalty(raw[k:k + 1], seen, 2.0)
+        seen[1] = True
+        original = clvp.repetition_penalty(raw[k:k + 1], seen, 2.0)
+        assert_close(f"{size} penalized scores", not_start(original), not_start(scores[:, k]))
+        keep = torch.ones(raw.shape[-1], dtype=torch.bool)
+        keep[[1, START]] = False
+        assert_close(f"{size} penalized scores", ours[:, keep], scores[:, k, keep])
+        if tokens[0, :k].ne(1).all():
+            assert abs(ours[0, 1] - scores[0, k, 1]) > 1e-3    # token 1: penalized there, not here
+    gen = r["model"].generate(e["text_ids"][0], e["mels"][0], num_candidates=1, temperature=0,
+                              repetition_penalty=2.0, max_new_tokens=e["steps"], pad_to_max=False)
+    assert torch.equal(gen.candidates, clvp.fix_candidates(tokens, STOP)[0])   # token 1 never mattered here
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_clvp_similarity_and_loss(size, request):
+    """CLVP.forward(text + [0] repeated, speech, return_loss=False) is the diagonal of our similarity
+    matrix for one text; return_loss=True is our contrastive_loss."""
+    r = request.getfixturevalue(size)
+    e, model = r["expected"], r["model"]
+    with torch.no_grad():
+        similarity = model.similarity(e["text_ids"], e["speech_rows"])[0]
+        loss = model.contrastive_loss(e["loss_texts"], e["speech_rows"])
+    assert_close(f"{size} CLVP similarity", similarity, e["clvp_sim"])
+    assert_close(f"{size} CLVP loss", loss, e["clvp_loss"])
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_rerank_like_api(size, request):
+    """api.py's path with greedy decoding: stop-pad to max_mel_tokens, fix_autoregressive_output, score;
+    and the fix on rows that stop at the start, halfway, in the last three tokens, and never."""
+    r = request.getfixturevalue(size)
+    e, model = r["expected"], r["model"]
+    gen = model.generate(e["text_ids"][0], e["mels"][0], num_candidates=1, temperature=0,
+                         repetition_penalty=1.0, max_new_tokens=e["steps"], pad_to_max=True)
+    assert torch.equal(gen.candidates, e["ranked_codes"])
+    assert_close(f"{size} rerank score", gen.scores, e["ranked_scores"])
+    assert torch.equal(clvp.fix_candidates(e["fix_rows"], STOP)[0], e["fixed_rows"])
+    with torch.no_grad():
+        scores = model.similarity(e["text_ids"], e["fixed_rows"])[0]
+    assert_close(f"{size} fixed-row scores", scores, e["fixed_scores"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad inputs: one clear line each
+# ---------------------------------------------------------------------------------------------------
+
+
+def conversion_error(ar, cl):
+    with pytest.raises(ConversionError) as info:
+        convert_weights.convert_tortoise(ar, cl)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def saved(tmp_path, name, obj):
+    torch.save(obj, tmp_path / name)
+    return tmp_path / name
+
+
+def test_files_swapped(tiny):
+    ar, cl = tiny["dir"] / "autoregressive.pth", tiny["dir"] / "clvp2.pth"
+    assert "the other way round" in conversion_error(cl, ar)
+    assert "this is autoregressive.pth (the decoder), given as clvp2.pth" in conversion_error(ar, ar)
+    assert "this is clvp2.pth (the CLVP encoders), given as autoregressive.pth" in conversion_error(cl, cl)
+
+
+def test_unreadable_files(tiny, tmp_path):
+    ar, cl = tiny["dir"] / "autoregressive.pth", tiny["dir"] / "clvp2.pth"
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(ar.read_bytes()[: ar.stat().st_size // 2])
+    assert conversion_error(truncated, cl).startswith(f"{truncated}: cannot be read as plain tensors")
+    module = saved(tmp_path, "module.pth", torch.nn.Linear(2, 2))
+    message = conversion_error(ar, module)
+    assert message.startswith(f"{module}: cannot be read as plain tensors") and "unpickle code" in message
+    listed = saved(tmp_path, "list.pth", [torch.zeros(1)])
+    assert conversion_error(listed, cl) == f"{listed}: not a state dict of tensors"
+    assert "no such file" in conversion_error(tmp_path / "absent.pth", cl).lower()
+
+
+def test_not_tortoise_files(tiny, tmp_path):
+    ar, cl = tiny["dir"] / "autoregressive.pth", tiny["dir"] / "clvp2.pth"
+    hf = saved(tmp_path, "hf.pth", {"speech_decoder_model.lm_head.weight": torch.zeros(2, 2)})
+    assert "a transformers CLVP checkpoint" in conversion_error(hf, cl) and "--hf" in conversion_error(hf, cl)
+    other = saved(tmp_path, "other.pth", {"encoder.weight": torch.zeros(2)})
+    assert "not Tortoise's clvp2.pth" in conversion_error(ar, other)
+
+
+def edited(tmp_path, source, edit):
+    state = torch.load(source, weights_only=True)
+    edit(state)
+    return saved(tmp_path, "edited-" + source.name, state)
+
+
+def test_missing_unexpected_and_misfit_tensors(tiny, tmp_path):
+    ar, cl = tiny["dir"] / "autoregressive.pth", tiny["dir"] / "clvp2.pth"
+    gone = edited(tmp_path, ar, lambda s: s.pop("gpt.h.1.ln_2.bias"))
+    assert conversion_error(gone, cl) == f"{gone}: 1 tensor(s) missing: gpt.h.1.ln_2.bias"
+    extra = edited(tmp_path, cl, lambda s: s.update({"speech_transformer.extra": torch.zeros(1)}))
+    assert conversion_error(ar, extra) == f"{extra}: 1 unexpected tensor(s): speech_transformer.extra"
+    # One layer of another width: named, with the size the rest of the file gives and the official one.
+    wide = edited(tmp_path, ar, lambda s: s.update({"gpt.h.1.mlp.c_fc.weight": torch.zeros(128, 1024)}))
+    message = conversion_error(wide, cl)
+    assert "gpt.h.1.mlp.c_fc.weight is [128, 1024], expected [128, 512]" in message
+    assert "decoder 2 layers x 128 wide" in message and "official size: decoder 30 layers x 1024 wide" in message
+    narrow = edited(tmp_path, cl, lambda s: s.update({
+        "speech_transformer.transformer.attn_layers.layers.2.1.wrap.to_k.weight": torch.zeros(64, 128)}))
+    assert "layers.2.1.wrap.to_k.weight is [64, 128], expected [128, 128]" in conversion_error(ar, narrow)
+
+
+def test_sizes_clvp_cannot_hold(tiny, tmp_path):
+    ar, cl = tiny["dir"] / "autoregressive.pth", tiny["dir"] / "clvp2.pth"
+    # x-transformers attention heads x 64 wide in an encoder of another width (e.g. dim 128, 1 head).
+    q = "text_transformer.transformer.attn_layers.layers.0.1.wrap.to_q.weight"
+    odd = edited(tmp_path, cl, lambda s: s.update({q: torch.zeros(128, 64)}))
+    assert "text attention is 128 wide (heads x 64) in a 64-wide encoder" in conversion_error(ar, odd)
+    freq = "speech_transformer.transformer.attn_layers.rotary_pos_emb.inv_freq"
+    base = edited(tmp_path, cl, lambda s: s.update({freq: s[freq] * 2}))
+    assert "not the standard rotary table" in conversion_error(ar, base)
+    few = edited(tmp_path, cl, lambda s: s.update({"speech_emb.weight": s["speech_emb.weight"][:1024]}))
+    assert "the speech encoder reads 1024 codes" in conversion_error(ar, few)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command line, the Hugging Face path, and fetching the official files
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_cli_converts_and_lists_skipped(tiny, tmp_path):
+    out = tmp_path / "clvp.pt"
+    proc = subprocess.run([sys.executable, str(HERE / "convert_weights.py"), "--tortoise-ar",
+                           str(tiny["dir"] / "autoregressive.pth"), "--tortoise-clvp", str(tiny["dir"] / "clvp2.pth"),
+                           "-o", str(out), "--verbose"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped text_head.weight" in proc.stdout and "skipped gpt.h.0.attn.bias" in proc.stdout
+    model = clvp.load_model(out, "cpu")
+    assert model.tokenizer.encode("Hello world") == [62, 84, 28, 2, 179, 79]     # the shipped tokenizer
+    assert model.mel_norms.shape == (80,)
+    for k, v in tiny["model"].state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_hf_and_tortoise_paths_give_identical_tensors(tiny, tmp_path):
+    """The same weights, once in the transformers layout and once in Tortoise's, convert to the same bytes."""
+    ref = clvp.reference_model(tiny["model"])          # transformers' CLVP holding exactly these weights
+    ref.save_pretrained(tmp_path)
+    _, weights, _, _ = convert_weights.convert_hf(str(tmp_path))
+    _, tortoise_weights, _ = convert_weights.convert_tortoise(tiny["dir"] / "autoregressive.pth",
+                                                              tiny["dir"] / "clvp2.pth")
+    assert weights.keys() == tortoise_weights.keys()
+    for k in weights:
+        assert weights[k].dtype == tortoise_weights[k].dtype and torch.equal(weights[k], tortoise_weights[k]), k
+
+
+def test_download_and_convert_against_a_local_hub(tiny, hub_server, tmp_path):
+    for name in ("autoregressive.pth", "clvp2.pth"):
+        hub_server.files[name] = (tiny["dir"] / name).read_bytes()
+    for name in ("tokenizer.json", "mel_norms.pth"):
+        hub_server.files[name] = (HERE / "data" / name).read_bytes()
+    hub_server.drop_once.add("autoregressive.pth")                 # a dropped connection mid-file
+    cache = tmp_path / "cache"
+    proc_env = {**os.environ, "CLVP_HUB_URL": hub_server.url, "CLVP_CACHE": str(cache)}
+    proc = subprocess.run([sys.executable, str(HERE / "convert_weights.py"), "--download"], capture_output=True,
+                          text=True, env=proc_env)
+    assert proc.returncode == 0, proc.stderr
+    assert ("autoregressive.pth", f"bytes={len(hub_server.files['autoregressive.pth']) // 2}-") in hub_server.requests
+    assert sorted(p.name for p in cache.iterdir()) == ["autoregressive.pth", "clvp.pt", "clvp2.pth", "mel_norms.pth",
+                                                       "tokenizer.json"]
+    model = clvp.load_model(cache / "clvp.pt", "cpu")
+    for k, v in tiny["model"].state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    # The command line finds it there on its own.
+    run = subprocess.run([sys.executable, str(HERE / "clvp.py"), "--text", "Hi.", "--audio",
+                          str(HERE / "examples" / "voice.wav"), "--candidates", "2", "--max-tokens", "8", "--out",
+                          str(tmp_path / "b.npy")], capture_output=True, text=True, env=proc_env)
+    assert run.returncode == 0, run.stderr
+    # A 404 is one clear line, and nothing is left behind.
+    del hub_server.files["clvp2.pth"]
+    empty = tmp_path / "empty"
+    proc = subprocess.run([sys.executable, str(HERE / "convert_weights.py"), "--download", "--cache", str(empty)],
+                          capture_output=True, text=True, env=proc_env)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "404" in proc.stderr
+    assert "clvp2.pth" in proc.stderr and not list(empty.glob("clvp*"))
+
+
+def test_cli_download_flag_fetches_on_first_run(tiny, hub_server, tmp_path):
+    for name in ("autoregressive.pth", "clvp2.pth"):
+        hub_server.files[name] = (tiny["dir"] / name).read_bytes()
+    for name in ("tokenizer.json", "mel_norms.pth"):
+        hub_server.files[name] = (HERE / "data" / name).read_bytes()
+    env = {**os.environ, "CLVP_HUB_URL": hub_server.url, "CLVP_CACHE": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, str(HERE / "clvp.py"), "--text", "Hi.", "--audio",
+                          str(HERE / "examples" / "voice.wav"), "--candidates", "2", "--max-tokens", "8", "--download",
+                          "--quiet", "--out", str(tmp_path / "b.npy")], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "cache" / "clvp.pt").exists() and (tmp_path / "b.npy").exists()
+
+
+def test_full_disk_leaves_nothing(tiny, tmp_path, monkeypatch, capsys):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    out = tmp_path / "out" / "clvp.pt"
+    out.parent.mkdir()
+    code = convert_weights.main(["--tortoise-ar", str(tiny["dir"] / "autoregressive.pth"),
+                                 "--tortoise-clvp", str(tiny["dir"] / "clvp2.pth"), "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "No space left on device" in err[0]
+    assert list(out.parent.iterdir()) == []
+    code = convert_weights.main(["--tortoise-ar", str(tiny["dir"] / "autoregressive.pth"),
+                                 "--tortoise-clvp", str(tiny["dir"] / "clvp2.pth"), "-o", str(tmp_path / "no" / "x.pt")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err

@@ -1,0 +1,216 @@
+"""oracle.py: run the ORIGINAL Tortoise code on random weights and record what it computes.
+
+    <venv>/bin/python oracle.py --src tortoise-tts-3.0.0 --out DIR --size tiny|official --seed 0
+
+Runs under a virtual environment with what tortoise-tts 3.0.0 needs for these two models
+(transformers 4.31.0, einops, rotary-embedding-torch; see test_tortoise.py for the pinned list), never
+under the project's own environment. It imports tortoise/models/autoregressive.py and
+tortoise/models/clvp.py from the unpacked source package and writes into DIR:
+
+  autoregressive.pth  UnifiedVoice's state dict in the layout of the official file: no inference_model.*
+                      or gpt.wte copies (post_init_gpt2_config adds those after loading), plus the GPT-2
+                      mask buffers gpt.h.N.attn.bias / masked_bias that the official file carries (it was
+                      saved with an older transformers; api.py loads it with strict=False because of them)
+  clvp2.pth           CLVP's state dict
+  expected.pt         inputs and the original's outputs (a dict of tensors, readable with weights_only=True)
+
+Every parameter gets N(0, 0.02) noise on top of its initialisation (zero-initialised proj_out
+included), and mel_head's bias for the start token 8192 is set to -1e4 so greedy decoding never picks
+it. Nothing here is compared; test_tortoise.py does that against clvp.py.
+"""
+import argparse
+import ast
+import os
+import sys
+import time
+import types
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+# (UnifiedVoice kwargs, CLVP kwargs) on top of the ones api.py passes. tiny keeps the official structure
+# (6 conditioning blocks, the official position tables and vocabularies); its widths keep 64-wide heads,
+# as clvp's converter infers heads as width // 64. The two CLVP encoders differ in width and heads on
+# purpose, so the converter has to read each one's sizes separately.
+SIZES = {
+    "official": (dict(layers=30, model_dim=1024, heads=16),
+                 dict(dim_text=768, dim_speech=768, dim_latent=768, text_enc_depth=20, text_heads=12,
+                      speech_enc_depth=20, speech_heads=12)),
+    "tiny": (dict(layers=2, model_dim=128, heads=2),
+             dict(dim_text=64, dim_speech=128, dim_latent=96, text_enc_depth=2, text_heads=1,
+                  speech_enc_depth=2, speech_heads=2)),
+}
+AR_COMMON = dict(max_text_tokens=402, max_mel_tokens=604, max_conditioning_inputs=2, number_text_tokens=255,
+                 start_text_token=255, train_solo_embeddings=False, checkpointing=False)
+CLVP_COMMON = dict(num_text_tokens=256, text_seq_len=350, num_speech_tokens=8192, speech_seq_len=430,
+                   use_xformers=True)
+
+STEPS = 40            # greedy decode steps (max_generate_length)
+TEXT_TOKENS = 20      # raw text ids (before api.py's stop pad)
+CLIPS, FRAMES = 2, 517   # conditioning clips and mel frames per clip (6 s at 22050 Hz)
+
+
+def import_tortoise(src):
+    """The two model modules, from the unpacked sdist. arch_util imports torchaudio for its mel
+    spectrogram, which these models never call: a stub stands in (after transformers is imported, whose
+    package probe would choke on a stub)."""
+    import transformers  # noqa: F401
+    sys.modules.setdefault("torchaudio", types.ModuleType("torchaudio"))
+    sys.path.insert(0, os.path.abspath(src))
+    from tortoise.models.autoregressive import UnifiedVoice
+    from tortoise.models.clvp import CLVP
+    return UnifiedVoice, CLVP
+
+
+def api_function(src, name):
+    """One function of tortoise/api.py, compiled on its own: api.py itself imports the diffusion model,
+    the vocoder, librosa, torchaudio, ... none of which the function needs."""
+    path = os.path.join(src, "tortoise", "api.py")
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    namespace = {"torch": torch}
+    exec(compile(ast.Module([node], []), path, "exec"), namespace)
+    return namespace[name]
+
+
+def randomize(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+
+
+def legacy_gpt2_buffers(ar):
+    """The per-layer mask buffers older transformers saved in the state dict (4.31 no longer does)."""
+    n = ar.gpt.config.n_positions
+    bias = torch.tril(torch.ones(n, n, dtype=torch.bool)).view(1, 1, n, n)
+    out = {}
+    for i in range(len(ar.gpt.h)):
+        out[f"gpt.h.{i}.attn.bias"] = bias
+        out[f"gpt.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    return out
+
+
+def greedy(ar, cond, text_tokens, penalty):
+    """UnifiedVoice.inference_speech exactly as api.py calls it, greedy; the wrapper around
+    inference_model.generate only asks transformers for the per-step scores as well."""
+    generate, captured = ar.inference_model.generate, {}
+
+    def generate_with_scores(*args, **kwargs):
+        out = generate(*args, output_scores=True, return_dict_in_generate=True, **kwargs)
+        captured["scores"] = torch.stack(out.scores, dim=1)          # [1, steps, 8194]
+        captured["prompt"] = args[0]
+        return out.sequences
+
+    ar.inference_model.generate = generate_with_scores
+    try:
+        codes = ar.inference_speech(cond, text_tokens, do_sample=False, num_return_sequences=1,
+                                    repetition_penalty=penalty, max_generate_length=STEPS)
+    finally:
+        ar.inference_model.generate = generate
+    return codes, captured["scores"], captured["prompt"]
+
+
+def stop_halfway(ar, cond, text_tokens):
+    """Raise mel_head's bias for the stop token so that greedy decoding stops after about STEPS / 2 tokens
+    (random weights never pick it), with a clear margin both ways. Only the stop logit moves, so the tokens
+    before the stop stay what they were."""
+    _, scores, _ = greedy(ar, cond, text_tokens, 1.0)
+    s = scores[0]
+    gap = s.max(-1).values - s[:, ar.stop_mel_token]          # how far behind the winner the stop is, per step
+    best = None
+    for k in range(STEPS // 4, STEPS):                          # where gap sets a new low, by how much
+        margin = (gap[:k].min() - gap[k]).item()
+        if margin > 0 and (best is None or margin > best[1]):
+            best = (k, margin)
+    k, margin = best
+    with torch.no_grad():
+        ar.mel_head.bias[ar.stop_mel_token] += gap[k] + margin / 2
+    return k
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--src", required=True, help="the unpacked tortoise-tts 3.0.0 source package")
+    p.add_argument("--out", required=True, help="directory for autoregressive.pth, clvp2.pth, expected.pt")
+    p.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.perf_counter()
+    UnifiedVoice, CLVP = import_tortoise(args.src)
+    fix_autoregressive_output = api_function(args.src, "fix_autoregressive_output")
+    ar_kwargs, clvp_kwargs = SIZES[args.size]
+
+    torch.manual_seed(args.seed)
+    ar = UnifiedVoice(**ar_kwargs, **AR_COMMON).eval()
+    randomize(ar)
+    with torch.no_grad():
+        ar.mel_head.bias[ar.start_mel_token] = -1e4
+    saved = list(ar.state_dict())                  # before post_init_gpt2_config adds its inference copies
+    ar.post_init_gpt2_config(use_deepspeed=False, kv_cache=True)      # as api.py does after loading
+
+    g = torch.Generator().manual_seed(args.seed + 1)
+    mels = torch.randn(1, CLIPS, 80, FRAMES, generator=g)            # [batch, clips, 80, frames]
+    text_ids = torch.randint(3, 200, (1, TEXT_TOKENS), generator=g)  # raw tokenizer ids
+    text_tokens = F.pad(text_ids, (0, 1))                            # api.py: "This may not be necessary."
+    with torch.no_grad():
+        stop_at = stop_halfway(ar, ar.get_conditioning(mels), text_tokens)
+    state = ar.state_dict()
+    torch.save({**{k: state[k] for k in saved}, **legacy_gpt2_buffers(ar)},
+               os.path.join(args.out, "autoregressive.pth"))
+
+    clip = CLVP(**clvp_kwargs, **CLVP_COMMON).eval()
+    randomize(clip)
+    torch.save(clip.state_dict(), os.path.join(args.out, "clvp2.pth"))
+    t_build = time.perf_counter() - t0
+
+    n_rows, row_len = 4, 50
+    speech_rows = torch.randint(0, 8192, (n_rows, row_len), generator=g)
+    loss_texts = torch.randint(3, 200, (n_rows, TEXT_TOKENS), generator=g)
+    # Rows for fix_autoregressive_output: a stop at 0, in the middle, in the last three, and none.
+    fix_rows = torch.randint(0, 8192, (4, STEPS), generator=g)
+    for row, at in zip(fix_rows, (0, STEPS // 2, STEPS - 2)):
+        row[at:] = ar.stop_mel_token
+
+    out = {"stop_at": stop_at}
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        cond = ar.get_conditioning(mels)                              # [1, D]
+        for name, penalty in (("greedy", 1.0), ("penalized", 2.0)):
+            codes, scores, prompt = greedy(ar, cond, text_tokens, penalty)
+            out[f"{name}_tokens"], out[f"{name}_scores"] = codes, scores
+        out["fake_prompt"] = prompt
+        t_generate = time.perf_counter() - t1
+        # api.py's reranking, greedy: stop-pad to max_mel_tokens (here STEPS), fix, score against the text.
+        codes = F.pad(out["greedy_tokens"], (0, STEPS - out["greedy_tokens"].shape[1]), value=ar.stop_mel_token)
+        for i in range(codes.shape[0]):
+            codes[i] = fix_autoregressive_output(codes[i], ar.stop_mel_token, complain=False)
+        out["ranked_codes"] = codes
+        out["ranked_scores"] = clip(text_tokens.repeat(codes.shape[0], 1), codes, return_loss=False)
+        fixed = fix_rows.clone()
+        for i in range(fixed.shape[0]):
+            fixed[i] = fix_autoregressive_output(fixed[i], ar.stop_mel_token, complain=False)
+        out["fix_rows"], out["fixed_rows"] = fix_rows, fixed
+        out["fixed_scores"] = clip(text_tokens.repeat(fixed.shape[0], 1), fixed, return_loss=False)
+        out["clvp_sim"] = clip(text_tokens.repeat(n_rows, 1), speech_rows, return_loss=False)
+        out["clvp_loss"] = clip(F.pad(loss_texts, (0, 1)), speech_rows, return_loss=True)
+
+    import transformers
+    out.update(mels=mels, text_ids=text_ids, cond_latent=cond, speech_rows=speech_rows, loss_texts=loss_texts,
+               size=args.size, seed=args.seed, steps=STEPS, torch_version=str(torch.__version__),
+               transformers_version=str(transformers.__version__))
+    torch.save(out, os.path.join(args.out, "expected.pt"))
+    t_total = time.perf_counter() - t0
+    n_ar, n_clip = sum(p.numel() for p in ar.parameters()), sum(p.numel() for p in clip.parameters())
+    print(f"oracle: {args.size}, seed {args.seed}: UnifiedVoice {n_ar / 1e6:.1f} M, CLVP {n_clip / 1e6:.1f} M "
+          f"parameters; greedy {out['greedy_tokens'].shape[1]} tokens "
+          f"(penalized {out['penalized_tokens'].shape[1]}); build+save {t_build:.1f} s, "
+          f"generate {t_generate:.1f} s, total {t_total:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
