@@ -592,7 +592,7 @@ class Decoder(nn.Module):
 #
 # Quirk: the x-transformers version Tortoise used rotates v as well as q and k, over the first 32 dims
 # of each head only. RMSNorm follows the Hugging Face port (x * rsqrt(mean(x^2) + 1e-5)); x-transformers
-# divides by max(rms, 1e-8) instead, a difference far below the test tolerance for real activations.
+# divides by max(rms, 1e-8) instead, which the parity tests against the original do not see (< 1e-5).
 # ---------------------------------------------------------------------------------------------------
 
 
