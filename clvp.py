@@ -1248,41 +1248,34 @@ def print_table(text, gen, out, seconds, rows=10):
 
 
 class PeakMemory:
-    """Peak extra memory while a block runs: CUDA max allocated, or process RSS sampled every 5 ms."""
+    """Peak extra memory while a block runs: CUDA's max allocated, or on the CPU the process's peak RSS
+    (Linux's VmHWM, reset on entry through /proc/self/clear_refs: no sampling thread to disturb timings)."""
 
     def __init__(self, device):
         self.device = device
 
-    def rss(self):
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    @staticmethod
+    def status(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
 
     def __enter__(self):
-        import threading
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
-            return self
-        self.base = self.peak = self.rss()
-        self.running = True
-        self.thread = threading.Thread(target=self.sample, daemon=True)
-        self.thread.start()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.base = self.status("VmRSS:")
         return self
-
-    def sample(self):
-        while self.running:
-            self.peak = max(self.peak, self.rss())
-            time.sleep(0.005)
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             self.bytes = torch.cuda.max_memory_allocated() - self.base
         else:
-            self.running = False
-            self.thread.join()
-            self.bytes = max(self.peak, self.rss()) - self.base
+            self.bytes = self.status("VmHWM:") - self.base
 
 
 def timed_run(run, decoder, device):
@@ -1390,14 +1383,18 @@ def benchmark(args, device):
                                            max_new_tokens=L, pad_token_id=8193,
                                            eos_token_id=8193, return_dict_in_generate=True)
         runs["transformers"] = (hf_generate, ref.speech_decoder_model)
-    table = {}
+    results = {name: [] for name in runs}
     with torch.inference_mode():
-        for name, (run, decoder) in runs.items():
+        for run, _ in runs.values():
             run()                                                           # warm-up
-            results = [timed_run(run, decoder, device) for _ in range(args.repeat)]
-            table[name] = {k: statistics.median(r[k] for r in results) for k in results[0]}
-            table[name]["candidate-tokens/s"] = N / table[name]["decode ms/step"] * 1e3
+        for _ in range(args.repeat):                 # interleaved, so a machine that drifts hits both alike
+            for name, (run, decoder) in runs.items():
+                results[name].append(timed_run(run, decoder, device))
         bare = bare_matmul_ms(model, N, 1 + args.text_tokens + 4 + L // 2, device)
+    table = {}
+    for name, rs in results.items():
+        table[name] = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        table[name]["candidate-tokens/s"] = N / table[name]["decode ms/step"] * 1e3
     ours = table["clvp.py"]
     ours["bare matmul ms/step"] = bare
     ours["decode / bare matmul"] = ours["decode ms/step"] / bare
