@@ -1291,3 +1291,22 @@ def test_convert_carries_tokenizer_and_mel_norms(tiny_pair, tokenizer_json, tmp_
     loaded = clvp.load_model(tmp_path / "c.pt", "cpu")
     assert loaded.tokenizer.encode("Hello world") == [62, 84, 28, 2, 179, 79]
     assert maxdiff(loaded.mel_norms, norms) < 1e-6
+
+
+def test_half_precision_runs_close_to_fp32(tiny_pair):
+    _, model = tiny_pair
+    import copy
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    torch.manual_seed(12)
+    mels = torch.randn(1, 80, 100)
+    text = torch.randint(1, 250, (1, 9))
+    speech = torch.randint(0, 8192, (1, 12))
+    with torch.inference_mode():
+        full = model.speech_logits(mels, text, speech)
+        low = half.speech_logits(mels.bfloat16(), text, speech).float()
+        keep = [i for i in range(8194) if i != 8192]
+        assert maxdiff(full[..., keep], low[..., keep]) < 0.05 * full[..., keep].abs().max().item()
+        sim, sim_low = model.similarity(text, speech), half.similarity(text, speech).float()
+        assert maxdiff(sim, sim_low) < 0.1
+    gen = half.generate(text, mels.bfloat16(), num_candidates=3, max_new_tokens=10, seed=0)
+    assert gen.candidates.shape == (3, 10) and torch.isfinite(gen.scores.float()).all()
