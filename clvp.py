@@ -1132,7 +1132,10 @@ def encode_text(model, text):
     """A sentence -> raw ids [T], or a UsageError that says what is wrong with it."""
     if not text.strip():
         raise UsageError("the text is empty")
-    ids = model.tokenizer.encode(text)
+    try:
+        ids = model.tokenizer.encode(text)
+    except ValueError as e:                                  # a number of over 36 digits, or '$,5'
+        raise UsageError(f"cannot read the text {text[:40]!r}: {e}") from None
     if not ids:
         raise UsageError(f"the text {text[:40]!r} is empty after cleaning")
     limit = model.config.decoder.text_positions - 3           # room for [255] ... [0, 0]
@@ -1170,7 +1173,7 @@ def explain_run(say, model, text, ids, paths, mels, args):
     say(f"[prompt]   [voice latent] + text [255] + ids + [0, 0] (text positions 0..{len(ids) + 2}) + start token "
         f"8192 (speech position 0): [1, {P}, {c.decoder.dim}]")
     say(f"[prefill]  {c.decoder.layers} GPT-2 blocks over the prompt once, at batch 1; KV cache "
-        f"[{c.decoder.layers} layers, {batch} rows, {c.decoder.heads} heads, {P + args.max_tokens} positions, "
+        f"[{c.decoder.layers} layers, {P + args.max_tokens} positions, {batch} rows, {c.decoder.heads} heads, "
         f"{c.decoder.dim // c.decoder.heads}] gets the prompt in every row")
     say(f"[decode]   {args.candidates} candidate(s) in batches of {batch}: each step embeds [{batch}, 1] tokens "
         f"(the k-th at speech position k + 1), runs [{batch}, 1, {c.decoder.dim}] through the cached blocks -> "

@@ -1028,6 +1028,7 @@ def run_main(capsys, *args):
     (["--text", "   ", "--audio", VOICE], "text is empty"),
     (["--text", "\"\"", "--audio", VOICE], "empty after cleaning"),
     (["--text", "word " * 300, "--audio", VOICE], "at most 401"),
+    (["--text", "1" * 40, "--audio", VOICE], "cannot read the text"),
     (["--text", "Hi.", "--audio", "missing.wav"], "missing.wav: no such file"),
     (["--text", "Hi.", "--audio", __file__], "not a readable audio file"),
     (["--text", "Hi.", "--audio", VOICE, "--candidates", 0], "--candidates"),
