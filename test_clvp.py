@@ -861,7 +861,7 @@ def test_clipped_to_unit_range(tmp_path):
     assert wav.max() == 1.0 and wav.min() == -1.0
 
 
-@pytest.mark.parametrize("fmt,ext", [("FLAC", "flac"), ("OGG", "ogg")])
+@pytest.mark.parametrize("fmt,ext", [("FLAC", "flac"), ("OGG", "ogg"), ("MP3", "mp3")])
 def test_other_containers(tmp_path, fmt, ext):
     path = tmp_path / f"a.{ext}"
     soundfile.write(path, sine(440, SAMPLE_RATE, 2.0), SAMPLE_RATE, format=fmt)
