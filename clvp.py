@@ -714,8 +714,11 @@ class CLVP(nn.Module):
 
     def similarity(self, text_ids, speech_ids):
         """Scaled cosine similarity [B_text, B_speech]: the CLVP score."""
-        t = F.normalize(self.text_features(text_ids), dim=-1)
-        s = F.normalize(self.speech_features(speech_ids), dim=-1)
+        return self.score(self.text_features(text_ids), self.speech_features(speech_ids))
+
+    def score(self, text_features, speech_features):
+        """Features [B_text, 768] and [B_speech, 768] -> exp(logit_scale) * cosine, [B_text, B_speech]."""
+        t, s = F.normalize(text_features, dim=-1), F.normalize(speech_features, dim=-1)
         return self.logit_scale.exp() * t @ s.T
 
     def generate(self, text_ids, mels, **options):
@@ -866,9 +869,10 @@ def generate_and_rank(model, text_ids, mels, num_candidates=16, batch_size=16, m
     longest = max(b.shape[1] for b in batches)
     tokens = torch.cat([F.pad(b, (0, longest - b.shape[1]), value=c.stop_token) for b in batches])
     candidates, lengths = fix_candidates(tokens, c.stop_token, max_new_tokens if pad_to_max else None)
+    text_features = model.text_features(text_ids)                            # once, for every batch
     scores = []
     for i in range(0, num_candidates, batch_size):
-        scores.append(model.similarity(text_ids, candidates[i:i + batch_size])[0])
+        scores.append(model.score(text_features, model.speech_features(candidates[i:i + batch_size]))[0])
         if progress:
             progress.rerank(i + len(scores[-1]), num_candidates)
     scores = torch.cat(scores)
@@ -888,6 +892,12 @@ FORMAT_VERSION = 1
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and the problem."""
+
+
+def first_line(error):
+    """An exception as a short, single line for an error message."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]
 
 
 def resolve_device(device=None):
@@ -940,8 +950,7 @@ def load_model(path, device=None):
     except IsADirectoryError:
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file") from None
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable clvp checkpoint ({reason[:200]})") from None
+        raise CheckpointError(f"{path}: not a readable clvp checkpoint ({first_line(e)})") from None
     if not isinstance(blob, dict) or blob.get("format") != "clvp":
         raise CheckpointError(f"{path}: not a clvp checkpoint (convert official weights with convert_weights.py)")
     if blob.get("version") != FORMAT_VERSION:

@@ -71,8 +71,7 @@ def load_plain(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConversionError(f"{path}: cannot be read as plain tensors ({reason[:200]}); "
+        raise ConversionError(f"{path}: cannot be read as plain tensors ({clvp.first_line(e)}); "
                               "files that need to unpickle code are refused") from None
 
 
