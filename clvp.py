@@ -13,10 +13,13 @@ last stages are outside this file.
         ids --Encoder(text)--> text features     candidates --Encoder(speech)--> speech features
         cosine similarity * exp(logit_scale) --> scores --> best candidates
 
-The file reads top to bottom in that order: configuration, the model blocks (conditioning encoder,
-decoder with its KV cache, the two CLVP encoders), the CLVP model, and loading. Shapes are noted as
-[batch, ..., dim]. Numbers match the original Tortoise code and the Hugging Face port on the same
-weights (see test_clvp.py); where they differ, the comments say which one this file follows.
+The file reads top to bottom in that order: configuration; text (cleaners, BPE tokenizer); audio
+(log-mel); the networks (attention, conditioning encoder, decoder with its KV cache, the CLVP encoders);
+the CLVP model; generation and reranking (prefill, decode_step, sampling, fix, rank); loading; and a
+small command line. Shapes are noted as [batch, ..., dim]. Numbers match the Hugging Face port
+(test_clvp.py) and the original Tortoise code (test_tortoise.py) on the same weights; where the two
+differ, the comments say which one this file follows. Converting official checkpoints and downloading
+them live in convert_weights.py, measuring in bench.py: this file imports neither.
 """
 import argparse
 import functools
@@ -30,7 +33,7 @@ import tempfile
 import time
 import unicodedata
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import scipy.signal
@@ -42,8 +45,9 @@ import torch.nn.functional as F
 # ---------------------------------------------------------------------------------------------------
 # Configuration
 #
-# The official Tortoise sizes are the defaults. Token ids that the original hard-codes (text start 255,
-# text stop 0, speech start 8192, speech stop 8193) live here too, so nothing below uses a bare number.
+# The official Tortoise sizes are the defaults. The token ids that the original hard-codes (text start
+# 255, text stop 0, speech start 8192, speech stop 8193) live here too, and the code below reads them
+# from the config rather than repeating the numbers.
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -332,10 +336,10 @@ class Tokenizer:
 SAMPLE_RATE = 22050             # Hz; everything in CLVP/Tortoise runs at this rate
 N_FFT = 1024                    # FFT size -> N_FFT // 2 + 1 = 513 frequency bins
 HOP = 256                       # samples between frames (~11.6 ms)
-WIN = 1024                      # Hann window length (= N_FFT)
+WIN = N_FFT                     # Hann window length
 N_MELS = 80
 F_MIN, F_MAX = 0.0, 8000.0      # Hz covered by the mel bands
-CONDITIONING_SAMPLES = 132300   # 6 s at 22050 Hz -> 517 mel frames
+CONDITIONING_SAMPLES = 6 * SAMPLE_RATE   # 6 s, 132300 samples -> 517 mel frames
 MIN_SAMPLES = N_FFT // 2 + 1    # centred STFT reflect-pads N_FFT // 2 samples; needs more than that
 SILENCE_PEAK = 1e-4             # about -80 dBFS, a few 16-bit steps: treat as silence
 
@@ -410,11 +414,12 @@ def log_mel_spectrogram(wav: torch.Tensor, mel_norms: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------------
-# Attention, shared by every block below
+# Networks (1/4): attention, shared by every block below
 #
-# All three networks use plain multi-head attention; they differ only in what goes around it (GroupNorm,
-# rotary, a causal mask, a KV cache). One fused Linear makes q, k and v; these two helpers split and
-# merge heads, and torch's scaled_dot_product_attention does the rest.
+# The three kinds of network (conditioning encoder, decoder, CLVP encoder) all use plain multi-head
+# attention; they differ only in what goes around it (GroupNorm, rotary, a causal mask, a KV cache). One
+# fused Linear makes q, k and v; these two helpers split and merge heads, and torch's
+# scaled_dot_product_attention does the rest.
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -431,7 +436,7 @@ def merge_heads(x):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Conditioning encoder: a reference clip's mel spectrogram -> one voice latent
+# Networks (2/4): conditioning encoder, a reference clip's mel spectrogram -> one voice latent
 #
 # A 1x1 convolution lifts the 80 mel bands to the decoder width, then a few GroupNorm + self-attention
 # blocks (from the guided-diffusion UNet) let every frame see the whole clip. The latent is simply the
@@ -476,7 +481,7 @@ class ConditioningEncoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Decoder: GPT-2 over [voice latent, text, speech tokens], with a pre-allocated KV cache
+# Networks (3/4): decoder, GPT-2 over [voice latent, text, speech tokens], with a pre-allocated KV cache
 #
 # Tortoise's "UnifiedVoice" is a stock GPT-2 whose own token and position tables are unused. Instead it
 # has two pairs of tables: text tokens + text positions, and speech tokens + speech positions. The
@@ -498,12 +503,13 @@ def speech_position(k):
 
 
 class KVCache:
-    """Keys and values of every layer, allocated once per generation: [layers, max_len, N, heads, head_dim].
+    """Keys and values of every layer for one batch of B rows, allocated once per generation:
+    [layers, max_len, B, heads, head_dim].
 
     Each step writes its new keys/values in place and attends to a view of everything so far, so step t
     costs O(t) and allocates nothing. Positions are the outer axis, so one step's write is one contiguous
-    block. The prompt is the same for all N candidates: it is run once at batch 1 and its keys/values are
-    copied into every candidate's row.
+    block. The prompt is the same for every row: it is run once at batch 1 and its keys/values are
+    copied into the other rows (broadcast_prompt). Batches of candidates reuse the cache in turn.
     """
 
     def __init__(self, c: DecoderConfig, batch, max_len, device, dtype):
@@ -583,7 +589,7 @@ class Decoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
-# CLVP encoders: token ids -> one feature vector
+# Networks (4/4): CLVP encoders, token ids -> one feature vector
 #
 # The text and the speech encoder are the same network with different vocabularies: an x-transformers
 # Encoder with pre-RMSNorm, rotary position embeddings and a GLU feed-forward, then a LayerNorm, the mean
@@ -660,7 +666,8 @@ class Encoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The CLVP model: the four networks and what a user asks of them
+# The CLVP model: its four networks (conditioning encoder, decoder, text and speech encoders) and what a
+# user asks of them
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -721,9 +728,11 @@ class CLVP(nn.Module):
         t, s = F.normalize(text_features, dim=-1), F.normalize(speech_features, dim=-1)
         return self.logit_scale.exp() * t @ s.T
 
-    def generate(self, text_ids, mels, **options):
-        """Sample candidates and rank them: see generate_and_rank in the generation section."""
-        generation = generate_and_rank(self, text_ids, mels, **options)
+    def generate(self, text_ids, mels, options=None, progress=None, **overrides):
+        """Sample candidates and rank them (generate_and_rank, in the generation section). options is a
+        DecodingOptions; keywords override its fields: generate(ids, mels, num_candidates=4, seed=0)."""
+        generation = generate_and_rank(self, text_ids, mels, replace(options or DecodingOptions(), **overrides),
+                                       progress)
         # Tensors made in inference mode cannot enter autograd later; hand back ordinary copies.
         return Generation(**{name: t.clone() for name, t in vars(generation).items()})
 
@@ -737,14 +746,14 @@ class CLVP(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # Generation and reranking: sample N candidates, score them with CLVP, keep the best
 #
-# 1. Prefill: the prompt (voice latent, text, start token) is the same for every candidate, so it runs
-#    once at batch 1; its keys/values are copied into every row of the KV cache.
-# 2. Decode: all candidates of a batch advance one token per step through the cache. Each step's
-#    logits go through the same processors, in the same order, as transformers' generate: repetition
-#    penalty, temperature, top-p, typical. A candidate that emits the stop token keeps emitting it;
-#    the loop ends early when every candidate has stopped.
-# 3. Fix and rerank: each candidate is cleaned up as Tortoise's fix_autoregressive_output does, then
-#    scored by CLVP against the text.
+# 1. prefill: the prompt (voice latent, text, start token) is the same for every candidate, so it runs
+#    once at batch 1; its keys/values are then copied into every row of the KV cache.
+# 2. decode_step: a batch of candidates advances one token through the cache: tokens in, logits out.
+#    next_tokens turns logits into tokens with the same processors, in the same order, as
+#    transformers' generate: repetition penalty, temperature, top-p, typical. A candidate that emits
+#    the stop token keeps emitting it; the loop ends early when every candidate has stopped.
+# 3. fix_candidates, then rerank: each candidate is cleaned up as Tortoise's fix_autoregressive_output
+#    does, then scored by CLVP against the text.
 #
 # The repetition penalty covers the start token and the tokens generated so far, as in the Hugging
 # Face port. The original Tortoise prompt also held a run of fake token-1 entries, so it penalized
@@ -755,12 +764,40 @@ FIX_STOP_CODE, FIX_TAIL = 83, (45, 45, 248)    # Tortoise's codes for "silence" 
 
 
 @dataclass
+class DecodingOptions:
+    """How to sample and rank. The defaults are Tortoise's; temperature 0 is greedy."""
+    num_candidates: int = 16
+    batch_size: int = 16               # candidates decoded together (one KV cache row each)
+    max_new_tokens: int = 500
+    temperature: float = 0.8
+    top_p: float = 0.8
+    repetition_penalty: float = 2.0
+    typical_mass: float | None = None  # typical sampling, off unless set
+    top_k: int = 1                     # how many of the best candidates to keep
+    seed: int | None = None
+    pad_to_max: bool = True            # stop-pad candidates to max_new_tokens before scoring (Tortoise)
+
+
+@dataclass
 class Generation:
     candidates: torch.Tensor   # [N, T] fixed speech tokens, exactly as CLVP scored them
     lengths: torch.Tensor      # [N] tokens before each candidate's stop token
     scores: torch.Tensor       # [N] CLVP score of each candidate against the text
     order: torch.Tensor        # [N] candidate indices, best first
     best: torch.Tensor         # [top_k, T] the top candidates, best first
+
+
+def prefill(decoder, prompt, cache):
+    """The prompt [1, P, D] through every block once, filling positions 0..P-1 of the cache's first
+    row -> logits [1, vocab] for the first generated token."""
+    return decoder.logits(decoder(prompt, cache)[:, -1])
+
+
+def decode_step(decoder, tokens, k, cache, start):
+    """The k-th generated tokens [B] (k = 1, 2, ...), at cache position `start`, -> logits [B, vocab] for
+    the next ones. The new keys and values stay in the cache; attention reads positions 0..start."""
+    x = decoder.embed_speech(tokens[:, None], speech_position(k))           # [B, 1, D]
+    return decoder.logits(decoder(x, cache, start)[:, -1])                   # [B, vocab]
 
 
 def repetition_penalty(logits, seen, penalty):
@@ -788,40 +825,39 @@ def typical_filter(logits, mass):
     return logits.masked_fill(remove.scatter(1, order, remove), -math.inf)
 
 
-def next_tokens(logits, seen, temperature, top_p, penalty, typical_mass, generator):
-    """[B, vocab] logits -> [B] tokens. temperature 0 means greedy (the penalty still applies)."""
-    logits = repetition_penalty(logits.float(), seen, penalty)
-    if temperature == 0:
+def next_tokens(logits, seen, options, generator):
+    """[B, vocab] logits -> [B] tokens, in fp32 whatever the model's dtype (the penalty applies even when greedy)."""
+    logits = repetition_penalty(logits.float(), seen, options.repetition_penalty)
+    if options.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_p < 1:
-        logits = top_p_filter(logits, top_p)
-    if typical_mass is not None:
-        logits = typical_filter(logits, typical_mass)
+    logits = logits / options.temperature
+    if options.top_p < 1:
+        logits = top_p_filter(logits, options.top_p)
+    if options.typical_mass is not None:
+        logits = typical_filter(logits, options.typical_mass)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
 
 
-def decode_batch(decoder, cache, prompt_logits, prompt_len, max_new_tokens, sampling, progress=None):
-    """Advance B candidates from the shared prompt until all stop -> tokens [B, steps], stop-padded."""
-    c = decoder.config
-    B, device = prompt_logits.shape[0], prompt_logits.device
-    tokens = torch.full((B, max_new_tokens), c.stop_token, dtype=torch.long, device=device)
+def decode_batch(decoder, cache, logits, prompt_len, options, generator, progress=None):
+    """Advance B candidates from the prompt's logits [B, vocab] until all stop -> tokens [B, steps],
+    stop-padded."""
+    c, steps = decoder.config, options.max_new_tokens
+    B, device = logits.shape[0], logits.device
+    tokens = torch.full((B, steps), c.stop_token, dtype=torch.long, device=device)
     seen = torch.zeros(B, c.speech_vocab_size, dtype=torch.bool, device=device)
     seen[:, c.start_token] = True
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    logits = prompt_logits
-    for k in range(max_new_tokens):
+    for k in range(steps):
         logits[:, c.start_token] = -math.inf                              # never start again
-        token = next_tokens(logits, seen, **sampling).masked_fill(done, c.stop_token)
+        token = next_tokens(logits, seen, options, generator).masked_fill(done, c.stop_token)
         tokens[:, k] = token
         seen[torch.arange(B, device=device), token] = True
         done |= token == c.stop_token
         if progress:
             progress.decode(k, B, int((~done).sum()))
-        if done.all() or k == max_new_tokens - 1:
+        if done.all() or k == steps - 1:
             break
-        x = decoder.embed_speech(token[:, None], speech_position(k + 1))  # [B, 1, D]
-        logits = decoder.logits(decoder(x, cache, start=prompt_len + k))[:, -1]
+        logits = decode_step(decoder, token, k + 1, cache, prompt_len + k)
     return tokens[:, :k + 1]
 
 
@@ -842,42 +878,36 @@ def fix_candidates(tokens, stop_token, pad_to=None):
 
 
 @torch.inference_mode()
-def generate_and_rank(model, text_ids, mels, num_candidates=16, batch_size=16, max_new_tokens=500,
-                      temperature=0.8, top_p=0.8, repetition_penalty=2.0, typical_mass=None, top_k=1,
-                      seed=None, pad_to_max=True, progress=None):
-    """Sample num_candidates speech-token sequences for one text in one voice and rank them by CLVP.
+def generate_and_rank(model, text_ids, mels, options, progress=None):
+    """Sample options.num_candidates speech-token sequences for one text in one voice; rank them by CLVP.
 
     text_ids: raw tokenizer ids [T] or [1, T]; mels: [C, 80, frames], one row per reference clip.
     progress: None, or an object with decode(step, batch_size, running) and rerank(done, total).
     """
-    dec, c = model.decoder, model.config.decoder
-    device = mels.device
+    dec, c, o = model.decoder, model.config.decoder, options
     text_ids = text_ids.reshape(1, -1)
     prompt = dec.prompt(model.voice_latent(mels)[None], text_ids)            # [1, P, D]
     P = prompt.shape[1]
-    cache = KVCache(c, min(batch_size, num_candidates), P + max_new_tokens, device, prompt.dtype)
-    prompt_logits = dec.logits(dec(prompt, cache)[:, -1:])[:, -1]          # [1, vocab], shared
+    cache = KVCache(c, min(o.batch_size, o.num_candidates), P + o.max_new_tokens, mels.device, prompt.dtype)
+    first_logits = prefill(dec, prompt, cache)                               # [1, vocab], shared
     cache.broadcast_prompt(P)
-    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    sampling = dict(temperature=temperature, top_p=top_p, penalty=repetition_penalty,
-                    typical_mass=typical_mass, generator=generator)
+    generator = torch.Generator(mels.device).manual_seed(o.seed) if o.seed is not None else None
     batches = []
-    for first in range(0, num_candidates, batch_size):
-        B = min(batch_size, num_candidates - first)
-        batches.append(decode_batch(dec, cache, prompt_logits.expand(B, -1).clone(), P, max_new_tokens,
-                                    sampling, progress))
+    for first in range(0, o.num_candidates, o.batch_size):
+        B = min(o.batch_size, o.num_candidates - first)
+        batches.append(decode_batch(dec, cache, first_logits.expand(B, -1).clone(), P, o, generator, progress))
     longest = max(b.shape[1] for b in batches)
     tokens = torch.cat([F.pad(b, (0, longest - b.shape[1]), value=c.stop_token) for b in batches])
-    candidates, lengths = fix_candidates(tokens, c.stop_token, max_new_tokens if pad_to_max else None)
+    candidates, lengths = fix_candidates(tokens, c.stop_token, o.max_new_tokens if o.pad_to_max else None)
     text_features = model.text_features(text_ids)                            # once, for every batch
     scores = []
-    for i in range(0, num_candidates, batch_size):
-        scores.append(model.score(text_features, model.speech_features(candidates[i:i + batch_size]))[0])
+    for i in range(0, o.num_candidates, o.batch_size):
+        scores.append(model.score(text_features, model.speech_features(candidates[i:i + o.batch_size]))[0])
         if progress:
-            progress.rerank(i + len(scores[-1]), num_candidates)
+            progress.rerank(i + len(scores[-1]), o.num_candidates)
     scores = torch.cat(scores)
     order = scores.argsort(descending=True)
-    return Generation(candidates, lengths, scores, order, candidates[order[:top_k]])
+    return Generation(candidates, lengths, scores, order, candidates[order[:o.top_k]])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -900,18 +930,37 @@ def first_line(error):
     return (text.splitlines()[0] if text else type(error).__name__)[:200]
 
 
+def cache_dir():
+    """Where converted weights live (and convert_weights.py --download puts them)."""
+    return os.environ.get("CLVP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "clvp")
+
+
+def default_checkpoint():
+    return os.path.join(cache_dir(), "clvp.pt")
+
+
 def resolve_device(device=None):
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def check_weights(expected, weights, source):
-    """Raise one CheckpointError naming every missing, unexpected or mis-shaped tensor."""
-    problems = [f"missing {k}" for k in expected if k not in weights]
-    problems += [f"unexpected {k}" for k in weights if k not in expected]
-    problems += [f"{k} has shape {list(weights[k].shape)}, expected {list(v.shape)}"
-                 for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
+def expected_shapes(config):
+    """{name: shape} of every weight of a CLVP with this config, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        return {k: list(v.shape) for k, v in CLVP(config).state_dict().items()}
+
+
+def check_weights(expected, weights, source, note=""):
+    """expected: {name: shape}. Raise one CheckpointError naming every missing, unexpected or mis-shaped
+    tensor of `weights`; `note` says where the expected shapes come from."""
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    misfits = [f"{k} is {list(weights[k].shape)}, expected {list(shape)}" for k, shape in expected.items()
+               if k in weights and list(weights[k].shape) != list(shape)]
+    problems = [f"{len(missing)} tensor(s) missing: " + ", ".join(missing)] if missing else []
+    problems += [f"{len(unexpected)} unexpected tensor(s): " + ", ".join(unexpected)] if unexpected else []
+    problems += [f"{len(misfits)} tensor(s) of the wrong shape{note}: " + "; ".join(misfits)] if misfits else []
     if problems:
-        raise CheckpointError(f"{source}: {len(problems)} bad tensor(s): " + "; ".join(problems))
+        raise CheckpointError(f"{source}: " + "; ".join(problems))
 
 
 def write_atomically(path, write):
@@ -932,8 +981,7 @@ def write_atomically(path, write):
 
 def save_checkpoint(path, config, weights, tokenizer=None, mel_norms=None, dtype=None):
     """Write config, weights (optionally cast to dtype), tokenizer and mel norms as one file."""
-    with torch.device("meta"):
-        check_weights(CLVP(config).state_dict(), weights, "weights")
+    check_weights(expected_shapes(config), weights, "weights")
     weights = {k: v.detach().to("cpu", dtype=dtype or v.dtype).contiguous() for k, v in weights.items()}
     blob = {"format": "clvp", "version": FORMAT_VERSION, "config": asdict(config), "weights": weights,
             "tokenizer": None if tokenizer is None else {"vocab": tokenizer.vocab, "merges": tokenizer.merges},
@@ -956,9 +1004,9 @@ def load_model(path, device=None):
     if blob.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {blob.get('version')}, this clvp.py reads {FORMAT_VERSION}")
     config = Config.from_dict(blob["config"])
+    check_weights(expected_shapes(config), blob["weights"], path)
     with torch.device("meta"):                               # no memory, no random init: weights come next
         model = CLVP(config)
-    check_weights(model.state_dict(), blob["weights"], path)
     model.load_state_dict(blob["weights"], assign=True)
     if blob["tokenizer"] is not None:
         model.tokenizer = Tokenizer(blob["tokenizer"]["vocab"], blob["tokenizer"]["merges"])
@@ -979,22 +1027,17 @@ def load_model(path, device=None):
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "data")          # the official tokenizer.json and mel_norms.pth (Apache-2.0)
+NO_CHECKPOINT = ("no checkpoint at {path}: run `python convert_weights.py --download` to fetch and convert the "
+                 "official weights, or pass --checkpoint PATH (--random-init --tiny runs without weights)")
 
 
 class UsageError(ValueError):
     """Bad input from the command line; reported as one line, exit code 2."""
 
 
-def default_checkpoint():
-    return os.path.join(os.environ.get("CLVP_CACHE") or os.path.expanduser("~/.cache/clvp"), "clvp.pt")
-
-
-NO_CHECKPOINT = """no checkpoint found at {path}. clvp.py needs the official Tortoise weights converted to
-its format: run `python convert_weights.py --download` (fetches autoregressive.pth, clvp2.pth,
-tokenizer.json and mel_norms.pth into {cache} and writes clvp.pt there), or convert files you already
-have with `python convert_weights.py --tortoise-ar autoregressive.pth --tortoise-clvp clvp2.pth -o clvp.pt`
-(or `--hf DIR` for a transformers save_pretrained directory) and pass `--checkpoint clvp.pt`. To watch
-the pipeline run without any weights, use `--random-init --tiny`."""
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):                                # one line, exit 2 (argparse adds a usage block)
+        raise UsageError(message)
 
 
 class Progress:
@@ -1021,20 +1064,14 @@ class Progress:
         self.show("")
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):                                # one line, exit 2 (argparse adds a usage block)
-        raise UsageError(message)
-
-
 def build_parser():
     p = ArgumentParser(prog="clvp.py", description="Sample speech-token candidates for a text in a reference "
                        "voice with Tortoise's decoder, and rank them with CLVP.")
     p.add_argument("--text", help="the sentence to speak")
     p.add_argument("--text-file", metavar="FILE", help="one sentence per line, each ranked on its own")
     p.add_argument("--audio", nargs="+", metavar="WAV", help="reference clip(s) of the voice")
-    p.add_argument("--checkpoint", help="converted weights (default: $CLVP_CACHE or ~/.cache/clvp, clvp.pt)")
-    p.add_argument("--download", action="store_true", help="when no checkpoint is found, fetch the official "
-                   "weights and convert them into the cache (see convert_weights.py)")
+    p.add_argument("--checkpoint", help="converted weights (default: $CLVP_CACHE or ~/.cache/clvp, clvp.pt; "
+                   "python convert_weights.py --download puts them there)")
     p.add_argument("--random-init", action="store_true", help="random weights: watch the pipeline, ignore the scores")
     p.add_argument("--tiny", action="store_true", help="with --random-init: a small model instead of the official size")
     g = p.add_argument_group("sampling")
@@ -1049,12 +1086,6 @@ def build_parser():
     g.add_argument("--max-tokens", type=int, default=500, help="speech tokens per candidate at most (default 500)")
     g.add_argument("--no-pad", action="store_true", help="score candidates unpadded (transformers) rather than "
                    "stop-padded to --max-tokens (Tortoise)")
-    b = p.add_argument_group("benchmark (python clvp.py --benchmark)")
-    b.add_argument("--benchmark", action="store_true", help="time generation on random weights, print a table")
-    b.add_argument("--tokens", type=int, default=100, help="decode steps per candidate (default 100)")
-    b.add_argument("--text-tokens", type=int, default=40, help="text length in tokens (default 40)")
-    b.add_argument("--repeat", type=int, default=3, help="runs per implementation; the median is reported")
-    b.add_argument("--compare", action="store_true", help="also time transformers' generate on the same weights")
     o = p.add_argument_group("running and output")
     o.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     o.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -1065,17 +1096,24 @@ def build_parser():
     return p
 
 
+def check_device(name):
+    """--device -> torch.device, or a UsageError naming what is wrong with it."""
+    try:
+        device = resolve_device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r} (use cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but this torch sees no CUDA GPU")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"unsupported device {name!r} (use cpu or cuda)")
+    return device
+
+
 def check_args(args):
-    """Every user mistake named in one line before any work starts."""
-    if args.benchmark:
-        for ok, message in [(1 <= args.tokens <= 600, "--tokens must be in 1..600"),
-                            (1 <= args.text_tokens <= 400, "--text-tokens must be in 1..400"),
-                            (args.repeat >= 1, "--repeat must be at least 1")]:
-            if not ok:
-                raise UsageError(message)
-    elif (args.text is None) == (args.text_file is None):
+    """Every user mistake named in one line before any work starts -> (device, DecodingOptions)."""
+    if (args.text is None) == (args.text_file is None):
         raise UsageError("give the text with exactly one of --text or --text-file")
-    elif not args.audio:
+    if not args.audio:
         raise UsageError("give at least one reference clip with --audio")
     checks = [(args.candidates >= 1, f"--candidates must be at least 1, not {args.candidates}"),
               (args.batch_size >= 1, f"--batch-size must be at least 1, not {args.batch_size}"),
@@ -1086,19 +1124,15 @@ def check_args(args):
               (args.typical_mass is None or 0 < args.typical_mass <= 1,
                f"--typical-mass must be in (0, 1], not {args.typical_mass}"),
               (args.max_tokens >= 1, f"--max-tokens must be at least 1, not {args.max_tokens}"),
-              (not args.tiny or args.random_init or args.benchmark, "--tiny only applies with --random-init")]
+              (not args.tiny or args.random_init, "--tiny only applies with --random-init")]
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
-    try:
-        device = resolve_device(args.device)
-    except RuntimeError:
-        raise UsageError(f"unknown device {args.device!r} (use cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but this torch sees no CUDA GPU")
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"unsupported device {args.device!r} (use cpu or cuda)")
-    return device
+    options = DecodingOptions(num_candidates=args.candidates, batch_size=args.batch_size,
+                              max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              repetition_penalty=args.repetition_penalty, typical_mass=args.typical_mass,
+                              top_k=min(args.top_k, args.candidates), seed=args.seed, pad_to_max=not args.no_pad)
+    return check_device(args.device), options
 
 
 def prepare_model(args, device):
@@ -1109,13 +1143,7 @@ def prepare_model(args, device):
     else:
         path = args.checkpoint or default_checkpoint()
         if args.checkpoint is None and not os.path.exists(path):
-            if not args.download:
-                raise UsageError(NO_CHECKPOINT.format(path=path, cache=os.path.dirname(path)))
-            import convert_weights
-            try:
-                path = convert_weights.fetch_and_convert(os.path.dirname(path), progress=not args.quiet)
-            except ValueError as e:                          # ConversionError, DownloadError
-                raise UsageError(str(e)) from None
+            raise UsageError(NO_CHECKPOINT.format(path=path))
         model = load_model(path, device)
     if model.tokenizer is None:
         model.tokenizer = Tokenizer.from_file(os.path.join(DATA, "tokenizer.json"))
@@ -1147,7 +1175,7 @@ def encode_text(model, text):
         raise UsageError(f"cannot read the text {text[:40]!r}: {e}") from None
     if not ids:
         raise UsageError(f"the text {text[:40]!r} is empty after cleaning")
-    limit = model.config.decoder.text_positions - 3           # room for [255] ... [0, 0]
+    limit = model.config.decoder.text_positions - 3           # room for the text start and two stops
     if len(ids) > limit:
         raise UsageError(f"the text is {len(ids)} tokens long; the model reads at most {limit} "
                          "(split it into sentences, one per line, with --text-file)")
@@ -1168,62 +1196,69 @@ def output_paths(out, n):
     return [f"{stem}-{i + 1}{ext or '.npy'}" for i in range(n)]
 
 
-def explain_run(say, model, text, ids, paths, mels, args):
-    """--explain: what happens at each stage, with the shapes of the tensors involved."""
-    c = model.config
-    P = 1 + len(ids) + 3 + 1
-    batch = min(args.batch_size, args.candidates)
+@torch.inference_mode()
+def explain_prompt(say, model, text, ids, mels, o):
+    """--explain, before decoding: each stage up to the first step, with the real tensors' shapes."""
+    c = model.config.decoder
+    latents = model.conditioning_latent(mels)
+    prompt = model.decoder.prompt(latents.mean(dim=0)[None], ids[None])
+    batch = min(o.batch_size, o.num_candidates)
+    cache = KVCache(c, batch, prompt.shape[1] + o.max_new_tokens, "meta", prompt.dtype)
     say(f"[text]     {text!r}\n           cleaned: {clean_text(text)!r}\n"
         f"           BPE ids [{len(ids)}]: {ids.tolist()[:16]}{' ...' if len(ids) > 16 else ''}")
-    say(f"[audio]    {len(paths)} clip(s), each resampled to 22050 Hz mono, padded or cut to "
-        f"{CONDITIONING_SAMPLES} samples (6 s)\n           log-mel spectrograms / mel_norms: mels {list(mels.shape)}")
-    say(f"[latent]   conditioning encoder: mels {list(mels.shape)} -> 1x1 conv [C, {c.decoder.dim}, frames] -> "
-        f"{c.decoder.conditioning_blocks} attention blocks -> first frame [C, {c.decoder.dim}] -> mean [{c.decoder.dim}]")
-    say(f"[prompt]   [voice latent] + text [255] + ids + [0, 0] (text positions 0..{len(ids) + 2}) + start token "
-        f"8192 (speech position 0): [1, {P}, {c.decoder.dim}]")
-    say(f"[prefill]  {c.decoder.layers} GPT-2 blocks over the prompt once, at batch 1; KV cache "
-        f"[{c.decoder.layers} layers, {P + args.max_tokens} positions, {batch} rows, {c.decoder.heads} heads, "
-        f"{c.decoder.dim // c.decoder.heads}] gets the prompt in every row")
-    say(f"[decode]   {args.candidates} candidate(s) in batches of {batch}: each step embeds [{batch}, 1] tokens "
-        f"(the k-th at speech position k + 1), runs [{batch}, 1, {c.decoder.dim}] through the cached blocks -> "
-        f"logits [{batch}, {c.decoder.speech_vocab_size}] -> repetition penalty {args.repetition_penalty}, "
-        + ("greedy" if args.temperature == 0 else f"temperature {args.temperature}, top-p {args.top_p}")
-        + f" -> next tokens; at most {args.max_tokens} steps, stop token 8193 ends a candidate")
+    say(f"[audio]    {len(mels)} clip(s), each resampled to {SAMPLE_RATE} Hz mono, padded or cut to "
+        f"{CONDITIONING_SAMPLES} samples ({CONDITIONING_SAMPLES / SAMPLE_RATE:g} s)\n"
+        f"           log-mel spectrograms / mel_norms: mels {list(mels.shape)}")
+    say(f"[latent]   conditioning encoder: mels {list(mels.shape)} -> 1x1 conv [C, {c.dim}, frames] -> "
+        f"{c.conditioning_blocks} attention blocks -> first frame {list(latents.shape)} -> mean [{c.dim}]")
+    say(f"[prompt]   [voice latent] + text [{c.text_start_token}] + ids + [{c.text_stop_token}, "
+        f"{c.text_stop_token}] (text positions 0..{len(ids) + 2}) + start token {c.start_token} "
+        f"(speech position 0): {list(prompt.shape)}")
+    say(f"[prefill]  {c.layers} GPT-2 blocks over the prompt once, at batch 1; KV cache keys and values, "
+        f"each [layers, positions, rows, heads, head_dim] = {list(cache.k.shape)}, get the prompt in every row")
+    say(f"[decode]   {o.num_candidates} candidate(s) in batches of {batch}: each step embeds [{batch}, 1] tokens "
+        f"(at speech positions {speech_position(1)}, {speech_position(2)}, ...), runs [{batch}, 1, {c.dim}] through the cached "
+        f"blocks -> logits [{batch}, {c.speech_vocab_size}] -> repetition penalty {o.repetition_penalty}, "
+        + ("greedy" if o.temperature == 0 else f"temperature {o.temperature}, top-p {o.top_p}")
+        + f" -> next tokens; at most {o.max_new_tokens} steps, stop token {c.stop_token} ends a candidate")
 
 
-def run(args, device):
+def explain_result(say, model, ids, gen, o):
+    """--explain, after decoding: the fix, the two encoders and the scores."""
+    say(f"[fix]      candidates {list(gen.candidates.shape)}: "
+        + (f"stop-padded to {o.max_new_tokens}, " if o.pad_to_max else "")
+        + f"from the first stop token on -> {FIX_STOP_CODE}, last three -> {', '.join(map(str, FIX_TAIL))}")
+    say(f"[encoders] text ids + [{model.config.decoder.text_stop_token}] [1, {len(ids) + 1}] -> text encoder -> "
+        f"[1, {model.config.text.projection_dim}]; candidates {list(gen.candidates.shape)} -> speech encoder -> "
+        f"[{len(gen.candidates)}, {model.config.speech.projection_dim}]")
+    say(f"[scores]   cosine similarity * exp(logit_scale) = {model.logit_scale.exp().item():.2f}: scores "
+        f"{list(gen.scores.shape)}, best first -> keep the top {len(gen.best)}")
+
+
+def run(args, device, options):
     model = prepare_model(args, device)
     limit = model.config.decoder.speech_positions - 1        # the last token fed back sits at position max
-    if args.max_tokens > limit:
+    if options.max_new_tokens > limit:
         raise UsageError(f"--max-tokens must be at most {limit} (the decoder has {limit + 1} speech positions)")
     texts = read_texts(args)
     ids_list = [encode_text(model, t) for t in texts]        # check every line before any work
     mels = voice_mels(model, args.audio)
     quiet = args.quiet or args.json or not sys.stderr.isatty()
-    say = print if args.explain and not args.json else (lambda *a: None)
+    say = print if args.explain and not args.json else None
     if args.random_init and not args.json:
         print("NOTE: --random-init: the weights are random, so the candidates and scores are meaningless; "
               "this run only shows every stage working.")
     results = []
     for text, ids, out in zip(texts, ids_list, output_paths(args.out, len(texts))):
-        explain_run(say, model, text, ids, args.audio, mels, args)
+        if say:
+            explain_prompt(say, model, text, ids, mels, options)
         progress = Progress(not quiet)
         t0 = time.perf_counter()
-        gen = model.generate(ids, mels, num_candidates=args.candidates, batch_size=args.batch_size,
-                             max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                             repetition_penalty=args.repetition_penalty, typical_mass=args.typical_mass,
-                             top_k=min(args.top_k, args.candidates), seed=args.seed, pad_to_max=not args.no_pad,
-                             progress=progress)
+        gen = model.generate(ids, mels, options, progress)
         progress.close()
         seconds = time.perf_counter() - t0
-        say(f"[fix]      candidates [{args.candidates}, {gen.candidates.shape[1]}]: "
-            + ("" if args.no_pad else f"stop-padded to {args.max_tokens}, ")
-            + "from the first stop token on -> 83, last three -> 45, 45, 248")
-        say(f"[encoders] text ids + [0] [1, {len(ids) + 1}] -> text encoder -> [1, {model.config.text.projection_dim}]; "
-            f"candidates {list(gen.candidates.shape)} -> speech encoder -> [{args.candidates}, "
-            f"{model.config.speech.projection_dim}]")
-        say(f"[scores]   cosine similarity * exp(logit_scale) = {model.logit_scale.exp().item():.2f}: scores "
-            f"[{args.candidates}], best first -> keep the top {len(gen.best)}")
+        if say:
+            explain_result(say, model, ids, gen, options)
         write_atomically(out, lambda f: np.save(f, gen.best.cpu().numpy()))
         results.append(dict(text=text, ids=ids.tolist(), out=out, seconds=round(seconds, 3),
                             scores=[round(s, 6) for s in gen.scores.float().tolist()], order=gen.order.tolist(),
@@ -1247,237 +1282,11 @@ def print_table(text, gen, out, seconds, rows=10):
     print(f"best {len(gen.best)} candidate(s), tokens {list(gen.best.shape)}, written to {out}")
 
 
-
-# ---------------------------------------------------------------------------------------------------
-# Benchmark: python clvp.py --benchmark [--compare]
-#
-# Random weights in the official shapes (or --tiny), the stop token banned so decoding runs exactly
-# --tokens steps. Forward hooks on the decoder timestamp every step, so the same code times clvp.py and,
-# with --compare, transformers' ClvpModelForConditionalGeneration.generate on identical weights and
-# inputs in the same process. The yardstick is the decode step's matrix products run bare: the same
-# weights and shapes through torch.matmul, with nothing else around them.
-# ---------------------------------------------------------------------------------------------------
-
-
-class PeakMemory:
-    """Peak extra memory while a block runs: CUDA's max allocated, or on the CPU the process's peak RSS
-    (Linux's VmHWM, reset on entry through /proc/self/clear_refs: no sampling thread to disturb timings)."""
-
-    def __init__(self, device):
-        self.device = device
-
-    @staticmethod
-    def status(field):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.base = self.status("VmRSS:")
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.bytes = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self.bytes = self.status("VmHWM:") - self.base
-
-
-def timed_run(run, decoder, device):
-    """Run `run()` once with a hook on `decoder`: the first forward is the prefill, the others the steps."""
-    marks = []
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def mark(*_):                                            # a forward hook must return None
-        sync()
-        marks.append(time.perf_counter())
-
-    hook = decoder.register_forward_hook(mark)
-    try:
-        with PeakMemory(device) as mem:
-            sync()
-            t0 = time.perf_counter()
-            run()
-            sync()
-            end = time.perf_counter()
-    finally:
-        hook.remove()
-    steps = len(marks) - 1
-    return {"conditioning + prefill ms": (marks[0] - t0) * 1e3,
-            "decode ms/step": (marks[-1] - marks[0]) / steps * 1e3,
-            "rerank ms": (end - marks[-1]) * 1e3, "end to end s": end - t0, "peak memory MiB": mem.bytes / 2**20,
-            "steps": steps}
-
-
-def bare_matmul_ms(model, n, context, device, repeat=5):
-    """One decode step's matrix products alone: every weight matmul at batch n, and attention's two
-    products over `context` cached positions."""
-    c = model.config.decoder
-    x = torch.randn(n, c.dim, device=device, dtype=model.logit_scale.dtype)
-    q = torch.randn(n, c.heads, 1, c.dim // c.heads, device=device, dtype=x.dtype)
-    kv = torch.randn(n, c.heads, context, c.dim // c.heads, device=device, dtype=x.dtype)
-    weights = [b.qkv.weight for b in model.decoder.blocks], [b.out.weight for b in model.decoder.blocks]
-    fc = [b.fc.weight for b in model.decoder.blocks]
-    proj = [b.proj.weight for b in model.decoder.blocks]
-    hidden = torch.randn(n, 4 * c.dim, device=device, dtype=x.dtype)
-
-    def step():
-        for qkv, out, w1, w2 in zip(*weights, fc, proj):
-            torch.matmul(x, qkv.T), torch.matmul(x, out.T), torch.matmul(x, w1.T), torch.matmul(hidden, w2.T)
-            torch.matmul(torch.matmul(q, kv.transpose(2, 3)), kv)
-        torch.matmul(x, model.decoder.head.weight.T)
-
-    step()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        step()
-    sync()
-    return (time.perf_counter() - t0) / repeat * 1e3
-
-
-def reference_model(model):
-    """transformers' CLVP holding exactly `model`'s weights (for --compare)."""
-    from transformers import ClvpConfig, ClvpModelForConditionalGeneration
-    import convert_weights
-    c = model.config
-
-    def encoder(e):
-        return dict(vocab_size=e.vocab_size, hidden_size=e.dim, num_hidden_layers=e.layers,
-                    num_attention_heads=e.heads, intermediate_size=e.ff_dim, projection_dim=e.projection_dim)
-
-    d = c.decoder
-    hf = ClvpConfig(text_config=encoder(c.text), speech_config=encoder(c.speech), projection_dim=c.text.projection_dim,
-                    decoder_config=dict(hidden_size=d.dim, num_hidden_layers=d.layers, num_attention_heads=d.heads,
-                                        num_mel_attn_blocks=d.conditioning_blocks))
-    ref = ClvpModelForConditionalGeneration(hf).eval()
-    ours = model.state_dict()
-    theirs = dict(ref.state_dict())
-    for name, (how, source) in convert_weights.hf_weight_map(c).items():
-        if how == "copy":
-            theirs[source] = ours[name]
-        elif how == "conv1d":
-            theirs[source] = ours[name].T
-        else:
-            for s, part in zip(source, ours[name].chunk(3)):
-                theirs[s] = part
-    ref.load_state_dict(theirs)
-    return ref.to(model.logit_scale.device, model.logit_scale.dtype)
-
-
-def benchmark(args, device):
-    import statistics
-    torch.manual_seed(0)
-    model = CLVP(tiny_config() if args.tiny else Config()).to(device).eval()
-    with torch.no_grad():
-        model.decoder.head.bias[model.config.decoder.stop_token] = -1e9    # run every one of the L steps
-    model = model.to(getattr(torch, args.dtype))
-    N, L = args.candidates, args.tokens
-    text = torch.randint(3, 200, (1, args.text_tokens), device=device)
-    mels = log_mel_spectrogram(0.1 * torch.randn(CONDITIONING_SAMPLES, device=device))[None].to(model.logit_scale.dtype)
-    runs = {"clvp.py": (lambda: model.generate(text, mels, num_candidates=N, batch_size=N, max_new_tokens=L,
-                                               pad_to_max=False, seed=0), model.decoder)}
-    if args.compare:
-        import transformers
-        transformers.logging.set_verbosity_error()
-        warnings.filterwarnings("ignore", module="transformers")
-        ref = reference_model(model)
-        hf_generate = lambda: ref.generate(input_ids=text, input_features=mels, do_sample=True, temperature=0.8,
-                                           top_p=0.8, repetition_penalty=2.0, num_return_sequences=N,
-                                           max_new_tokens=L, pad_token_id=8193,
-                                           eos_token_id=8193, return_dict_in_generate=True)
-        runs["transformers"] = (hf_generate, ref.speech_decoder_model)
-    results = {name: [] for name in runs}
-    with torch.inference_mode():
-        for run, _ in runs.values():
-            run()                                                           # warm-up
-        for _ in range(args.repeat):                 # interleaved, so a machine that drifts hits both alike
-            for name, (run, decoder) in runs.items():
-                results[name].append(timed_run(run, decoder, device))
-        bare = bare_matmul_ms(model, N, 1 + args.text_tokens + 4 + L // 2, device)
-    table = {}
-    for name, rs in results.items():
-        table[name] = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
-        table[name]["candidate-tokens/s"] = N / table[name]["decode ms/step"] * 1e3
-    ours = table["clvp.py"]
-    ours["bare matmul ms/step"] = bare
-    ours["decode / bare matmul"] = ours["decode ms/step"] / bare
-    report = dict(device=str(device), dtype=args.dtype, config="tiny" if args.tiny else "official",
-                  candidates=N, tokens=L, text_tokens=args.text_tokens, repeat=args.repeat,
-                  torch=torch.__version__, threads=torch.get_num_threads(), results=table)
-    if args.compare:
-        report["ratio (transformers / clvp.py)"] = {k: table["transformers"][k] / ours[k] for k in
-                                                    ("conditioning + prefill ms", "decode ms/step", "rerank ms",
-                                                     "end to end s", "peak memory MiB") if ours[k] > 0}
-    if args.compare:
-        report["front ends"] = front_end_speed(device)
-    if args.json:
-        print(json.dumps(report))
-        return 0
-    print(f"benchmark: {report['config']} config, {device} {args.dtype}, N={N} candidates, L={L} tokens, "
-          f"{args.text_tokens} text tokens, median of {args.repeat}, torch {torch.__version__}, "
-          f"{report['threads']} threads")
-    names = list(table)
-    print(f"{'':28}" + "".join(f"{n:>15}" for n in names) + (f"{'ratio':>10}" if args.compare else ""))
-    for row in ours:
-        if row == "steps":
-            continue
-        cells = "".join(f"{table[n][row]:>15.2f}" if row in table[n] else f"{'':>15}" for n in names)
-        ratio = report.get("ratio (transformers / clvp.py)", {}).get(row)
-        print(f"{row:28}{cells}" + (f"{ratio:>9.2f}x" if ratio else ""))
-    for name, (ours_ms, theirs_ms, what) in report.get("front ends", {}).items():
-        print(f"{name:28}{ours_ms:>15.2f}{theirs_ms:>15.2f}{theirs_ms / ours_ms:>9.2f}x   ms, {what}")
-    return 0
-
-
-def front_end_speed(device, repeat=20):
-    """Tokenizer and log-mel against transformers' ClvpTokenizer and ClvpFeatureExtractor (best of `repeat`)."""
-    from transformers import ClvpFeatureExtractor, ClvpTokenizer
-    tokenizer = Tokenizer.from_file(os.path.join(DATA, "tokenizer.json"))
-    source = os.environ.get("CLVP_TORTOISE_SRC") or os.path.expanduser("~/.cache/clvp-test/tortoise-tts-3.0.0")
-    try:
-        with open(os.path.join(source, "tortoise", "data", "got.txt"), encoding="utf-8") as f:
-            text, what = " ".join(f.read().split("\n")), "Tortoise's longest shipped text"
-    except OSError:
-        text, what = " ".join([__doc__] * 4), "this file's docstring x 4 (Tortoise's texts not found)"
-    with tempfile.TemporaryDirectory() as d:
-        with open(os.path.join(d, "vocab.json"), "w") as f:
-            json.dump(tokenizer.vocab, f)
-        with open(os.path.join(d, "merges.txt"), "w") as f:
-            f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in tokenizer.merges) + "\n")
-        theirs = ClvpTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"))
-    wav = 0.1 * torch.randn(CONDITIONING_SAMPLES)
-    extractor = ClvpFeatureExtractor()
-
-    def best(f):
-        f()
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            f()
-            times.append(time.perf_counter() - t0)
-        return min(times) * 1e3
-
-    fresh = lambda: Tokenizer(tokenizer.vocab, tokenizer.merges).encode(text)    # no warm word cache
-    return {"tokenizer encode": (best(fresh), best(lambda: theirs(text)), f"{len(text)} chars of {what}"),
-            "log-mel (6 s clip)": (best(lambda: log_mel_spectrogram(wav.to(device))),
-                                   best(lambda: extractor(wav.numpy(), sampling_rate=SAMPLE_RATE)), "one clip")}
-
-
 def main(argv=None):
     warnings.formatwarning = lambda message, *rest, **kw: f"clvp.py: warning: {message}\n"
     try:
         args = build_parser().parse_args(argv)
-        device = check_args(args)
-        return benchmark(args, device) if args.benchmark else run(args, device)
+        return run(args, *check_args(args))
     except (UsageError, CheckpointError, AudioError) as e:
         print(f"clvp.py: error: {e}", file=sys.stderr)
         return 2

@@ -1,5 +1,7 @@
-"""Shared test fixtures. A local HTTP server standing in for the hub; the tortoise-tts 3.0.0 source package from PyPI (its texts, tokenizer.json, voice
-clips, mel_norms.pth and the original code): $CLVP_TORTOISE_SRC, or downloaded once into ~/.cache/clvp-test."""
+"""Shared test fixtures: transformers' CLVP with random weights and its conversion (the parity reference);
+the tortoise-tts 3.0.0 source package from PyPI (its texts, tokenizer.json, voice clips, mel_norms.pth and
+the original code): $CLVP_TORTOISE_SRC, or downloaded once into ~/.cache/clvp-test; a local HTTP server
+standing in for the hub."""
 import http.server
 import os
 import subprocess
@@ -9,8 +11,79 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
+
+import clvp
+import convert_weights
 
 TORTOISE_VERSION = "3.0.0"
+
+
+def maxdiff(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reference models (transformers) with random weights, converted once per session
+# ---------------------------------------------------------------------------------------------------
+
+TINY_HF = dict(
+    text_config=dict(hidden_size=64, intermediate_size=128, projection_dim=64, num_hidden_layers=2,
+                     num_attention_heads=2),
+    speech_config=dict(vocab_size=8192, hidden_size=64, intermediate_size=128, projection_dim=64,
+                       num_hidden_layers=2, num_attention_heads=2),
+    decoder_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_mel_attn_blocks=2),
+    projection_dim=64)
+OFFICIAL_HF = dict(speech_config=dict(vocab_size=8192))   # the port's defaults are the official sizes
+
+
+def make_reference(hf_kwargs, seed):
+    """A transformers CLVP with every parameter randomized (zero-initialised ones included)."""
+    from transformers import ClvpConfig, ClvpModelForConditionalGeneration
+    torch.manual_seed(seed)
+    ref = ClvpModelForConditionalGeneration(ClvpConfig(**hf_kwargs)).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        # A random decoder may emit the start token, which the speech encoder cannot embed; forbid it.
+        ref.speech_decoder_model.lm_head.bias[8192] = -1e4
+    return ref
+
+
+def converted(ref, directory):
+    ref.save_pretrained(directory)
+    out = os.path.join(directory, "clvp.pt")
+    assert convert_weights.main(["--hf", str(directory), "-o", out]) == 0
+    return clvp.load_model(out, "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory):
+    ref = make_reference(TINY_HF, seed=0)
+    return ref, converted(ref, tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def official_pair(tmp_path_factory):
+    ref = make_reference(OFFICIAL_HF, seed=1)
+    return ref, converted(ref, tmp_path_factory.mktemp("official"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random model saved as a real checkpoint, with the official tokenizer and mel norms."""
+    torch.manual_seed(11)
+    config = clvp.tiny_config()
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    clvp.save_checkpoint(path, config, clvp.CLVP(config).state_dict(),
+                         clvp.Tokenizer.from_file(os.path.join(clvp.DATA, "tokenizer.json")),
+                         torch.load(os.path.join(clvp.DATA, "mel_norms.pth"), weights_only=True))
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The original Tortoise source package
+# ---------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +111,12 @@ def tortoise_src() -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tokenizer_json(tortoise_src):
+    return tortoise_src / "tortoise" / "data" / "tokenizer.json"
+
+
+# ---------------------------------------------------------------------------------------------------
 # A stand-in for the hub on 127.0.0.1: serves named files with HTTP Range, and misbehaves on demand.
 class Hub(http.server.ThreadingHTTPServer):
     """Serves `files` with Range support. The sets name files to misbehave on (see Handler)."""

@@ -16,7 +16,6 @@ layout: separate q/k/v projections are stacked into one [q; k; v] matrix, and GP
 stored [in, out], are transposed into Linear's [out, in]. Nothing is unpickled: safetensors files are
 read by a few lines below and .bin files with torch.load(weights_only=True).
 """
-import argparse
 import http.client
 import json
 import os
@@ -125,7 +124,7 @@ LAYOUTS = {   # how -> what it does to the source tensor(s)
 }
 
 
-def source_shapes(how, shape):
+def layout_shapes(how, shape):
     """The shape(s) the source tensor(s) must have to give clvp.py a tensor of `shape`."""
     if how == "conv1d":
         return [shape[::-1]]
@@ -136,13 +135,26 @@ def source_shapes(how, shape):
     return [shape]
 
 
-def apply_weight_map(weight_map, state, source, heads=None):
-    """Build clvp's state dict from `state` by a weight map; `heads` (the decoder's) is for 'conv_qkv'.
-    One error names every source tensor that is missing."""
-    missing = sorted({n for _, names in weight_map.values() for n in ([names] if isinstance(names, str) else names)
-                      if n not in state})
-    if missing:
-        raise ConversionError(f"{source}: {len(missing)} tensor(s) missing: " + ", ".join(missing))
+def source_shapes(weight_map, config):
+    """{source name: the shape it must have} for every source tensor that a weight map reads."""
+    expected, wanted = clvp.expected_shapes(config), {}
+    for ours, (how, names) in weight_map.items():
+        for name, shape in zip([names] if isinstance(names, str) else names, layout_shapes(how, expected[ours])):
+            wanted[name] = shape
+    return wanted
+
+
+def check_source(wanted, state, path, note=""):
+    """clvp's one check for missing, unexpected and mis-shaped tensors, on the source file's names."""
+    try:
+        clvp.check_weights(wanted, state, path, note)
+    except clvp.CheckpointError as e:
+        raise ConversionError(str(e)) from None
+
+
+def apply_weight_map(weight_map, state, heads=None):
+    """Build clvp's state dict from `state` (already checked) by a weight map; `heads` (the decoder's)
+    is for 'conv_qkv'."""
     out = {}
     for ours, (how, names) in weight_map.items():
         if how == "qkv":
@@ -248,19 +260,10 @@ def convert_hf(directory):
         raise ConversionError(f"{config_path}: missing (is this a transformers CLVP directory?)") from None
     except (ValueError, KeyError, TypeError) as e:
         raise ConversionError(f"{config_path}: not a CLVP config ({type(e).__name__}: {e})") from None
-    state = read_hf_weights(directory)
+    state = {k: v for k, v in read_hf_weights(directory).items() if not k.endswith(HF_IGNORED_SUFFIXES)}
     weight_map = hf_weight_map(config)
-    used = {n for _, names in weight_map.values() for n in ([names] if isinstance(names, str) else names)}
-    unexpected = [k for k in state if k not in used and not k.endswith(HF_IGNORED_SUFFIXES)]
-    if unexpected:
-        raise ConversionError(f"{directory}: {len(unexpected)} unexpected tensor(s): " + ", ".join(unexpected))
-    weights = apply_weight_map(weight_map, state, directory)
-    with torch.device("meta"):
-        expected = clvp.CLVP(config).state_dict()
-    try:
-        clvp.check_weights(expected, weights, directory)
-    except clvp.CheckpointError as e:
-        raise ConversionError(str(e)) from None
+    check_source(source_shapes(weight_map, config), state, directory)
+    weights = apply_weight_map(weight_map, state)
     tokenizer = None
     if os.path.exists(os.path.join(directory, "vocab.json")):
         tokenizer = clvp.Tokenizer.from_file(directory)
@@ -455,29 +458,14 @@ def convert_tortoise(ar_path, clvp_path):
     check_tortoise_file(cl, CLVP_FILE, clvp_path)
     config = tortoise_config(ar, cl, ar_path, clvp_path)
     weight_map = tortoise_weight_map(config)
-    with torch.device("meta"):
-        expected = clvp.CLVP(config).state_dict()
-    wanted = {}                                              # source name -> shape it must have
-    for ours, (how, names) in weight_map.items():
-        for name, shape in zip([names] if isinstance(names, str) else names,
-                               source_shapes(how, list(expected[ours].shape))):
-            wanted[name] = shape
-    skipped = []
+    wanted = source_shapes(weight_map, config)
+    note = f" for the size read from its other tensors ({_describe(config)}; the official size: " \
+           f"{_describe(clvp.Config())})"
     for state, path, kind in ((ar, ar_path, AR_FILE), (cl, clvp_path, CLVP_FILE)):
-        missing = [n for n in wanted if _home(n) == kind and n not in state]
-        if missing:
-            raise ConversionError(f"{path}: {len(missing)} tensor(s) missing: " + ", ".join(missing))
-        unexpected = [n for n in state if n not in wanted and not TORTOISE_SKIPPED.fullmatch(n)]
-        if unexpected:
-            raise ConversionError(f"{path}: {len(unexpected)} unexpected tensor(s): " + ", ".join(unexpected))
-        misfits = [f"{n} is {list(t.shape)}, expected {wanted[n]}" for n, t in state.items()
-                   if n in wanted and list(t.shape) != wanted[n]]
-        if misfits:
-            raise ConversionError(f"{path}: {len(misfits)} tensor(s) do not fit the size read from its other "
-                                  f"tensors ({_describe(config)}; the official size: {_describe(clvp.Config())}): "
-                                  + "; ".join(misfits))
-        skipped += [n for n in state if n not in wanted]
-    weights = apply_weight_map(weight_map, {**ar, **cl}, f"{ar_path} + {clvp_path}", heads=config.decoder.heads)
+        used = {n: t for n, t in state.items() if not TORTOISE_SKIPPED.fullmatch(n)}
+        check_source({n: shape for n, shape in wanted.items() if _home(n) == kind}, used, path, note)
+    skipped = [n for state in (ar, cl) for n in state if TORTOISE_SKIPPED.fullmatch(n)]
+    weights = apply_weight_map(weight_map, {**ar, **cl}, heads=config.decoder.heads)
     return config, weights, skipped
 
 
@@ -508,10 +496,6 @@ TIMEOUT = 30     # seconds without a byte before a try counts as failed
 def official_urls():
     base = os.environ.get("CLVP_HUB_URL", "").rstrip("/")
     return {name: f"{base or default}/{name}" for name, default in OFFICIAL_FILES.items()}
-
-
-def cache_dir():
-    return os.environ.get("CLVP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "clvp")
 
 
 class _Incomplete(Exception):
@@ -598,8 +582,8 @@ def download(url, dest, progress=True, retries=3, sleep=time.sleep):
 
 
 def download_official(directory=None, progress=True):
-    """Fetch the four official files into `directory` (default: cache_dir()); name -> path."""
-    directory = directory or cache_dir()
+    """Fetch the four official files into `directory` (default: clvp.cache_dir()); name -> path."""
+    directory = directory or clvp.cache_dir()
     os.makedirs(directory, exist_ok=True)
     return {name: download(url, os.path.join(directory, name), progress)
             for name, url in official_urls().items()}
@@ -608,11 +592,6 @@ def download_official(directory=None, progress=True):
 # ---------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):                                # one line, exit 2 (argparse adds a usage block)
-        raise ConversionError(message)
 
 
 def shipped(name):
@@ -635,7 +614,7 @@ def read_tokenizer(path):
 
 
 def fetch_and_convert(directory=None, progress=True):
-    """Download the four official files into `directory` (default: cache_dir()) and write clvp.pt there."""
+    """Download the four official files into `directory` (default: clvp.cache_dir()) and write clvp.pt there."""
     paths = download_official(directory, progress)
     config, weights, _ = convert_tortoise(paths["autoregressive.pth"], paths["clvp2.pth"])
     out = os.path.join(os.path.dirname(paths["clvp2.pth"]), "clvp.pt")
@@ -645,7 +624,7 @@ def fetch_and_convert(directory=None, progress=True):
 
 
 def main(argv=None):
-    p = ArgumentParser(prog="convert_weights.py", description="Convert official CLVP weights into the one file "
+    p = clvp.ArgumentParser(prog="convert_weights.py", description="Convert official CLVP weights into the one file "
                        "clvp.py loads. Give one source: --hf, --tortoise-ar with --tortoise-clvp, or --download.")
     p.add_argument("--hf", metavar="DIR", help="a transformers save_pretrained directory")
     p.add_argument("--tortoise-ar", metavar="PATH", help="Tortoise's autoregressive.pth")
@@ -682,7 +661,7 @@ def main(argv=None):
             tokenizer = read_tokenizer(args.tokenizer or shipped("tokenizer.json"))
             mel_norms = read_mel_norms(args.mel_norms or shipped("mel_norms.pth"))
         clvp.save_checkpoint(args.output, config, weights, tokenizer, mel_norms, dtype=getattr(torch, args.dtype))
-    except (ConversionError, clvp.CheckpointError) as e:
+    except (ConversionError, clvp.CheckpointError, clvp.UsageError) as e:
         print(f"convert_weights.py: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

@@ -1,25 +1,21 @@
-"""Tests for clvp.py and convert_weights.py.
+"""Tests for clvp.py, in the order of its sections: text, audio, networks, the CLVP model, generation
+and reranking, loading, command line.
 
-Parity tests build transformers' CLVP (the version pinned in requirements-dev.txt) with random weights,
-save it with save_pretrained, convert it with convert_weights.py, load it with clvp.load_model and
-compare numbers. Tolerances are absolute, in fp32 on the CPU.
+Parity tests compare with transformers' CLVP (the version pinned in requirements-dev.txt) and with the
+original Tortoise text and audio code, on random weights and the tortoise-tts 3.0.0 source package's
+data (see conftest.py). Tolerances are absolute, in fp32 on the CPU. The original Tortoise networks are
+compared in test_tortoise.py; conversion and download in test_convert_weights.py; bench.py in test_bench.py.
 """
+import ast
 import glob
-import http.server
 import importlib.util
-import io
 import json
 import math
 import os
-import random
-import socket
 import subprocess
 import sys
-import tarfile
-import threading
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,351 +27,20 @@ from transformers import ClvpFeatureExtractor
 from transformers.audio_utils import mel_filter_bank
 
 import clvp
-import convert_weights
 from clvp import (CONDITIONING_SAMPLES, HOP, MIN_SAMPLES, N_FFT, N_MELS, SAMPLE_RATE, AudioError, Tokenizer,
                   bpe, clean_text, format_conditioning, load_audio, log_mel_spectrogram, mel_filterbank, merge,
                   number_to_words, to_ascii)
+from conftest import maxdiff
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = 1e-4
+VOICE = os.path.join(HERE, "examples", "voice.wav")
 
 
 # ---------------------------------------------------------------------------------------------------
-# Reference models (transformers) with random weights, converted once per session
+# Text: English cleaners and the BPE tokenizer, against Tortoise's own tokenizer.py
 # ---------------------------------------------------------------------------------------------------
 
-TINY_HF = dict(
-    text_config=dict(hidden_size=64, intermediate_size=128, projection_dim=64, num_hidden_layers=2,
-                     num_attention_heads=2),
-    speech_config=dict(vocab_size=8192, hidden_size=64, intermediate_size=128, projection_dim=64,
-                       num_hidden_layers=2, num_attention_heads=2),
-    decoder_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_mel_attn_blocks=2),
-    projection_dim=64)
-OFFICIAL_HF = dict(speech_config=dict(vocab_size=8192))   # the port's defaults are the official sizes
-
-
-def make_reference(hf_kwargs, seed):
-    """A transformers CLVP with every parameter randomized (zero-initialised ones included)."""
-    from transformers import ClvpConfig, ClvpModelForConditionalGeneration
-    torch.manual_seed(seed)
-    ref = ClvpModelForConditionalGeneration(ClvpConfig(**hf_kwargs)).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-        # A random decoder may emit the start token, which the speech encoder cannot embed; forbid it.
-        ref.speech_decoder_model.lm_head.bias[8192] = -1e4
-    return ref
-
-
-def converted(ref, directory):
-    ref.save_pretrained(directory)
-    out = os.path.join(directory, "clvp.pt")
-    assert convert_weights.main(["--hf", str(directory), "-o", out]) == 0
-    return clvp.load_model(out, "cpu")
-
-
-@pytest.fixture(scope="session")
-def tiny_pair(tmp_path_factory):
-    ref = make_reference(TINY_HF, seed=0)
-    return ref, converted(ref, tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="session")
-def official_pair(tmp_path_factory):
-    ref = make_reference(OFFICIAL_HF, seed=1)
-    return ref, converted(ref, tmp_path_factory.mktemp("official"))
-
-
-def reference_greedy(ref, mels, text_ids, steps):
-    """transformers' greedy generate, as ClvpModelForConditionalGeneration.generate runs it, with the
-    per-step logits: the prompt text is ids + [0] (the conditioning encoder adds [255] and another [0])."""
-    text = torch.nn.functional.pad(text_ids, (0, 1), value=0)
-    cond = ref.conditioning_encoder(input_features=mels, input_ids=text)
-    out = ref.speech_decoder_model.generate(conditioning_embeds=cond, do_sample=False, max_new_tokens=steps,
-                                            min_new_tokens=steps, output_logits=True,
-                                            return_dict_in_generate=True, pad_token_id=8193)
-    return out.sequences[:, 1:], torch.stack(out.logits, dim=1)
-
-
-def maxdiff(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
-# ---------------------------------------------------------------------------------------------------
-# Model parity
-# ---------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("pair", ["tiny_pair", "official_pair"])
-def test_model_parity(pair, request):
-    ref, model = request.getfixturevalue(pair)
-    torch.manual_seed(2)
-    mels = torch.randn(2, 80, 150)
-    text = torch.randint(1, 250, (2, 17))
-    speech = torch.randint(0, 8192, (3, 40))
-    with torch.inference_mode():
-        lat_ref = ref.conditioning_encoder(input_features=mels, input_ids=text)[:, 0]
-        assert maxdiff(model.conditioning_latent(mels), lat_ref) <= TOL
-
-        text_plus_stop = torch.nn.functional.pad(text, (0, 1), value=0)
-        assert maxdiff(model.text_features(text), ref.get_text_features(input_ids=text_plus_stop)) <= TOL
-        assert maxdiff(model.speech_features(speech), ref.speech_encoder_model(input_ids=speech)[0]) <= TOL
-
-        ref_sim = ref(input_ids=text_plus_stop[:1].expand(3, -1), input_features=mels[:1].expand(3, -1, -1))
-        # The port's forward scores its own argmax tokens; score our tokens with its encoders instead.
-        t = ref.get_text_features(input_ids=text_plus_stop)
-        s = ref.speech_encoder_model(input_ids=speech)[0]
-        t, s = t / t.norm(dim=-1, keepdim=True), s / s.norm(dim=-1, keepdim=True)
-        expected = ref.logit_scale.exp() * t @ s.T
-        assert maxdiff(model.similarity(text, speech), expected) <= TOL
-        assert ref_sim.logits_per_text.shape == (3, 3)
-
-
-@pytest.mark.parametrize("pair, steps", [("tiny_pair", 30), ("official_pair", 8)])
-def test_decoder_logits_match_reference_generate(pair, steps, request):
-    ref, model = request.getfixturevalue(pair)
-    torch.manual_seed(3)
-    mels = torch.randn(1, 80, 120)
-    text = torch.randint(1, 250, (1, 11))
-    with torch.inference_mode():
-        tokens, ref_logits = reference_greedy(ref, mels, text, steps)
-        logits = model.speech_logits(mels, text, tokens)     # [1, steps + 1, 8194]
-    keep = [i for i in range(8194) if i != 8192]             # the -1e4 column rounds at 1e-3
-    assert maxdiff(logits[:, :steps, keep], ref_logits[:, :, keep]) <= TOL
-    assert torch.equal(logits[:, :steps].argmax(-1), tokens)
-
-
-def test_kv_cached_logits_equal_uncached(tiny_pair):
-    _, model = tiny_pair
-    torch.manual_seed(4)
-    mels = torch.randn(1, 80, 100)
-    text = torch.randint(1, 250, (1, 9))
-    speech = torch.randint(0, 8192, (1, 25))
-    dec = model.decoder
-    with torch.inference_mode():
-        full = model.speech_logits(mels, text, speech)
-        prompt = dec.prompt(model.voice_latent(mels)[None], text)
-        cache = clvp.KVCache(dec.config, 1, prompt.shape[1] + speech.shape[1], "cpu", torch.float32)
-        steps = [dec.logits(dec(prompt, cache)[:, -1:])]
-        for k in range(speech.shape[1]):
-            x = dec.embed_speech(speech[:, k:k + 1], clvp.speech_position(k + 1))
-            steps.append(dec.logits(dec(x, cache, start=prompt.shape[1] + k)))
-    assert maxdiff(torch.cat(steps, dim=1), full) <= 1e-5
-
-
-def test_contrastive_loss_matches_definition_and_trains(tiny_pair):
-    _, trained = tiny_pair
-    model = clvp.CLVP(trained.config)
-    model.load_state_dict(trained.state_dict())
-    torch.manual_seed(5)
-    text = torch.randint(1, 250, (4, 10))
-    speech = torch.randint(0, 8192, (4, 30))
-    loss = model.contrastive_loss(text, speech)
-    sim = model.similarity(text, speech)
-    labels = torch.arange(4)
-    expected = (torch.nn.functional.cross_entropy(sim, labels) + torch.nn.functional.cross_entropy(sim.T, labels)) / 2
-    assert abs(loss.item() - expected.item()) <= 1e-6
-    loss.backward()
-    for name, p in list(model.text_encoder.named_parameters()) + list(model.speech_encoder.named_parameters()):
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    encoders = list(model.text_encoder.parameters()) + list(model.speech_encoder.parameters()) + [model.logit_scale]
-    opt = torch.optim.SGD(encoders, lr=0.05)
-    opt.step()
-    assert model.contrastive_loss(text, speech).item() < loss.item()
-
-
-# ---------------------------------------------------------------------------------------------------
-# Checkpoints and conversion: bad input
-# ---------------------------------------------------------------------------------------------------
-
-
-def run_convert(*args):
-    return subprocess.run([sys.executable, os.path.join(HERE, "convert_weights.py"), *args],
-                          capture_output=True, text=True)
-
-
-def assert_clean_error(result, *words):
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
-
-
-@pytest.fixture(scope="module")
-def tiny_hf_dir(tmp_path_factory, tiny_pair):
-    ref, _ = tiny_pair
-    d = tmp_path_factory.mktemp("hf")
-    ref.save_pretrained(d)
-    return d
-
-
-def test_convert_writes_loadable_checkpoint_and_halves_in_fp16(tiny_hf_dir, tmp_path):
-    full, half = tmp_path / "a.pt", tmp_path / "b.pt"
-    assert run_convert("--hf", str(tiny_hf_dir), "-o", str(full)).returncode == 0
-    assert run_convert("--hf", str(tiny_hf_dir), "-o", str(half), "--dtype", "float16").returncode == 0
-    assert 0.4 < half.stat().st_size / full.stat().st_size < 0.6
-    a, b = clvp.load_model(full, "cpu"), clvp.load_model(half, "cpu")
-    assert b.decoder.head.weight.dtype == torch.float32
-    assert maxdiff(a.decoder.head.weight, b.decoder.head.weight) < 1e-3
-
-
-def test_convert_sharded_and_bin(tiny_pair, tmp_path):
-    ref, model = tiny_pair
-    for kwargs in (dict(max_shard_size="200KB"), dict(safe_serialization=False)):
-        d = tmp_path / str(len(kwargs) + len(str(kwargs)))
-        ref.save_pretrained(d, **kwargs)
-        assert run_convert("--hf", str(d), "-o", str(d / "c.pt")).returncode == 0
-        loaded = clvp.load_model(d / "c.pt", "cpu")
-        for k, v in model.state_dict().items():
-            assert torch.equal(loaded.state_dict()[k], v), k
-
-
-def test_convert_bad_inputs(tiny_hf_dir, tmp_path):
-    from safetensors.torch import load_file, save_file
-    out = tmp_path / "out.pt"
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    (empty / "config.json").write_text((tiny_hf_dir / "config.json").read_text())
-    assert_clean_error(run_convert("--hf", str(empty), "-o", str(out)), "no weights found")
-    assert_clean_error(run_convert("--hf", str(tmp_path / "nope"), "-o", str(out)), "not a directory")
-
-    state = load_file(tiny_hf_dir / "model.safetensors")
-    for name, change in (("removed", lambda s: s.pop("speech_decoder_model.lm_head.bias")),
-                         ("reshaped", lambda s: s.update({"logit_scale": torch.zeros(2)}))):
-        d = tmp_path / name
-        d.mkdir()
-        (d / "config.json").write_text((tiny_hf_dir / "config.json").read_text())
-        broken = dict(state)
-        change(broken)
-        save_file(broken, d / "model.safetensors")
-        word = "lm_head.bias" if name == "removed" else "logit_scale"
-        assert_clean_error(run_convert("--hf", str(d), "-o", str(out)), word)
-    d = tmp_path / "truncated"
-    d.mkdir()
-    (d / "config.json").write_text((tiny_hf_dir / "config.json").read_text())
-    (d / "model.safetensors").write_bytes((tiny_hf_dir / "model.safetensors").read_bytes()[:5000])
-    assert_clean_error(run_convert("--hf", str(d), "-o", str(out)), "model.safetensors")
-    assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".clvp-")]
-
-
-def test_load_model_bad_files(tiny_hf_dir, tmp_path):
-    good = tmp_path / "good.pt"
-    assert run_convert("--hf", str(tiny_hf_dir), "-o", str(good)).returncode == 0
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(good.read_bytes()[:10000])
-    text = tmp_path / "notes.pt"
-    text.write_text("hello")
-    other = tmp_path / "other.pt"
-    torch.save({"a": torch.zeros(1)}, other)
-    blob = torch.load(good, weights_only=True)
-    del blob["weights"]["decoder.head.bias"]
-    blob["weights"]["logit_scale"] = torch.zeros(3)
-    broken = tmp_path / "broken.pt"
-    torch.save(blob, broken)
-    cases = [(truncated, "not a readable"), (text, "not a readable"), (other, "not a clvp checkpoint"),
-             (tmp_path / "missing.pt", "no such file"), (tmp_path, "directory")]
-    for path, words in cases:
-        with pytest.raises(clvp.CheckpointError, match=words):
-            clvp.load_model(path, "cpu")
-    with pytest.raises(clvp.CheckpointError) as e:
-        clvp.load_model(broken, "cpu")
-    assert "missing decoder.head.bias" in str(e.value) and "logit_scale has shape [3]" in str(e.value)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Generation and reranking
-# ---------------------------------------------------------------------------------------------------
-
-STOP_BIAS = 0.395   # with seed 3 below, the reference's greedy candidate stops at step 11 of 30
-
-
-@pytest.mark.parametrize("stop_bias", [0.0, STOP_BIAS])
-@pytest.mark.parametrize("pad_to_max", [True, False])
-def test_greedy_generate_matches_reference(tiny_pair, stop_bias, pad_to_max):
-    import copy
-    ref, model = (copy.deepcopy(m) for m in tiny_pair)
-    with torch.no_grad():
-        ref.speech_decoder_model.lm_head.bias[8193] += stop_bias
-        model.decoder.head.bias[8193] += stop_bias
-    torch.manual_seed(3)
-    mels = torch.randn(1, 80, 120)
-    text = torch.randint(1, 250, (1, 11))
-    steps = 30
-    with torch.inference_mode():
-        out = ref.generate(input_ids=text, input_features=mels, do_sample=False, max_new_tokens=steps,
-                           repetition_penalty=2.0, return_dict_in_generate=True, pad_token_id=8193, eos_token_id=8193,
-                           pad_to_max_mel_tokens=steps + 1 if pad_to_max else None)
-    gen = model.generate(text, mels, num_candidates=1, max_new_tokens=steps, temperature=0,
-                         repetition_penalty=2.0, pad_to_max=pad_to_max)
-    stopped_at = int(gen.lengths[0])
-    if stop_bias:
-        assert 1 <= stopped_at <= steps - 4                  # the case this test is about: a midway stop
-        assert gen.candidates[0, stopped_at:-3].eq(83).all()
-    else:
-        assert stopped_at == steps
-    assert torch.equal(gen.candidates, out.speech_ids)
-    assert maxdiff(gen.scores, out.logits_per_text[0]) <= TOL
-
-
-def test_generate_batches_and_seed(tiny_pair):
-    _, model = tiny_pair
-    torch.manual_seed(6)
-    mels = torch.randn(2, 80, 90)
-    text = torch.randint(1, 250, (8,))
-    run = lambda seed, bs: model.generate(text, mels, num_candidates=5, batch_size=bs, max_new_tokens=20,
-                                          seed=seed, top_k=2)
-    a, b, c = run(7, 2), run(7, 2), run(8, 2)
-    assert torch.equal(a.candidates, b.candidates) and torch.equal(a.scores, b.scores)
-    assert not torch.equal(a.candidates, c.candidates)
-    assert a.candidates.shape == (5, 20) and a.scores.shape == (5,) and a.best.shape == (2, 20)
-    assert torch.equal(a.best, a.candidates[a.order[:2]])
-    assert a.scores[a.order].diff().le(0).all()
-    # Scores are CLVP's similarity of the text with each fixed candidate, whatever the batching.
-    with torch.inference_mode():
-        assert maxdiff(model.similarity(text[None], a.candidates)[0], a.scores) <= 1e-5
-    assert maxdiff(model.similarity(text[None], a.candidates)[0], a.scores) <= 1e-5   # usable outside, too
-    # Greedy candidates are identical however they are batched, and the prompt is averaged over clips.
-    g1 = model.generate(text, mels, num_candidates=3, batch_size=1, max_new_tokens=12, temperature=0)
-    g3 = model.generate(text, mels, num_candidates=3, batch_size=3, max_new_tokens=12, temperature=0)
-    assert torch.equal(g1.candidates, g3.candidates)
-    with torch.inference_mode():
-        first = model.speech_logits(mels, text[None], g1.candidates[:1, :0])[0, 0]
-    assert g1.candidates[0, 0] == first.argmax()
-
-
-def test_fix_candidates_like_tortoise():
-    tokens = torch.tensor([[5, 6, 7, 8193, 9, 8193, 1, 2], [1, 2, 3, 4, 5, 6, 7, 8]])
-    fixed, lengths = clvp.fix_candidates(tokens, 8193)
-    assert fixed.tolist() == [[5, 6, 7, 83, 83, 45, 45, 248], [1, 2, 3, 4, 5, 6, 7, 8]]
-    assert lengths.tolist() == [3, 8]
-    padded, _ = clvp.fix_candidates(tokens[1:], 8193, pad_to=10)
-    assert padded.tolist() == [[1, 2, 3, 4, 5, 6, 7, 45, 45, 248]]
-
-
-def test_processors_match_transformers():
-    from transformers import RepetitionPenaltyLogitsProcessor, TopPLogitsWarper, TypicalLogitsWarper
-    torch.manual_seed(9)
-    logits = torch.randn(4, 8194) * 3
-    ids = torch.randint(0, 8194, (4, 12))
-    seen = torch.zeros(4, 8194, dtype=torch.bool).scatter(1, ids, True)
-    expected = RepetitionPenaltyLogitsProcessor(2.0)(ids, logits.clone())
-    assert torch.equal(clvp.repetition_penalty(logits, seen, 2.0), expected)
-    for p in (0.1, 0.8, 0.95):
-        assert torch.equal(clvp.top_p_filter(logits, p), TopPLogitsWarper(p)(ids, logits.clone()))
-    for mass in (0.2, 0.9):
-        assert torch.equal(clvp.typical_filter(logits, mass), TypicalLogitsWarper(mass)(ids, logits.clone()))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Reference files: the tortoise-tts 3.0.0 source package from PyPI (texts, tokenizer.json, voices,
-# mel_norms.pth, and the original code). $CLVP_TORTOISE_SRC, or downloaded once into ~/.cache/clvp-test.
-# ---------------------------------------------------------------------------------------------------
-
-# ---------------------------------------------------------------------------------------------------
-# Text front end: clean_text and Tokenizer against Tortoise's own tokenizer.py
-# ---------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope='session')
 def original(tortoise_src):
@@ -385,11 +50,6 @@ def original(tortoise_src):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope='session')
-def tokenizer_json(tortoise_src):
-    return tortoise_src / 'tortoise' / 'data' / 'tokenizer.json'
 
 
 @pytest.fixture(scope='session')
@@ -947,22 +607,268 @@ def test_quiet_speech_does_not_warn(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Command line
+# Networks
 # ---------------------------------------------------------------------------------------------------
 
-VOICE = os.path.join(HERE, "examples", "voice.wav")
+
+def test_decoder_is_causal(tiny_pair):
+    """A position's output depends on nothing after it: change the last inputs, the earlier outputs stay."""
+    _, model = tiny_pair
+    torch.manual_seed(13)
+    x = torch.randn(2, 12, model.config.decoder.dim)
+    y = x.clone()
+    y[:, 8:] = torch.randn(2, 4, model.config.decoder.dim)
+    with torch.inference_mode():
+        a, b = model.decoder(x), model.decoder(y)
+    assert maxdiff(a[:, :8], b[:, :8]) <= 1e-6 and maxdiff(a[:, 8:], b[:, 8:]) > 1e-3
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A tiny random model saved as a real checkpoint, with the official tokenizer and mel norms."""
-    torch.manual_seed(11)
-    config = clvp.tiny_config()
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    clvp.save_checkpoint(path, config, clvp.CLVP(config).state_dict(),
-                         Tokenizer.from_file(os.path.join(HERE, "data", "tokenizer.json")),
-                         torch.load(os.path.join(HERE, "data", "mel_norms.pth"), weights_only=True))
-    return str(path)
+def test_rotary_scores_depend_only_on_relative_position():
+    torch.manual_seed(14)
+    q, k = torch.randn(1, 1, 1, 64), torch.randn(1, 1, 1, 64)
+    cos, sin = clvp.rotary_tables(40, 32, "cpu")
+
+    def score(i, j):                                          # q at position i against k at position j
+        return (clvp.apply_rotary(q, cos[i:i + 1], sin[i:i + 1]) * clvp.apply_rotary(k, cos[j:j + 1], sin[j:j + 1])).sum()
+
+    assert abs(score(3, 10) - score(20, 27)) < 1e-4          # the same offset, the same score
+    assert abs(score(3, 10) - score(3, 11)) > 1e-3
+    rotated = clvp.apply_rotary(q.expand(1, 1, 40, 64), cos, sin)
+    assert torch.equal(rotated[..., 32:], q.expand(1, 1, 40, 64)[..., 32:])    # past rotary_dim: untouched
+    assert maxdiff(rotated.norm(dim=-1), q.norm(dim=-1).expand(1, 1, 40)) <= 1e-5   # a rotation keeps the norm
+
+
+# ---------------------------------------------------------------------------------------------------
+# The CLVP model: its four networks and what a user asks of them
+# ---------------------------------------------------------------------------------------------------
+
+
+def reference_greedy(ref, mels, text_ids, steps):
+    """transformers' greedy generate, as ClvpModelForConditionalGeneration.generate runs it, with the
+    per-step logits: the prompt text is ids + [0] (the conditioning encoder adds [255] and another [0])."""
+    text = torch.nn.functional.pad(text_ids, (0, 1), value=0)
+    cond = ref.conditioning_encoder(input_features=mels, input_ids=text)
+    out = ref.speech_decoder_model.generate(conditioning_embeds=cond, do_sample=False, max_new_tokens=steps,
+                                            min_new_tokens=steps, output_logits=True,
+                                            return_dict_in_generate=True, pad_token_id=8193)
+    return out.sequences[:, 1:], torch.stack(out.logits, dim=1)
+
+
+@pytest.mark.parametrize("pair", ["tiny_pair", "official_pair"])
+def test_model_parity(pair, request):
+    ref, model = request.getfixturevalue(pair)
+    torch.manual_seed(2)
+    mels = torch.randn(2, 80, 150)
+    text = torch.randint(1, 250, (2, 17))
+    speech = torch.randint(0, 8192, (3, 40))
+    with torch.inference_mode():
+        lat_ref = ref.conditioning_encoder(input_features=mels, input_ids=text)[:, 0]
+        assert maxdiff(model.conditioning_latent(mels), lat_ref) <= TOL
+
+        text_plus_stop = torch.nn.functional.pad(text, (0, 1), value=0)
+        assert maxdiff(model.text_features(text), ref.get_text_features(input_ids=text_plus_stop)) <= TOL
+        assert maxdiff(model.speech_features(speech), ref.speech_encoder_model(input_ids=speech)[0]) <= TOL
+
+        ref_sim = ref(input_ids=text_plus_stop[:1].expand(3, -1), input_features=mels[:1].expand(3, -1, -1))
+        # The port's forward scores its own argmax tokens; score our tokens with its encoders instead.
+        t = ref.get_text_features(input_ids=text_plus_stop)
+        s = ref.speech_encoder_model(input_ids=speech)[0]
+        t, s = t / t.norm(dim=-1, keepdim=True), s / s.norm(dim=-1, keepdim=True)
+        expected = ref.logit_scale.exp() * t @ s.T
+        assert maxdiff(model.similarity(text, speech), expected) <= TOL
+        assert ref_sim.logits_per_text.shape == (3, 3)
+
+
+@pytest.mark.parametrize("pair, steps", [("tiny_pair", 30), ("official_pair", 8)])
+def test_decoder_logits_match_reference_generate(pair, steps, request):
+    ref, model = request.getfixturevalue(pair)
+    torch.manual_seed(3)
+    mels = torch.randn(1, 80, 120)
+    text = torch.randint(1, 250, (1, 11))
+    with torch.inference_mode():
+        tokens, ref_logits = reference_greedy(ref, mels, text, steps)
+        logits = model.speech_logits(mels, text, tokens)     # [1, steps + 1, 8194]
+    keep = [i for i in range(8194) if i != 8192]             # the -1e4 column rounds at 1e-3
+    assert maxdiff(logits[:, :steps, keep], ref_logits[:, :, keep]) <= TOL
+    assert torch.equal(logits[:, :steps].argmax(-1), tokens)
+
+
+def test_contrastive_loss_matches_definition_and_trains(tiny_pair):
+    _, trained = tiny_pair
+    model = clvp.CLVP(trained.config)
+    model.load_state_dict(trained.state_dict())
+    torch.manual_seed(5)
+    text = torch.randint(1, 250, (4, 10))
+    speech = torch.randint(0, 8192, (4, 30))
+    loss = model.contrastive_loss(text, speech)
+    sim = model.similarity(text, speech)
+    labels = torch.arange(4)
+    expected = (torch.nn.functional.cross_entropy(sim, labels) + torch.nn.functional.cross_entropy(sim.T, labels)) / 2
+    assert abs(loss.item() - expected.item()) <= 1e-6
+    loss.backward()
+    for name, p in list(model.text_encoder.named_parameters()) + list(model.speech_encoder.named_parameters()):
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    encoders = list(model.text_encoder.parameters()) + list(model.speech_encoder.parameters()) + [model.logit_scale]
+    opt = torch.optim.SGD(encoders, lr=0.05)
+    opt.step()
+    assert model.contrastive_loss(text, speech).item() < loss.item()
+
+
+def test_half_precision_runs_close_to_fp32(tiny_pair):
+    _, model = tiny_pair
+    import copy
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    torch.manual_seed(12)
+    mels = torch.randn(1, 80, 100)
+    text = torch.randint(1, 250, (1, 9))
+    speech = torch.randint(0, 8192, (1, 12))
+    with torch.inference_mode():
+        full = model.speech_logits(mels, text, speech)
+        low = half.speech_logits(mels.bfloat16(), text, speech).float()
+        keep = [i for i in range(8194) if i != 8192]
+        assert maxdiff(full[..., keep], low[..., keep]) < 0.05 * full[..., keep].abs().max().item()
+        sim, sim_low = model.similarity(text, speech), half.similarity(text, speech).float()
+        assert maxdiff(sim, sim_low) < 0.1
+    gen = half.generate(text, mels.bfloat16(), num_candidates=3, max_new_tokens=10, seed=0)
+    assert gen.candidates.shape == (3, 10) and torch.isfinite(gen.scores.float()).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generation and reranking
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_prefill_and_decode_step_equal_the_uncached_logits(tiny_pair):
+    _, model = tiny_pair
+    torch.manual_seed(4)
+    mels = torch.randn(1, 80, 100)
+    text = torch.randint(1, 250, (1, 9))
+    speech = torch.randint(0, 8192, (1, 25))
+    dec = model.decoder
+    with torch.inference_mode():
+        full = model.speech_logits(mels, text, speech)
+        prompt = dec.prompt(model.voice_latent(mels)[None], text)
+        P = prompt.shape[1]
+        cache = clvp.KVCache(dec.config, 1, P + speech.shape[1], "cpu", torch.float32)
+        steps = [clvp.prefill(dec, prompt, cache)]
+        for k in range(speech.shape[1]):
+            steps.append(clvp.decode_step(dec, speech[:, k], k + 1, cache, start=P + k))
+    assert maxdiff(torch.stack(steps, dim=1), full) <= 1e-5
+
+
+STOP_BIAS = 0.395   # with seed 3 below, the reference's greedy candidate stops at step 11 of 30
+
+
+@pytest.mark.parametrize("stop_bias", [0.0, STOP_BIAS])
+@pytest.mark.parametrize("pad_to_max", [True, False])
+def test_greedy_generate_matches_reference(tiny_pair, stop_bias, pad_to_max):
+    import copy
+    ref, model = (copy.deepcopy(m) for m in tiny_pair)
+    with torch.no_grad():
+        ref.speech_decoder_model.lm_head.bias[8193] += stop_bias
+        model.decoder.head.bias[8193] += stop_bias
+    torch.manual_seed(3)
+    mels = torch.randn(1, 80, 120)
+    text = torch.randint(1, 250, (1, 11))
+    steps = 30
+    with torch.inference_mode():
+        out = ref.generate(input_ids=text, input_features=mels, do_sample=False, max_new_tokens=steps,
+                           repetition_penalty=2.0, return_dict_in_generate=True, pad_token_id=8193, eos_token_id=8193,
+                           pad_to_max_mel_tokens=steps + 1 if pad_to_max else None)
+    gen = model.generate(text, mels, num_candidates=1, max_new_tokens=steps, temperature=0,
+                         repetition_penalty=2.0, pad_to_max=pad_to_max)
+    stopped_at = int(gen.lengths[0])
+    if stop_bias:
+        assert 1 <= stopped_at <= steps - 4                  # the case this test is about: a midway stop
+        assert gen.candidates[0, stopped_at:-3].eq(83).all()
+    else:
+        assert stopped_at == steps
+    assert torch.equal(gen.candidates, out.speech_ids)
+    assert maxdiff(gen.scores, out.logits_per_text[0]) <= TOL
+
+
+def test_generate_batches_and_seed(tiny_pair):
+    _, model = tiny_pair
+    torch.manual_seed(6)
+    mels = torch.randn(2, 80, 90)
+    text = torch.randint(1, 250, (8,))
+    run = lambda seed, bs: model.generate(text, mels, num_candidates=5, batch_size=bs, max_new_tokens=20,
+                                          seed=seed, top_k=2)
+    a, b, c = run(7, 2), run(7, 2), run(8, 2)
+    assert torch.equal(a.candidates, b.candidates) and torch.equal(a.scores, b.scores)
+    assert not torch.equal(a.candidates, c.candidates)
+    assert a.candidates.shape == (5, 20) and a.scores.shape == (5,) and a.best.shape == (2, 20)
+    assert torch.equal(a.best, a.candidates[a.order[:2]])
+    assert a.scores[a.order].diff().le(0).all()
+    # Scores are CLVP's similarity of the text with each fixed candidate, whatever the batching.
+    with torch.inference_mode():
+        assert maxdiff(model.similarity(text[None], a.candidates)[0], a.scores) <= 1e-5
+    assert maxdiff(model.similarity(text[None], a.candidates)[0], a.scores) <= 1e-5   # usable outside, too
+    # Greedy candidates are identical however they are batched, and the prompt is averaged over clips.
+    g1 = model.generate(text, mels, num_candidates=3, batch_size=1, max_new_tokens=12, temperature=0)
+    g3 = model.generate(text, mels, num_candidates=3, batch_size=3, max_new_tokens=12, temperature=0)
+    assert torch.equal(g1.candidates, g3.candidates)
+    with torch.inference_mode():
+        first = model.speech_logits(mels, text[None], g1.candidates[:1, :0])[0, 0]
+    assert g1.candidates[0, 0] == first.argmax()
+
+
+def test_fix_candidates_like_tortoise():
+    tokens = torch.tensor([[5, 6, 7, 8193, 9, 8193, 1, 2], [1, 2, 3, 4, 5, 6, 7, 8]])
+    fixed, lengths = clvp.fix_candidates(tokens, 8193)
+    assert fixed.tolist() == [[5, 6, 7, 83, 83, 45, 45, 248], [1, 2, 3, 4, 5, 6, 7, 8]]
+    assert lengths.tolist() == [3, 8]
+    padded, _ = clvp.fix_candidates(tokens[1:], 8193, pad_to=10)
+    assert padded.tolist() == [[1, 2, 3, 4, 5, 6, 7, 45, 45, 248]]
+
+
+def test_processors_match_transformers():
+    from transformers import RepetitionPenaltyLogitsProcessor, TopPLogitsWarper, TypicalLogitsWarper
+    torch.manual_seed(9)
+    logits = torch.randn(4, 8194) * 3
+    ids = torch.randint(0, 8194, (4, 12))
+    seen = torch.zeros(4, 8194, dtype=torch.bool).scatter(1, ids, True)
+    expected = RepetitionPenaltyLogitsProcessor(2.0)(ids, logits.clone())
+    assert torch.equal(clvp.repetition_penalty(logits, seen, 2.0), expected)
+    for p in (0.1, 0.8, 0.95):
+        assert torch.equal(clvp.top_p_filter(logits, p), TopPLogitsWarper(p)(ids, logits.clone()))
+    for mass in (0.2, 0.9):
+        assert torch.equal(clvp.typical_filter(logits, mass), TypicalLogitsWarper(mass)(ids, logits.clone()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading: one file holds config, weights, tokenizer and mel norms
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_load_model_bad_files(tiny_checkpoint, tmp_path):
+    good = tmp_path / "good.pt"
+    good.write_bytes(open(tiny_checkpoint, "rb").read())
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:10000])
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    other = tmp_path / "other.pt"
+    torch.save({"a": torch.zeros(1)}, other)
+    blob = torch.load(good, weights_only=True)
+    del blob["weights"]["decoder.head.bias"]
+    blob["weights"]["logit_scale"] = torch.zeros(3)
+    broken = tmp_path / "broken.pt"
+    torch.save(blob, broken)
+    cases = [(truncated, "not a readable"), (text, "not a readable"), (other, "not a clvp checkpoint"),
+             (tmp_path / "missing.pt", "no such file"), (tmp_path, "directory")]
+    for path, words in cases:
+        with pytest.raises(clvp.CheckpointError, match=words):
+            clvp.load_model(path, "cpu")
+    with pytest.raises(clvp.CheckpointError) as e:
+        clvp.load_model(broken, "cpu")
+    assert "missing: decoder.head.bias" in str(e.value) and "logit_scale is [3], expected []" in str(e.value)
+    assert clvp.load_model(good, "cpu").tokenizer.encode("Hello world") == [62, 84, 28, 2, 179, 79]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line: python clvp.py --text "..." --audio voice.wav
+# ---------------------------------------------------------------------------------------------------
 
 
 def cli(*args, env=None):
@@ -1074,240 +980,19 @@ def test_cli_ctrl_c_leaves_no_output(tiny_checkpoint, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_benchmark_tiny_runs_and_reports_every_row():
-    r = cli("--benchmark", "--tiny", "--candidates", 2, "--tokens", 6, "--repeat", 1, "--compare", "--json")
-    assert r.returncode == 0, r.stderr
-    report = json.loads(r.stdout)
-    ours, theirs = report["results"]["clvp.py"], report["results"]["transformers"]
-    for row in ("conditioning + prefill ms", "decode ms/step", "rerank ms", "end to end s", "peak memory MiB",
-                "candidate-tokens/s"):
-        assert ours[row] >= 0 and theirs[row] >= 0, row
-    assert ours["steps"] == theirs["steps"] == 5                  # the stop token is banned: all 6 tokens
-    assert ours["bare matmul ms/step"] > 0 and ours["decode / bare matmul"] > 0
-    assert set(report["front ends"]) == {"tokenizer encode", "log-mel (6 s clip)"}
-    table = cli("--benchmark", "--tiny", "--candidates", 2, "--tokens", 4, "--repeat", 1)
-    assert table.returncode == 0 and "decode / bare matmul" in table.stdout and "transformers" not in table.stdout
+def test_clvp_py_imports_only_the_standard_library_torch_numpy_scipy_soundfile():
+    tree = ast.parse(open(os.path.join(HERE, "clvp.py"), encoding="utf-8").read())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert names - set(sys.stdlib_module_names) == {"torch", "numpy", "scipy", "soundfile"}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Fetching the official files, against a local HTTP server on 127.0.0.1 that misbehaves on demand
-# ---------------------------------------------------------------------------------------------------
-
-BIG = random.Random(0).randbytes(5 * 2**20 // 2)   # 2.5 MiB: several 1 MiB chunks
-SMALL = b'{"model": {"type": "BPE"}}'
-
-
-@pytest.fixture
-def hub(hub_server, no_hub_settings):
-    hub_server.files.update({"big.bin": BIG, "tokenizer.json": SMALL, "autoregressive.pth": BIG[:1000],
-                             "clvp2.pth": BIG[1000:3000], "mel_norms.pth": BIG[-80:]})
-    return hub_server
-
-
-@pytest.fixture
-def no_hub_settings(monkeypatch):
-    monkeypatch.delenv("CLVP_HUB_URL", raising=False)
-    monkeypatch.delenv("CLVP_CACHE", raising=False)
-    monkeypatch.setattr(convert_weights, "TIMEOUT", 5)
-
-
-class Sleeps(list):
-    """Stands in for time.sleep: records the delays, waits for none."""
-
-    def __call__(self, seconds):
-        self.append(seconds)
-
-
-def fetch(hub, tmp_path, name="big.bin", **kw):
-    kw.setdefault("sleep", Sleeps())
-    dest = str(tmp_path / name)
-    return convert_weights.download(f"{hub.url}/{name}", dest, progress=False, **kw), kw["sleep"]
-
-
-def read(path):
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def test_full_download(hub, tmp_path):
-    path, sleeps = fetch(hub, tmp_path)
-    assert read(path) == BIG
-    assert hub.requests == [("big.bin", None)] and sleeps == []
-    assert os.listdir(tmp_path) == ["big.bin"]
-
-
-def test_dropped_connection_is_resumed_with_range(hub, tmp_path):
-    hub.drop_once.add("big.bin")
-    path, sleeps = fetch(hub, tmp_path)
-    assert hub.requests == [("big.bin", None), ("big.bin", f"bytes={len(BIG) // 2}-")]
-    assert hub.sent == len(BIG)   # nothing fetched twice
-    assert read(path) == BIG and sleeps == [1]
-    assert os.listdir(tmp_path) == ["big.bin"]
-
-
-def test_range_survives_a_redirect(hub, tmp_path):
-    hub.drop_once.add("big.bin")
-    path = convert_weights.download(f"{hub.url}/r/big.bin", str(tmp_path / "big.bin"), progress=False, sleep=Sleeps())
-    half = f"bytes={len(BIG) // 2}-"
-    assert hub.requests == [("r/big.bin", None), ("big.bin", None), ("r/big.bin", half), ("big.bin", half)]
-    assert read(path) == BIG
-
-
-def test_existing_part_is_resumed(hub, tmp_path):
-    (tmp_path / "big.bin.part").write_bytes(BIG[:123457])
-    path, sleeps = fetch(hub, tmp_path)
-    assert hub.requests == [("big.bin", "bytes=123457-")]
-    assert hub.sent == len(BIG) - 123457
-    assert read(path) == BIG and sleeps == []
-
-
-def test_complete_part_answered_416_is_kept(hub, tmp_path):
-    (tmp_path / "big.bin.part").write_bytes(BIG)
-    path, _ = fetch(hub, tmp_path)
-    assert hub.requests == [("big.bin", f"bytes={len(BIG)}-")] and hub.sent == 0
-    assert read(path) == BIG
-
-
-def test_part_longer_than_file_starts_over(hub, tmp_path):
-    (tmp_path / "big.bin.part").write_bytes(BIG + b"junk")
-    path, _ = fetch(hub, tmp_path)
-    assert hub.requests == [("big.bin", f"bytes={len(BIG) + 4}-"), ("big.bin", None)]
-    assert read(path) == BIG
-
-
-def test_server_ignoring_range_restarts_from_zero(hub, tmp_path):
-    hub.ignore_range = True
-    (tmp_path / "big.bin.part").write_bytes(b"x" * 1000)   # appending to this would corrupt the file
-    hub.drop_once.add("big.bin")
-    path, sleeps = fetch(hub, tmp_path)
-    assert [r for _, r in hub.requests] == ["bytes=1000-", f"bytes={len(BIG) // 2}-"]
-    assert read(path) == BIG and sleeps == [1]
-
-
-@pytest.mark.parametrize("code", [500, 503, 429])
-def test_server_errors_and_rate_limits_are_retried(hub, tmp_path, code):
-    hub.fail_once.add("big.bin")
-    hub.fail_code = code
-    path, sleeps = fetch(hub, tmp_path)
-    assert len(hub.requests) == 2 and sleeps == [1]
-    assert read(path) == BIG
-
-
-def test_404_names_url_and_leaves_nothing(hub, tmp_path):
-    with pytest.raises(convert_weights.DownloadError) as e:
-        fetch(hub, tmp_path, name="missing.pth")
-    assert f"{hub.url}/missing.pth" in str(e.value) and "404" in str(e.value)
-    assert len(hub.requests) == 1   # not retried
-    assert os.listdir(tmp_path) == []
-
-
-def test_short_body_every_time_fails_after_retries(hub, tmp_path):
-    hub.always_short.add("big.bin")
-    with pytest.raises(convert_weights.DownloadError) as e:
-        fetch(hub, tmp_path, retries=2)
-    assert len(hub.requests) == 3 and e.value.args[0].count("\n") == 0
-    assert "failed 3 times" in str(e.value) and f"of {len(BIG)} bytes" in str(e.value)
-    assert not (tmp_path / "big.bin").exists()
-    # What did arrive is kept for the next run: half, then half of the rest, ...
-    assert read(tmp_path / "big.bin.part") == BIG[:len(BIG) - len(BIG) // 8]
-
-
-def test_offline_is_one_clear_line_and_quick(no_hub_settings, tmp_path, monkeypatch):
-    with socket.socket() as s:   # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("CLVP_HUB_URL", f"http://127.0.0.1:{port}")
-    t = time.monotonic()
-    with pytest.raises(convert_weights.DownloadError) as e:
-        convert_weights.download_official(str(tmp_path / "w"), progress=False)
-    assert time.monotonic() - t < 2
-    assert str(e.value) == (f"cannot reach 127.0.0.1:{port}: Connection refused; "
-                            "check your network connection or set CLVP_HUB_URL")
-    sleeps = Sleeps()
-    with pytest.raises(convert_weights.DownloadError):
-        convert_weights.download(f"http://127.0.0.1:{port}/x", str(tmp_path / "x"), sleep=sleeps)
-    assert sleeps == []   # refused is not retried
-    assert os.listdir(tmp_path / "w") == []
-
-
-def test_existing_dest_is_not_fetched_again(hub, tmp_path):
-    (tmp_path / "big.bin").write_bytes(b"already here")
-    path, _ = fetch(hub, tmp_path)
-    assert hub.requests == [] and read(path) == b"already here"
-
-
-def test_download_official(hub, tmp_path, monkeypatch):
-    monkeypatch.setenv("CLVP_HUB_URL", hub.url + "/")
-    monkeypatch.setenv("CLVP_CACHE", str(tmp_path / "cache"))
-    paths = convert_weights.download_official(progress=False)
-    assert sorted(paths) == sorted(convert_weights.OFFICIAL_FILES)
-    for name, path in paths.items():
-        assert path == str(tmp_path / "cache" / name) and read(path) == hub.files[name]
-    assert sorted(hub.requests) == sorted((name, None) for name in convert_weights.OFFICIAL_FILES)
-
-
-def test_official_urls_and_cache_dir(no_hub_settings, monkeypatch):
-    urls = convert_weights.official_urls()
-    assert urls["clvp2.pth"] == "https://huggingface.co/jbetker/tortoise-tts-v2/resolve/main/.models/clvp2.pth"
-    assert urls["autoregressive.pth"].endswith("tortoise-tts-v2/resolve/main/.models/autoregressive.pth")
-    assert urls["mel_norms.pth"] == \
-        "https://raw.githubusercontent.com/neonbjb/tortoise-tts/main/tortoise/data/mel_norms.pth"
-    assert urls["tokenizer.json"].endswith("/tortoise-tts/main/tortoise/data/tokenizer.json")
-    assert convert_weights.cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "clvp")
-    monkeypatch.setenv("CLVP_HUB_URL", "http://mirror/x")
-    assert set(convert_weights.official_urls().values()) == {f"http://mirror/x/{n}" for n in convert_weights.OFFICIAL_FILES}
-
-
-class FakeTTY(io.StringIO):
-    def isatty(self):
-        return True
-
-
-def test_progress_only_on_a_tty(hub, tmp_path, monkeypatch, capsys):
-    convert_weights.download(f"{hub.url}/big.bin", str(tmp_path / "big.bin"), progress=True)
-    assert capsys.readouterr().err == ""   # captured stderr is not a TTY: nothing is printed
-    tty = FakeTTY()
-    monkeypatch.setattr("sys.stderr", tty)
-    convert_weights.download(f"{hub.url}/big.bin", str(tmp_path / "again.bin"), progress=True)
-    out = tty.getvalue()
-    assert "\rbig.bin: 100% 2.5/2.5 MiB" in out and "MiB/s" in out and out.endswith("\n")
-    tty2 = FakeTTY()
-    monkeypatch.setattr("sys.stderr", tty2)
-    convert_weights.download(f"{hub.url}/tokenizer.json", str(tmp_path / "t.json"), progress=False)
-    assert tty2.getvalue() == ""
-
-
-def test_convert_carries_tokenizer_and_mel_norms(tiny_pair, tokenizer_json, tmp_path):
-    ref, _ = tiny_pair
-    ref.save_pretrained(tmp_path)
-    model = json.loads(tokenizer_json.read_text(encoding="utf-8"))["model"]
-    (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "vocab.json").write_text(json.dumps(model["vocab"]))
-    (tmp_path / "src" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(model["merges"]) + "\n")
-    transformers.ClvpTokenizer(str(tmp_path / "src" / "vocab.json"),
-                               str(tmp_path / "src" / "merges.txt")).save_pretrained(tmp_path)
-    norms = torch.load(os.path.join(HERE, "data", "mel_norms.pth"), weights_only=True)
-    ClvpFeatureExtractor(mel_norms=norms.tolist()).save_pretrained(tmp_path)
-    assert convert_weights.main(["--hf", str(tmp_path), "-o", str(tmp_path / "c.pt")]) == 0
-    loaded = clvp.load_model(tmp_path / "c.pt", "cpu")
-    assert loaded.tokenizer.encode("Hello world") == [62, 84, 28, 2, 179, 79]
-    assert maxdiff(loaded.mel_norms, norms) < 1e-6
-
-
-def test_half_precision_runs_close_to_fp32(tiny_pair):
-    _, model = tiny_pair
-    import copy
-    half = copy.deepcopy(model).to(torch.bfloat16)
-    torch.manual_seed(12)
-    mels = torch.randn(1, 80, 100)
-    text = torch.randint(1, 250, (1, 9))
-    speech = torch.randint(0, 8192, (1, 12))
-    with torch.inference_mode():
-        full = model.speech_logits(mels, text, speech)
-        low = half.speech_logits(mels.bfloat16(), text, speech).float()
-        keep = [i for i in range(8194) if i != 8192]
-        assert maxdiff(full[..., keep], low[..., keep]) < 0.05 * full[..., keep].abs().max().item()
-        sim, sim_low = model.similarity(text, speech), half.similarity(text, speech).float()
-        assert maxdiff(sim, sim_low) < 0.1
-    gen = half.generate(text, mels.bfloat16(), num_candidates=3, max_new_tokens=10, seed=0)
-    assert gen.candidates.shape == (3, 10) and torch.isfinite(gen.scores.float()).all()
+def test_a_full_run_loads_neither_the_converter_nor_transformers(tmp_path):
+    # -X importtime lists every module the process imports, on stderr.
+    r = subprocess.run([sys.executable, "-X", "importtime", os.path.join(HERE, "clvp.py"), "--text", "Hi there.",
+                        "--audio", VOICE, "--random-init", "--tiny", "--candidates", "2", "--max-tokens", "6",
+                        "--explain", "--out", str(tmp_path / "b.npy")], capture_output=True, text=True)
+    assert r.returncode == 0 and (tmp_path / "b.npy").exists(), r.stderr[-2000:]
+    imported = {line.rpartition("|")[2].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" in imported and "soundfile" in imported                  # the listing is real
+    assert not {m for m in imported if m.split(".")[0] in ("convert_weights", "bench", "transformers")}

@@ -11,13 +11,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+import bench
 import clvp
 import convert_weights
 from convert_weights import ConversionError
@@ -378,7 +378,7 @@ def test_cli_converts_and_lists_skipped(tiny, tmp_path):
 
 def test_hf_and_tortoise_paths_give_identical_tensors(tiny, tmp_path):
     """The same weights, once in the transformers layout and once in Tortoise's, convert to the same bytes."""
-    ref = clvp.reference_model(tiny["model"])          # transformers' CLVP holding exactly these weights
+    ref = bench.reference_model(tiny["model"])          # transformers' CLVP holding exactly these weights
     ref.save_pretrained(tmp_path)
     _, weights, _, _ = convert_weights.convert_hf(str(tmp_path))
     _, tortoise_weights, _ = convert_weights.convert_tortoise(tiny["dir"] / "autoregressive.pth",
@@ -417,19 +417,6 @@ def test_download_and_convert_against_a_local_hub(tiny, hub_server, tmp_path):
                           capture_output=True, text=True, env=proc_env)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "404" in proc.stderr
     assert "clvp2.pth" in proc.stderr and not list(empty.glob("clvp*"))
-
-
-def test_cli_download_flag_fetches_on_first_run(tiny, hub_server, tmp_path):
-    for name in ("autoregressive.pth", "clvp2.pth"):
-        hub_server.files[name] = (tiny["dir"] / name).read_bytes()
-    for name in ("tokenizer.json", "mel_norms.pth"):
-        hub_server.files[name] = (HERE / "data" / name).read_bytes()
-    env = {**os.environ, "CLVP_HUB_URL": hub_server.url, "CLVP_CACHE": str(tmp_path / "cache")}
-    run = subprocess.run([sys.executable, str(HERE / "clvp.py"), "--text", "Hi.", "--audio",
-                          str(HERE / "examples" / "voice.wav"), "--candidates", "2", "--max-tokens", "8", "--download",
-                          "--quiet", "--out", str(tmp_path / "b.npy")], capture_output=True, text=True, env=env)
-    assert run.returncode == 0, run.stderr
-    assert (tmp_path / "cache" / "clvp.pt").exists() and (tmp_path / "b.npy").exists()
 
 
 def test_full_disk_leaves_nothing(tiny, tmp_path, monkeypatch, capsys):

@@ -1,0 +1,284 @@
+"""bench.py: how fast clvp.py runs, measured against transformers on identical weights.
+
+    python bench.py                        # clvp.py alone, official shapes, random weights
+    python bench.py --compare              # and transformers' CLVP generate, interleaved, same process
+    python bench.py --tiny --json          # a small model; one JSON object instead of the table
+
+The whole job is timed (conditioning, prefill, decoding, reranking) on random weights with the stop
+token banned, so every candidate runs exactly --tokens steps. Forward hooks on the decoder timestamp
+every step, so the same code times clvp.py and transformers' ClvpModelForConditionalGeneration.generate.
+The yardstick is the decode step's matrix products run bare: the same weights and shapes through
+torch.matmul, with nothing else around them. Medians of --repeat runs, the implementations interleaved
+so a machine that drifts hits both alike.
+"""
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+import clvp
+import convert_weights
+
+
+class PeakMemory:
+    """Peak extra memory while a block runs: CUDA's max allocated, or on the CPU the process's peak RSS
+    (Linux's VmHWM, reset on entry through /proc/self/clear_refs: no sampling thread to disturb timings)."""
+
+    def __init__(self, device):
+        self.device = device
+
+    @staticmethod
+    def status(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.base = self.status("VmRSS:")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.bytes = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.bytes = self.status("VmHWM:") - self.base
+
+
+def synchronizer(device):
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def timed_run(run, decoder, device):
+    """Run `run()` once with a hook on `decoder`: the first forward is the prefill, the others the steps."""
+    marks, sync = [], synchronizer(device)
+
+    def mark(*_):                                            # a forward hook must return None
+        sync()
+        marks.append(time.perf_counter())
+
+    hook = decoder.register_forward_hook(mark)
+    try:
+        with PeakMemory(device) as mem:
+            sync()
+            t0 = time.perf_counter()
+            run()
+            sync()
+            end = time.perf_counter()
+    finally:
+        hook.remove()
+    steps = len(marks) - 1
+    return {"conditioning + prefill ms": (marks[0] - t0) * 1e3,
+            "decode ms/step": (marks[-1] - marks[0]) / steps * 1e3,
+            "rerank ms": (end - marks[-1]) * 1e3, "end to end s": end - t0, "peak memory MiB": mem.bytes / 2**20,
+            "steps": steps}
+
+
+def bare_matmul_ms(model, n, context, device, repeat=5):
+    """One decode step's matrix products alone: every weight matmul at batch n, and attention's two
+    products over `context` cached positions."""
+    c = model.config.decoder
+    x = torch.randn(n, c.dim, device=device, dtype=model.logit_scale.dtype)
+    q = torch.randn(n, c.heads, 1, c.dim // c.heads, device=device, dtype=x.dtype)
+    kv = torch.randn(n, c.heads, context, c.dim // c.heads, device=device, dtype=x.dtype)
+    hidden = torch.randn(n, 4 * c.dim, device=device, dtype=x.dtype)
+
+    def step():
+        for b in model.decoder.blocks:
+            x @ b.qkv.weight.T, x @ b.out.weight.T, x @ b.fc.weight.T, hidden @ b.proj.weight.T
+            (q @ kv.transpose(2, 3)) @ kv
+        x @ model.decoder.head.weight.T
+
+    step()
+    sync = synchronizer(device)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        step()
+    sync()
+    return (time.perf_counter() - t0) / repeat * 1e3
+
+
+def reference_model(model):
+    """transformers' CLVP holding exactly `model`'s weights, through convert_weights' own weight map."""
+    from transformers import ClvpConfig, ClvpModelForConditionalGeneration
+    c = model.config
+
+    def encoder(e):
+        return dict(vocab_size=e.vocab_size, hidden_size=e.dim, num_hidden_layers=e.layers,
+                    num_attention_heads=e.heads, intermediate_size=e.ff_dim, projection_dim=e.projection_dim)
+
+    d = c.decoder
+    hf = ClvpConfig(text_config=encoder(c.text), speech_config=encoder(c.speech), projection_dim=c.text.projection_dim,
+                    decoder_config=dict(hidden_size=d.dim, num_hidden_layers=d.layers, num_attention_heads=d.heads,
+                                        num_mel_attn_blocks=d.conditioning_blocks))
+    ref = ClvpModelForConditionalGeneration(hf).eval()
+    ours, theirs = model.state_dict(), dict(ref.state_dict())
+    for name, (how, source) in convert_weights.hf_weight_map(c).items():
+        if how == "qkv":
+            theirs.update(zip(source, ours[name].chunk(3)))
+        else:
+            theirs[source] = ours[name].T if how == "conv1d" else ours[name]
+    ref.load_state_dict(theirs)
+    return ref.to(model.logit_scale.device, model.logit_scale.dtype)
+
+
+def runs_to_time(args, device):
+    """{name: (run, the decoder module to hook)}: clvp.py, and transformers with --compare."""
+    torch.manual_seed(0)
+    model = clvp.CLVP(clvp.tiny_config() if args.tiny else clvp.Config()).to(device).eval()
+    c = model.config.decoder
+    with torch.no_grad():
+        model.decoder.head.bias[c.stop_token] = -1e9                       # run every one of the L steps
+    model = model.to(getattr(torch, args.dtype))
+    N, L = args.candidates, args.tokens
+    text = torch.randint(3, 200, (1, args.text_tokens), device=device)
+    wav = 0.1 * torch.randn(clvp.CONDITIONING_SAMPLES, device=device)
+    mels = clvp.log_mel_spectrogram(wav)[None].to(model.logit_scale.dtype)
+    options = clvp.DecodingOptions(num_candidates=N, batch_size=N, max_new_tokens=L, pad_to_max=False, seed=0)
+    runs = {"clvp.py": (lambda: model.generate(text, mels, options), model.decoder)}
+    if args.compare:
+        import transformers
+        transformers.logging.set_verbosity_error()
+        warnings.filterwarnings("ignore", module="transformers")
+        ref = reference_model(model)
+        hf_generate = lambda: ref.generate(input_ids=text, input_features=mels, do_sample=True,
+                                           temperature=options.temperature, top_p=options.top_p,
+                                           repetition_penalty=options.repetition_penalty, num_return_sequences=N,
+                                           max_new_tokens=L, pad_token_id=c.stop_token, eos_token_id=c.stop_token,
+                                           return_dict_in_generate=True)
+        runs["transformers"] = (hf_generate, ref.speech_decoder_model)
+    return model, runs
+
+
+def benchmark(args, device):
+    model, runs = runs_to_time(args, device)
+    N, L = args.candidates, args.tokens
+    results = {name: [] for name in runs}
+    with torch.inference_mode():
+        for run, _ in runs.values():
+            run()                                                           # warm-up
+        for _ in range(args.repeat):
+            for name, (run, decoder) in runs.items():
+                results[name].append(timed_run(run, decoder, device))
+        bare = bare_matmul_ms(model, N, 1 + args.text_tokens + 4 + L // 2, device)
+    table = {}
+    for name, rs in results.items():
+        table[name] = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        table[name]["candidate-tokens/s"] = N / table[name]["decode ms/step"] * 1e3
+    ours = table["clvp.py"]
+    ours["bare matmul ms/step"] = bare
+    ours["decode / bare matmul"] = ours["decode ms/step"] / bare
+    report = dict(device=str(device), dtype=args.dtype, config="tiny" if args.tiny else "official",
+                  candidates=N, tokens=L, text_tokens=args.text_tokens, repeat=args.repeat,
+                  torch=torch.__version__, threads=torch.get_num_threads(), results=table)
+    if args.compare:
+        report["ratio (transformers / clvp.py)"] = {k: table["transformers"][k] / ours[k] for k in
+                                                    ("conditioning + prefill ms", "decode ms/step", "rerank ms",
+                                                     "end to end s", "peak memory MiB") if ours[k] > 0}
+        report["front ends"] = front_end_speed(device)
+    return report
+
+
+def print_report(report):
+    table, ours = report["results"], report["results"]["clvp.py"]
+    ratios = report.get("ratio (transformers / clvp.py)", {})
+    print(f"benchmark: {report['config']} config, {report['device']} {report['dtype']}, N={report['candidates']} "
+          f"candidates, L={report['tokens']} tokens, {report['text_tokens']} text tokens, median of "
+          f"{report['repeat']}, torch {report['torch']}, {report['threads']} threads")
+    names = list(table)
+    print(f"{'':28}" + "".join(f"{n:>15}" for n in names) + (f"{'ratio':>10}" if ratios else ""))
+    for row in ours:
+        if row == "steps":
+            continue
+        cells = "".join(f"{table[n][row]:>15.2f}" if row in table[n] else f"{'':>15}" for n in names)
+        print(f"{row:28}{cells}" + (f"{ratios[row]:>9.2f}x" if row in ratios else ""))
+    for name, (ours_ms, theirs_ms, what) in report.get("front ends", {}).items():
+        print(f"{name:28}{ours_ms:>15.2f}{theirs_ms:>15.2f}{theirs_ms / ours_ms:>9.2f}x   ms, {what}")
+
+
+def best_ms(f, repeat):
+    """The fastest of `repeat` calls of f, after one warm-up call."""
+    f()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    return min(times) * 1e3
+
+
+def front_end_speed(device, repeat=20):
+    """Tokenizer and log-mel against transformers' ClvpTokenizer and ClvpFeatureExtractor (best of `repeat`)."""
+    from transformers import ClvpFeatureExtractor, ClvpTokenizer
+    tokenizer = clvp.Tokenizer.from_file(os.path.join(clvp.DATA, "tokenizer.json"))
+    source = os.environ.get("CLVP_TORTOISE_SRC") or os.path.expanduser("~/.cache/clvp-test/tortoise-tts-3.0.0")
+    try:
+        with open(os.path.join(source, "tortoise", "data", "got.txt"), encoding="utf-8") as f:
+            text, what = " ".join(f.read().split("\n")), "Tortoise's longest shipped text"
+    except OSError:
+        text, what = " ".join([clvp.__doc__] * 4), "clvp.py's docstring x 4 (Tortoise's texts not found)"
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "vocab.json"), "w") as f:
+            json.dump(tokenizer.vocab, f)
+        with open(os.path.join(d, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in tokenizer.merges) + "\n")
+        theirs = ClvpTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"))
+    wav = 0.1 * torch.randn(clvp.CONDITIONING_SAMPLES)
+    extractor = ClvpFeatureExtractor()
+    fresh = lambda: clvp.Tokenizer(tokenizer.vocab, tokenizer.merges).encode(text)    # no warm word cache
+    return {"tokenizer encode": (best_ms(fresh, repeat), best_ms(lambda: theirs(text), repeat),
+                                 f"{len(text)} chars of {what}"),
+            "log-mel (6 s clip)": (best_ms(lambda: clvp.log_mel_spectrogram(wav.to(device)), repeat),
+                                   best_ms(lambda: extractor(wav.numpy(), sampling_rate=clvp.SAMPLE_RATE), repeat),
+                                   "one clip")}
+
+
+def build_parser():
+    p = clvp.ArgumentParser(prog="bench.py", description="Time clvp.py's generate-and-rank on random weights "
+                            "(and transformers' with --compare).")
+    p.add_argument("--compare", action="store_true", help="also time transformers' generate on the same weights")
+    p.add_argument("--tiny", action="store_true", help="a small model instead of the official shapes")
+    p.add_argument("--candidates", type=int, default=16, help="candidates decoded together (default 16)")
+    p.add_argument("--tokens", type=int, default=100, help="decode steps per candidate (default 100)")
+    p.add_argument("--text-tokens", type=int, default=40, help="text length in tokens (default 40)")
+    p.add_argument("--repeat", type=int, default=3, help="runs per implementation; the median is reported")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    return p
+
+
+def main(argv=None):
+    try:
+        args = build_parser().parse_args(argv)
+        for ok, message in [(args.candidates >= 1, "--candidates must be at least 1"),
+                            (1 <= args.tokens <= 600, "--tokens must be in 1..600"),
+                            (1 <= args.text_tokens <= 400, "--text-tokens must be in 1..400"),
+                            (args.repeat >= 1, "--repeat must be at least 1")]:
+            if not ok:
+                raise clvp.UsageError(message)
+        report = benchmark(args, clvp.check_device(args.device))
+    except clvp.UsageError as e:
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_report(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""Tests for convert_weights.py: the Hugging Face layout, bad input through the real command line, and
+the resumable download against a local HTTP server that misbehaves on demand (conftest.py's Hub). The
+Tortoise layout is tested against the original code in test_tortoise.py."""
+import io
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import transformers
+from transformers import ClvpFeatureExtractor
+
+import clvp
+import convert_weights
+from conftest import maxdiff
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Hugging Face layout, and bad input
+# ---------------------------------------------------------------------------------------------------
+
+
+def run_convert(*args):
+    return subprocess.run([sys.executable, os.path.join(HERE, "convert_weights.py"), *args],
+                          capture_output=True, text=True)
+
+
+def assert_clean_error(result, *words):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_dir(tmp_path_factory, tiny_pair):
+    ref, _ = tiny_pair
+    d = tmp_path_factory.mktemp("hf")
+    ref.save_pretrained(d)
+    return d
+
+
+def test_convert_writes_loadable_checkpoint_and_halves_in_fp16(tiny_hf_dir, tmp_path):
+    full, half = tmp_path / "a.pt", tmp_path / "b.pt"
+    assert run_convert("--hf", str(tiny_hf_dir), "-o", str(full)).returncode == 0
+    assert run_convert("--hf", str(tiny_hf_dir), "-o", str(half), "--dtype", "float16").returncode == 0
+    assert 0.4 < half.stat().st_size / full.stat().st_size < 0.6
+    a, b = clvp.load_model(full, "cpu"), clvp.load_model(half, "cpu")
+    assert b.decoder.head.weight.dtype == torch.float32
+    assert maxdiff(a.decoder.head.weight, b.decoder.head.weight) < 1e-3
+
+
+def test_convert_sharded_and_bin(tiny_pair, tmp_path):
+    ref, model = tiny_pair
+    for kwargs in (dict(max_shard_size="200KB"), dict(safe_serialization=False)):
+        d = tmp_path / str(len(kwargs) + len(str(kwargs)))
+        ref.save_pretrained(d, **kwargs)
+        assert run_convert("--hf", str(d), "-o", str(d / "c.pt")).returncode == 0
+        loaded = clvp.load_model(d / "c.pt", "cpu")
+        for k, v in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_convert_bad_inputs(tiny_hf_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+    out = tmp_path / "out.pt"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text((tiny_hf_dir / "config.json").read_text())
+    assert_clean_error(run_convert("--hf", str(empty), "-o", str(out)), "no weights found")
+    assert_clean_error(run_convert("--hf", str(tmp_path / "nope"), "-o", str(out)), "not a directory")
+
+    state = load_file(tiny_hf_dir / "model.safetensors")
+    for name, change in (("removed", lambda s: s.pop("speech_decoder_model.lm_head.bias")),
+                         ("reshaped", lambda s: s.update({"logit_scale": torch.zeros(2)}))):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text((tiny_hf_dir / "config.json").read_text())
+        broken = dict(state)
+        change(broken)
+        save_file(broken, d / "model.safetensors")
+        word = "lm_head.bias" if name == "removed" else "logit_scale"
+        assert_clean_error(run_convert("--hf", str(d), "-o", str(out)), word)
+    d = tmp_path / "truncated"
+    d.mkdir()
+    (d / "config.json").write_text((tiny_hf_dir / "config.json").read_text())
+    (d / "model.safetensors").write_bytes((tiny_hf_dir / "model.safetensors").read_bytes()[:5000])
+    assert_clean_error(run_convert("--hf", str(d), "-o", str(out)), "model.safetensors")
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".clvp-")]
+
+
+def test_convert_carries_tokenizer_and_mel_norms(tiny_pair, tokenizer_json, tmp_path):
+    ref, _ = tiny_pair
+    ref.save_pretrained(tmp_path)
+    model = json.loads(tokenizer_json.read_text(encoding="utf-8"))["model"]
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "vocab.json").write_text(json.dumps(model["vocab"]))
+    (tmp_path / "src" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(model["merges"]) + "\n")
+    transformers.ClvpTokenizer(str(tmp_path / "src" / "vocab.json"),
+                               str(tmp_path / "src" / "merges.txt")).save_pretrained(tmp_path)
+    norms = torch.load(os.path.join(HERE, "data", "mel_norms.pth"), weights_only=True)
+    ClvpFeatureExtractor(mel_norms=norms.tolist()).save_pretrained(tmp_path)
+    assert convert_weights.main(["--hf", str(tmp_path), "-o", str(tmp_path / "c.pt")]) == 0
+    loaded = clvp.load_model(tmp_path / "c.pt", "cpu")
+    assert loaded.tokenizer.encode("Hello world") == [62, 84, 28, 2, 179, 79]
+    assert maxdiff(loaded.mel_norms, norms) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fetching the official files, against a local HTTP server on 127.0.0.1 that misbehaves on demand
+# ---------------------------------------------------------------------------------------------------
+
+
+BIG = random.Random(0).randbytes(5 * 2**20 // 2)   # 2.5 MiB: several 1 MiB chunks
+SMALL = b'{"model": {"type": "BPE"}}'
+
+
+@pytest.fixture
+def hub(hub_server, no_hub_settings):
+    hub_server.files.update({"big.bin": BIG, "tokenizer.json": SMALL, "autoregressive.pth": BIG[:1000],
+                             "clvp2.pth": BIG[1000:3000], "mel_norms.pth": BIG[-80:]})
+    return hub_server
+
+
+@pytest.fixture
+def no_hub_settings(monkeypatch):
+    monkeypatch.delenv("CLVP_HUB_URL", raising=False)
+    monkeypatch.delenv("CLVP_CACHE", raising=False)
+    monkeypatch.setattr(convert_weights, "TIMEOUT", 5)
+
+
+class Sleeps(list):
+    """Stands in for time.sleep: records the delays, waits for none."""
+
+    def __call__(self, seconds):
+        self.append(seconds)
+
+
+def fetch(hub, tmp_path, name="big.bin", **kw):
+    kw.setdefault("sleep", Sleeps())
+    dest = str(tmp_path / name)
+    return convert_weights.download(f"{hub.url}/{name}", dest, progress=False, **kw), kw["sleep"]
+
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_full_download(hub, tmp_path):
+    path, sleeps = fetch(hub, tmp_path)
+    assert read(path) == BIG
+    assert hub.requests == [("big.bin", None)] and sleeps == []
+    assert os.listdir(tmp_path) == ["big.bin"]
+
+
+def test_dropped_connection_is_resumed_with_range(hub, tmp_path):
+    hub.drop_once.add("big.bin")
+    path, sleeps = fetch(hub, tmp_path)
+    assert hub.requests == [("big.bin", None), ("big.bin", f"bytes={len(BIG) // 2}-")]
+    assert hub.sent == len(BIG)   # nothing fetched twice
+    assert read(path) == BIG and sleeps == [1]
+    assert os.listdir(tmp_path) == ["big.bin"]
+
+
+def test_range_survives_a_redirect(hub, tmp_path):
+    hub.drop_once.add("big.bin")
+    path = convert_weights.download(f"{hub.url}/r/big.bin", str(tmp_path / "big.bin"), progress=False, sleep=Sleeps())
+    half = f"bytes={len(BIG) // 2}-"
+    assert hub.requests == [("r/big.bin", None), ("big.bin", None), ("r/big.bin", half), ("big.bin", half)]
+    assert read(path) == BIG
+
+
+def test_existing_part_is_resumed(hub, tmp_path):
+    (tmp_path / "big.bin.part").write_bytes(BIG[:123457])
+    path, sleeps = fetch(hub, tmp_path)
+    assert hub.requests == [("big.bin", "bytes=123457-")]
+    assert hub.sent == len(BIG) - 123457
+    assert read(path) == BIG and sleeps == []
+
+
+def test_complete_part_answered_416_is_kept(hub, tmp_path):
+    (tmp_path / "big.bin.part").write_bytes(BIG)
+    path, _ = fetch(hub, tmp_path)
+    assert hub.requests == [("big.bin", f"bytes={len(BIG)}-")] and hub.sent == 0
+    assert read(path) == BIG
+
+
+def test_part_longer_than_file_starts_over(hub, tmp_path):
+    (tmp_path / "big.bin.part").write_bytes(BIG + b"junk")
+    path, _ = fetch(hub, tmp_path)
+    assert hub.requests == [("big.bin", f"bytes={len(BIG) + 4}-"), ("big.bin", None)]
+    assert read(path) == BIG
+
+
+def test_server_ignoring_range_restarts_from_zero(hub, tmp_path):
+    hub.ignore_range = True
+    (tmp_path / "big.bin.part").write_bytes(b"x" * 1000)   # appending to this would corrupt the file
+    hub.drop_once.add("big.bin")
+    path, sleeps = fetch(hub, tmp_path)
+    assert [r for _, r in hub.requests] == ["bytes=1000-", f"bytes={len(BIG) // 2}-"]
+    assert read(path) == BIG and sleeps == [1]
+
+
+@pytest.mark.parametrize("code", [500, 503, 429])
+def test_server_errors_and_rate_limits_are_retried(hub, tmp_path, code):
+    hub.fail_once.add("big.bin")
+    hub.fail_code = code
+    path, sleeps = fetch(hub, tmp_path)
+    assert len(hub.requests) == 2 and sleeps == [1]
+    assert read(path) == BIG
+
+
+def test_404_names_url_and_leaves_nothing(hub, tmp_path):
+    with pytest.raises(convert_weights.DownloadError) as e:
+        fetch(hub, tmp_path, name="missing.pth")
+    assert f"{hub.url}/missing.pth" in str(e.value) and "404" in str(e.value)
+    assert len(hub.requests) == 1   # not retried
+    assert os.listdir(tmp_path) == []
+
+
+def test_short_body_every_time_fails_after_retries(hub, tmp_path):
+    hub.always_short.add("big.bin")
+    with pytest.raises(convert_weights.DownloadError) as e:
+        fetch(hub, tmp_path, retries=2)
+    assert len(hub.requests) == 3 and e.value.args[0].count("\n") == 0
+    assert "failed 3 times" in str(e.value) and f"of {len(BIG)} bytes" in str(e.value)
+    assert not (tmp_path / "big.bin").exists()
+    # What did arrive is kept for the next run: half, then half of the rest, ...
+    assert read(tmp_path / "big.bin.part") == BIG[:len(BIG) - len(BIG) // 8]
+
+
+def test_offline_is_one_clear_line_and_quick(no_hub_settings, tmp_path, monkeypatch):
+    with socket.socket() as s:   # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("CLVP_HUB_URL", f"http://127.0.0.1:{port}")
+    t = time.monotonic()
+    with pytest.raises(convert_weights.DownloadError) as e:
+        convert_weights.download_official(str(tmp_path / "w"), progress=False)
+    assert time.monotonic() - t < 2
+    assert str(e.value) == (f"cannot reach 127.0.0.1:{port}: Connection refused; "
+                            "check your network connection or set CLVP_HUB_URL")
+    sleeps = Sleeps()
+    with pytest.raises(convert_weights.DownloadError):
+        convert_weights.download(f"http://127.0.0.1:{port}/x", str(tmp_path / "x"), sleep=sleeps)
+    assert sleeps == []   # refused is not retried
+    assert os.listdir(tmp_path / "w") == []
+
+
+def test_existing_dest_is_not_fetched_again(hub, tmp_path):
+    (tmp_path / "big.bin").write_bytes(b"already here")
+    path, _ = fetch(hub, tmp_path)
+    assert hub.requests == [] and read(path) == b"already here"
+
+
+def test_download_official(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLVP_HUB_URL", hub.url + "/")
+    monkeypatch.setenv("CLVP_CACHE", str(tmp_path / "cache"))
+    paths = convert_weights.download_official(progress=False)
+    assert sorted(paths) == sorted(convert_weights.OFFICIAL_FILES)
+    for name, path in paths.items():
+        assert path == str(tmp_path / "cache" / name) and read(path) == hub.files[name]
+    assert sorted(hub.requests) == sorted((name, None) for name in convert_weights.OFFICIAL_FILES)
+
+
+def test_official_urls_and_cache_dir(no_hub_settings, monkeypatch):
+    urls = convert_weights.official_urls()
+    assert urls["clvp2.pth"] == "https://huggingface.co/jbetker/tortoise-tts-v2/resolve/main/.models/clvp2.pth"
+    assert urls["autoregressive.pth"].endswith("tortoise-tts-v2/resolve/main/.models/autoregressive.pth")
+    assert urls["mel_norms.pth"] == \
+        "https://raw.githubusercontent.com/neonbjb/tortoise-tts/main/tortoise/data/mel_norms.pth"
+    assert urls["tokenizer.json"].endswith("/tortoise-tts/main/tortoise/data/tokenizer.json")
+    assert clvp.cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "clvp")
+    monkeypatch.setenv("CLVP_HUB_URL", "http://mirror/x")
+    assert set(convert_weights.official_urls().values()) == {f"http://mirror/x/{n}" for n in convert_weights.OFFICIAL_FILES}
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_only_on_a_tty(hub, tmp_path, monkeypatch, capsys):
+    convert_weights.download(f"{hub.url}/big.bin", str(tmp_path / "big.bin"), progress=True)
+    assert capsys.readouterr().err == ""   # captured stderr is not a TTY: nothing is printed
+    tty = FakeTTY()
+    monkeypatch.setattr("sys.stderr", tty)
+    convert_weights.download(f"{hub.url}/big.bin", str(tmp_path / "again.bin"), progress=True)
+    out = tty.getvalue()
+    assert "\rbig.bin: 100% 2.5/2.5 MiB" in out and "MiB/s" in out and out.endswith("\n")
+    tty2 = FakeTTY()
+    monkeypatch.setattr("sys.stderr", tty2)
+    convert_weights.download(f"{hub.url}/tokenizer.json", str(tmp_path / "t.json"), progress=False)
+    assert tty2.getvalue() == ""
