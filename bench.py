@@ -263,16 +263,17 @@ def build_parser():
 def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
-        for ok, message in [(args.candidates >= 1, "--candidates must be at least 1"),
-                            (1 <= args.tokens <= 600, "--tokens must be in 1..600"),
-                            (1 <= args.text_tokens <= 400, "--text-tokens must be in 1..400"),
-                            (args.repeat >= 1, "--repeat must be at least 1")]:
+        for ok, message in [(args.candidates >= 1, f"--candidates must be at least 1, not {args.candidates}"),
+                            (2 <= args.tokens <= 600, f"--tokens must be in 2..600 (one step to time), not {args.tokens}"),
+                            (1 <= args.text_tokens <= 400, f"--text-tokens must be in 1..400, not {args.text_tokens}"),
+                            (args.repeat >= 1, f"--repeat must be at least 1, not {args.repeat}")]:
             if not ok:
                 raise clvp.UsageError(message)
-        report = benchmark(args, clvp.check_device(args.device))
-    except clvp.UsageError as e:
+        device = clvp.resolve_device(args.device)
+    except ValueError as e:                                   # a UsageError, or resolve_device's
         print(f"bench.py: error: {e}", file=sys.stderr)
         return 2
+    report = benchmark(args, device)
     if args.json:
         print(json.dumps(report))
     else:

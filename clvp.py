@@ -26,7 +26,6 @@ import functools
 import json
 import math
 import os
-import pathlib
 import re
 import sys
 import tempfile
@@ -49,7 +48,6 @@ import torch.nn.functional as F
 # 255, text stop 0, speech start 8192, speech stop 8193) live here too, and the code below reads them
 # from the config rather than repeating the numbers.
 # ---------------------------------------------------------------------------------------------------
-
 
 @dataclass
 class EncoderConfig:
@@ -289,18 +287,10 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path):
-        """Tortoise's tokenizer.json, or transformers' vocab.json with merges.txt beside it (what
-        ClvpTokenizer.save_pretrained writes), or the directory holding those two."""
-        path = pathlib.Path(path)
-        if path.is_dir():
-            path = path / 'vocab.json'
-        data = json.loads(path.read_text(encoding='utf-8'))
-        if 'model' in data:
-            vocab, merges = data['model']['vocab'], data['model']['merges']
-        else:
-            lines = (path.parent / 'merges.txt').read_text(encoding='utf-8').splitlines()
-            vocab, merges = data, [line for line in lines if line and not line.startswith('#version')]
-        return cls(vocab, [m.split(' ') if isinstance(m, str) else m for m in merges])
+        """Tortoise's tokenizer.json (convert_weights.py also reads transformers' vocab.json + merges.txt)."""
+        with open(path, encoding='utf-8') as f:
+            model = json.load(f)['model']
+        return cls(model['vocab'], [m.split(' ') if isinstance(m, str) else m for m in model['merges']])
 
     def encode(self, text):
         """'Hello world' -> [62, 84, 28, 2, 179, 79]: 'he' 'll' 'o' [SPACE] 'wor' 'ld'."""
@@ -422,7 +412,6 @@ def log_mel_spectrogram(wav: torch.Tensor, mel_norms: torch.Tensor | None = None
 # scaled_dot_product_attention does the rest.
 # ---------------------------------------------------------------------------------------------------
 
-
 def split_heads(qkv, heads):
     """[B, T, 3 * D] -> three tensors of [B, heads, T, D / heads]."""
     B, T, _ = qkv.shape
@@ -443,7 +432,6 @@ def merge_heads(x):
 # first frame's output. The original fuses q, k, v in one 1x1 conv with the heads interleaved
 # ([heads, 3 * head_dim]); convert_weights.py reorders that into the [q; k; v] layout used here.
 # ---------------------------------------------------------------------------------------------------
-
 
 def groupnorm_groups(channels):
     """The original's rule for GroupNorm groups: 32, fewer for narrow layers, always dividing channels."""
@@ -495,7 +483,6 @@ class ConditioningEncoder(nn.Module):
 # the start token plus a fake prompt when it computes positions. Every published Tortoise sample was
 # made that way, and the weights expect it, so generation here does the same (speech_position below).
 # ---------------------------------------------------------------------------------------------------
-
 
 def speech_position(k):
     """Speech position of the k-th generated token (k = 1, 2, ...); the start token sits at 0."""
@@ -601,7 +588,6 @@ class Decoder(nn.Module):
 # divides by max(rms, 1e-8) instead, which the parity tests against the original do not see (< 1e-5).
 # ---------------------------------------------------------------------------------------------------
 
-
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-5):
         super().__init__()
@@ -670,7 +656,6 @@ class Encoder(nn.Module):
 # user asks of them
 # ---------------------------------------------------------------------------------------------------
 
-
 class CLVP(nn.Module):
     def __init__(self, config: Config = None):
         super().__init__()
@@ -688,23 +673,18 @@ class CLVP(nn.Module):
         return self.conditioning(mels)
 
     def voice_latent(self, mels):
-        """Several clips of one voice -> one latent [D]: Tortoise averages the per-clip latents.
-        mels: [C, 80, frames], or [B, C, 80, frames] for one voice per batch row -> [B, D]."""
-        if mels.dim() == 3:
-            return self.conditioning(mels).mean(dim=0)
-        B, C = mels.shape[:2]
-        return self.conditioning(mels.flatten(0, 1)).view(B, C, -1).mean(dim=1)
+        """Several clips of one voice, mels [C, 80, frames] -> one latent [D]: Tortoise averages them."""
+        return self.conditioning(mels).mean(dim=0)
 
     def speech_logits(self, mels, text_ids, speech_ids):
         """Teacher-forced next-token logits, using the inference positions.
 
-        mels: one voice ([C, 80, frames]) or one per row ([B, C, 80, frames]); text_ids: raw tokenizer
-        ids [B, T] or [1, T]; speech_ids: [B, S] tokens after the start token.
-        Returns [B, S + 1, 8194]: row s predicts token s + 1 (row 0 is what the prompt predicts).
+        mels: one voice, [C, 80, frames]; text_ids: raw tokenizer ids [B, T] or [1, T]; speech_ids: [B, S]
+        tokens after the start token. Returns [B, S + 1, 8194]: row s predicts token s + 1 (row 0 is what
+        the prompt predicts).
         """
         B, S = speech_ids.shape
-        latent = self.voice_latent(mels).expand(B, -1) if mels.dim() == 3 else self.voice_latent(mels)
-        prompt = self.decoder.prompt(latent, text_ids.expand(B, -1))
+        prompt = self.decoder.prompt(self.voice_latent(mels).expand(B, -1), text_ids.expand(B, -1))
         positions = speech_position(torch.arange(1, S + 1, device=speech_ids.device))
         speech = self.decoder.speech_embedding(speech_ids) + self.decoder.speech_positions(positions)
         h = self.decoder(torch.cat([prompt, speech], dim=1))
@@ -930,17 +910,22 @@ def first_line(error):
     return (text.splitlines()[0] if text else type(error).__name__)[:200]
 
 
-def cache_dir():
-    """Where converted weights live (and convert_weights.py --download puts them)."""
-    return os.environ.get("CLVP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "clvp")
-
-
 def default_checkpoint():
-    return os.path.join(cache_dir(), "clvp.pt")
+    """$CLVP_CACHE/clvp.pt or ~/.cache/clvp/clvp.pt: where convert_weights.py --download writes it."""
+    return os.path.join(os.environ.get("CLVP_CACHE") or os.path.expanduser("~/.cache/clvp"), "clvp.pt")
 
 
-def resolve_device(device=None):
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def resolve_device(name=None):
+    """'cpu', 'cuda', 'cuda:1' or None (CUDA when present) -> torch.device, or a ValueError that says why not."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r} (use cpu or cuda)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r} (use cpu or cuda)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for, but this torch sees no CUDA GPU")
+    return device
 
 
 def expected_shapes(config):
@@ -1025,10 +1010,7 @@ def load_model(path, device=None):
 # end, so an error or Ctrl-C never leaves a half-written file.
 # ---------------------------------------------------------------------------------------------------
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DATA = os.path.join(HERE, "data")          # the official tokenizer.json and mel_norms.pth (Apache-2.0)
-NO_CHECKPOINT = ("no checkpoint at {path}: run `python convert_weights.py --download` to fetch and convert the "
-                 "official weights, or pass --checkpoint PATH (--random-init --tiny runs without weights)")
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")   # Tortoise's tokenizer.json, mel_norms.pth
 
 
 class UsageError(ValueError):
@@ -1041,27 +1023,22 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 class Progress:
-    """A one-line progress display on stderr; silent when stderr is not a terminal or with --quiet."""
+    """Generation's progress, rewritten in place on one line of stderr; silent when disabled."""
 
     def __init__(self, enabled):
-        self.enabled, self.stream, self.clock = enabled, sys.stderr, time.perf_counter
-        self.start, self.tokens = self.clock(), 0
+        self.enabled, self.start, self.tokens = enabled, time.perf_counter(), 0
 
     def show(self, line):
         if self.enabled:
-            self.stream.write("\r\033[K" + line)
-            self.stream.flush()
+            print("\r\033[K" + line, end="", file=sys.stderr, flush=True)
 
     def decode(self, step, batch_size, running):
         self.tokens += batch_size
-        rate = self.tokens / max(self.clock() - self.start, 1e-9)
+        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
         self.show(f"decoding: step {step + 1}, {running}/{batch_size} candidates running, {rate:.0f} tokens/s")
 
     def rerank(self, done, total):
         self.show(f"reranking: {done}/{total} candidates scored")
-
-    def close(self):
-        self.show("")
 
 
 def build_parser():
@@ -1096,19 +1073,6 @@ def build_parser():
     return p
 
 
-def check_device(name):
-    """--device -> torch.device, or a UsageError naming what is wrong with it."""
-    try:
-        device = resolve_device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r} (use cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but this torch sees no CUDA GPU")
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"unsupported device {name!r} (use cpu or cuda)")
-    return device
-
-
 def check_args(args):
     """Every user mistake named in one line before any work starts -> (device, DecodingOptions)."""
     if (args.text is None) == (args.text_file is None):
@@ -1128,11 +1092,13 @@ def check_args(args):
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
-    options = DecodingOptions(num_candidates=args.candidates, batch_size=args.batch_size,
-                              max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                              repetition_penalty=args.repetition_penalty, typical_mass=args.typical_mass,
-                              top_k=min(args.top_k, args.candidates), seed=args.seed, pad_to_max=not args.no_pad)
-    return check_device(args.device), options
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise UsageError(f"--device: {e}") from None
+    return device, DecodingOptions(args.candidates, args.batch_size, args.max_tokens, args.temperature, args.top_p,
+                                   args.repetition_penalty, args.typical_mass, min(args.top_k, args.candidates),
+                                   args.seed, pad_to_max=not args.no_pad)
 
 
 def prepare_model(args, device):
@@ -1143,7 +1109,9 @@ def prepare_model(args, device):
     else:
         path = args.checkpoint or default_checkpoint()
         if args.checkpoint is None and not os.path.exists(path):
-            raise UsageError(NO_CHECKPOINT.format(path=path))
+            raise UsageError(f"no checkpoint at {path}: run `python convert_weights.py --download` to fetch and "
+                             "convert the official weights, or pass --checkpoint PATH (--random-init --tiny runs "
+                             "without weights)")
         model = load_model(path, device)
     if model.tokenizer is None:
         model.tokenizer = Tokenizer.from_file(os.path.join(DATA, "tokenizer.json"))
@@ -1255,7 +1223,7 @@ def run(args, device, options):
         progress = Progress(not quiet)
         t0 = time.perf_counter()
         gen = model.generate(ids, mels, options, progress)
-        progress.close()
+        progress.show("")
         seconds = time.perf_counter() - t0
         if say:
             explain_result(say, model, ids, gen, options)

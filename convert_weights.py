@@ -248,6 +248,18 @@ def hf_weight_map(config):
 HF_IGNORED_SUFFIXES = ("rotary_pos_emb.inv_freq", ".bias_mask", "attn.bias", "attn.masked_bias")
 
 
+def read_hf_tokenizer(directory):
+    """transformers' ClvpTokenizer files: vocab.json ({token: id}) and merges.txt ('a b' per line)."""
+    try:
+        with open(os.path.join(directory, "vocab.json"), encoding="utf-8") as f:
+            vocab = json.load(f)
+        with open(os.path.join(directory, "merges.txt"), encoding="utf-8") as f:
+            merges = [line.split(" ") for line in f.read().splitlines() if line and not line.startswith("#version")]
+        return clvp.Tokenizer(vocab, merges)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConversionError(f"{directory}: not a readable tokenizer ({type(e).__name__}: {e})") from None
+
+
 def convert_hf(directory):
     """A save_pretrained directory -> (config, weights, tokenizer or None, mel_norms or None)."""
     if not os.path.isdir(directory):
@@ -266,7 +278,7 @@ def convert_hf(directory):
     weights = apply_weight_map(weight_map, state)
     tokenizer = None
     if os.path.exists(os.path.join(directory, "vocab.json")):
-        tokenizer = clvp.Tokenizer.from_file(directory)
+        tokenizer = read_hf_tokenizer(directory)
     mel_norms = None
     pre = os.path.join(directory, "preprocessor_config.json")
     if os.path.exists(pre):
@@ -582,8 +594,8 @@ def download(url, dest, progress=True, retries=3, sleep=time.sleep):
 
 
 def download_official(directory=None, progress=True):
-    """Fetch the four official files into `directory` (default: clvp.cache_dir()); name -> path."""
-    directory = directory or clvp.cache_dir()
+    """Fetch the four official files into `directory` (default: beside clvp.default_checkpoint()); name -> path."""
+    directory = directory or os.path.dirname(clvp.default_checkpoint())
     os.makedirs(directory, exist_ok=True)
     return {name: download(url, os.path.join(directory, name), progress)
             for name, url in official_urls().items()}
@@ -614,7 +626,7 @@ def read_tokenizer(path):
 
 
 def fetch_and_convert(directory=None, progress=True):
-    """Download the four official files into `directory` (default: clvp.cache_dir()) and write clvp.pt there."""
+    """Download the four official files into `directory` (default: the cache) and write clvp.pt there."""
     paths = download_official(directory, progress)
     config, weights, _ = convert_tortoise(paths["autoregressive.pth"], paths["clvp2.pth"])
     out = os.path.join(os.path.dirname(paths["clvp2.pth"]), "clvp.pt")

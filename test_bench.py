@@ -29,7 +29,7 @@ def test_tiny_benchmark_reports_every_row():
 
 
 def test_bad_arguments_are_one_line():
-    for args, words in ((["--tokens", 0], "--tokens"), (["--repeat", 0], "--repeat"), (["--device", "tpu9"], "device"),
+    for args, words in ((["--tokens", 1], "--tokens"), (["--repeat", 0], "--repeat"), (["--device", "tpu9"], "device"),
                         (["--candidates", "x"], "invalid int")):
         r = bench(*args)
         lines = r.stderr.strip().splitlines()

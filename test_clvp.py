@@ -260,26 +260,6 @@ def test_from_vocab_and_merges(tokenizer):
     assert [rebuilt.encode(t) for t in SENTENCES] == [tokenizer.encode(t) for t in SENTENCES]
 
 
-@pytest.fixture(scope='session')
-def hf_dir(tokenizer_json, tmp_path_factory):
-    """What transformers' ClvpTokenizer.save_pretrained writes for Tortoise's vocabulary."""
-    import transformers
-    model = json.loads(tokenizer_json.read_text(encoding='utf-8'))['model']
-    source, saved = tmp_path_factory.mktemp('hf_source'), tmp_path_factory.mktemp('hf_saved')
-    (source / 'vocab.json').write_text(json.dumps(model['vocab']), encoding='utf-8')
-    merges = '\n'.join(model['merges'])
-    (source / 'merges.txt').write_text(f'#version: 0.2\n{merges}\n', encoding='utf-8')
-    transformers.ClvpTokenizer(str(source / 'vocab.json'), str(source / 'merges.txt')).save_pretrained(saved)
-    return saved
-
-
-@pytest.mark.parametrize('which', ['directory', 'vocab.json'])
-def test_hf_format(tokenizer, hf_dir, which):
-    loaded = Tokenizer.from_file(hf_dir if which == 'directory' else hf_dir / 'vocab.json')
-    assert loaded.vocab == tokenizer.vocab and loaded.merges == tokenizer.merges
-    assert [loaded.encode(t) for t in SENTENCES] == [tokenizer.encode(t) for t in SENTENCES]
-
-
 # ---------------------------------------------------------------------------------------------------
 # Audio front end: against transformers' ClvpFeatureExtractor (numpy, float64), whose defaults are
 # Tortoise's TorchMelSpectrogram; called with defaults it pads at the end or cuts from the start to 6 s,

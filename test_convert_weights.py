@@ -99,6 +99,23 @@ def test_convert_bad_inputs(tiny_hf_dir, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".clvp-")]
 
 
+def test_hf_tokenizer_files(tokenizer_json, tmp_path):
+    """What transformers' ClvpTokenizer.save_pretrained writes for Tortoise's vocabulary reads back as the same
+    tokenizer, encoding every test sentence alike."""
+    from test_clvp import SENTENCES
+    model = json.loads(tokenizer_json.read_text(encoding="utf-8"))["model"]
+    source, saved = tmp_path / "source", tmp_path / "saved"
+    source.mkdir()
+    (source / "vocab.json").write_text(json.dumps(model["vocab"]), encoding="utf-8")
+    (source / "merges.txt").write_text("#version: 0.2\n" + "\n".join(model["merges"]) + "\n", encoding="utf-8")
+    transformers.ClvpTokenizer(str(source / "vocab.json"), str(source / "merges.txt")).save_pretrained(saved)
+    ours, loaded = clvp.Tokenizer.from_file(tokenizer_json), convert_weights.read_hf_tokenizer(saved)
+    assert loaded.vocab == ours.vocab and loaded.merges == ours.merges
+    assert [loaded.encode(t) for t in SENTENCES] == [ours.encode(t) for t in SENTENCES]
+    with pytest.raises(convert_weights.ConversionError, match="not a readable tokenizer"):
+        convert_weights.read_hf_tokenizer(source.parent)
+
+
 def test_convert_carries_tokenizer_and_mel_norms(tiny_pair, tokenizer_json, tmp_path):
     ref, _ = tiny_pair
     ref.save_pretrained(tmp_path)
@@ -281,7 +298,7 @@ def test_official_urls_and_cache_dir(no_hub_settings, monkeypatch):
     assert urls["mel_norms.pth"] == \
         "https://raw.githubusercontent.com/neonbjb/tortoise-tts/main/tortoise/data/mel_norms.pth"
     assert urls["tokenizer.json"].endswith("/tortoise-tts/main/tortoise/data/tokenizer.json")
-    assert clvp.cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "clvp")
+    assert clvp.default_checkpoint() == os.path.join(os.path.expanduser("~"), ".cache", "clvp", "clvp.pt")
     monkeypatch.setenv("CLVP_HUB_URL", "http://mirror/x")
     assert set(convert_weights.official_urls().values()) == {f"http://mirror/x/{n}" for n in convert_weights.OFFICIAL_FILES}
 
