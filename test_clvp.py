@@ -950,9 +950,13 @@ def test_cli_ctrl_c_leaves_no_output(tiny_checkpoint, tmp_path):
     import signal
     out = tmp_path / "best.npy"
     p = subprocess.Popen([sys.executable, os.path.join(HERE, "clvp.py"), "--text", "A long run.", "--audio", VOICE,
-                          "--checkpoint", tiny_checkpoint, "--candidates", "400", "--batch-size", "8", "--out", str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(6)
+                          "--checkpoint", tiny_checkpoint, "--candidates", "400", "--batch-size", "8", "--explain",
+                          "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in p.stdout:                                        # --explain's last line before decoding starts
+        if line.startswith("[decode]"):
+            break
+    time.sleep(1)
     assert p.poll() is None                                      # still generating
     p.send_signal(signal.SIGINT)
     stdout, stderr = p.communicate(timeout=60)
