@@ -260,25 +260,27 @@ def build_parser():
     return p
 
 
-def main(argv=None):
+def measure(args):
+    for ok, message in [(args.candidates >= 1, f"--candidates must be at least 1, not {args.candidates}"),
+                        (2 <= args.tokens <= 600, f"--tokens must be in 2..600 (one step to time), not {args.tokens}"),
+                        (1 <= args.text_tokens <= 400, f"--text-tokens must be in 1..400, not {args.text_tokens}"),
+                        (args.repeat >= 1, f"--repeat must be at least 1, not {args.repeat}")]:
+        if not ok:
+            raise clvp.UsageError(message)
     try:
-        args = build_parser().parse_args(argv)
-        for ok, message in [(args.candidates >= 1, f"--candidates must be at least 1, not {args.candidates}"),
-                            (2 <= args.tokens <= 600, f"--tokens must be in 2..600 (one step to time), not {args.tokens}"),
-                            (1 <= args.text_tokens <= 400, f"--text-tokens must be in 1..400, not {args.text_tokens}"),
-                            (args.repeat >= 1, f"--repeat must be at least 1, not {args.repeat}")]:
-            if not ok:
-                raise clvp.UsageError(message)
         device = clvp.resolve_device(args.device)
-    except ValueError as e:                                   # a UsageError, or resolve_device's
-        print(f"bench.py: error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:
+        raise clvp.UsageError(f"--device: {e}") from None
     report = benchmark(args, device)
     if args.json:
         print(json.dumps(report))
     else:
         print_report(report)
     return 0
+
+
+def main(argv=None):
+    return clvp.run_command("bench.py", lambda: measure(build_parser().parse_args(argv)), (clvp.UsageError,))
 
 
 if __name__ == "__main__":

@@ -22,17 +22,19 @@ differ, the comments say which one this file follows. Converting official checkp
 them live in convert_weights.py, measuring in bench.py: this file imports neither.
 """
 import argparse
+import errno
 import functools
 import json
 import math
 import os
 import re
+import stat
 import sys
 import tempfile
 import time
 import unicodedata
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import scipy.signal
@@ -42,11 +44,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ---------------------------------------------------------------------------------------------------
-# Configuration
+# Configuration, and the errors a user can cause
 #
 # The official Tortoise sizes are the defaults. The token ids that the original hard-codes (text start
 # 255, text stop 0, speech start 8192, speech stop 8193) live here too, and the code below reads them
 # from the config rather than repeating the numbers.
+#
+# Every problem with what a user hands in (a file, a checkpoint, a command-line value, an argument of a
+# public function) is found where it enters, before any work, and raised as a ValueError whose message
+# names the input and the problem; the command line prints it as one line. The networks assume valid
+# tensors and check nothing.
 # ---------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -79,6 +86,9 @@ class DecoderConfig:
     conditioning_blocks: int = 6
 
 
+MAX_LAYERS, MAX_SIZE = 1024, 2**20    # far beyond any real CLVP; a hostile config cannot build a huge model
+
+
 @dataclass
 class Config:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
@@ -87,7 +97,47 @@ class Config:
 
     @classmethod
     def from_dict(cls, d):
-        return cls(DecoderConfig(**d["decoder"]), EncoderConfig(**d["text"]), EncoderConfig(**d["speech"]))
+        """A checkpoint's config (what asdict writes) -> Config, or a ValueError naming the key: every key
+        present and known, every value an integer in range, the sizes consistent (see check)."""
+        parts = {"decoder": DecoderConfig, "text": EncoderConfig, "speech": EncoderConfig}
+        if not isinstance(d, dict) or set(d) != set(parts):
+            raise ValueError(f"config must be a dict of exactly {sorted(parts)}")
+        for part, kind in parts.items():
+            names = {f.name for f in fields(kind)}
+            if not isinstance(d[part], dict) or set(d[part]) != names:
+                given = set(d[part]) if isinstance(d[part], dict) else set()
+                raise ValueError(f"config.{part}: missing {sorted(names - given)}, unknown {sorted(given - names)}")
+            for name, value in d[part].items():
+                low, high = (0, MAX_SIZE) if name.endswith("token") else (1, MAX_LAYERS if "layers" in name
+                                                                             or "blocks" in name else MAX_SIZE)
+                if type(value) is not int or not low <= value <= high:
+                    raise ValueError(f"config.{part}.{name} must be an integer in {low}..{high}, not {value!r}")
+        config = cls(*(kind(**d[part]) for part, kind in parts.items()))
+        config.check()
+        return config
+
+    def check(self):
+        """Sizes that fit together, or a ValueError saying which do not."""
+        d, t, s = self.decoder, self.text, self.speech
+        rules = [(d.dim % d.heads == 0, "decoder.heads must divide decoder.dim"),
+                 (max(d.start_token, d.stop_token) < d.speech_vocab_size and d.start_token != d.stop_token,
+                  "decoder.start_token and stop_token must be two different ids below speech_vocab_size"),
+                 (max(d.text_start_token, d.text_stop_token) < min(d.text_vocab_size, t.vocab_size),
+                  "decoder.text_start_token and text_stop_token must be below both text vocab sizes"),
+                 (d.text_positions >= 4 and d.speech_positions >= 3, "the decoder needs at least 4 text and 3 "
+                  "speech positions"),
+                 (d.mel_channels == N_MELS, f"decoder.mel_channels must be {N_MELS}, the log-mel bands"),
+                 (min({d.start_token, d.stop_token}) >= s.vocab_size >= d.speech_vocab_size - 2 and
+                  s.vocab_size > max(FIX_STOP_CODE, *FIX_TAIL), "speech.vocab_size must cover every code the "
+                  "decoder emits but its start and stop tokens (its last two ids)"),
+                 (t.projection_dim == s.projection_dim, "text and speech projection_dim must be equal")]
+        for e, side in ((t, "text"), (s, "speech")):
+            rules += [(e.dim % e.heads == 0, f"{side}.heads must divide {side}.dim"),
+                      (e.rotary_dim % 2 == 0 and e.rotary_dim <= e.dim // e.heads,
+                       f"{side}.rotary_dim must be even and at most a head's width ({e.dim // max(e.heads, 1)})")]
+        for ok, message in rules:
+            if not ok:
+                raise ValueError(f"config: {message}")
 
 
 def tiny_config():
@@ -95,6 +145,49 @@ def tiny_config():
     small = dict(dim=64, layers=2, heads=2, ff_dim=128, rotary_dim=32, projection_dim=64)
     return Config(DecoderConfig(dim=64, layers=2, heads=4, conditioning_blocks=2),
                   EncoderConfig(**small), EncoderConfig(vocab_size=8192, **small))
+
+
+class UsageError(ValueError):
+    """A bad command-line value."""
+
+
+class AudioError(ValueError):
+    """A problem with the user's audio (bad file, bad values)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used."""
+
+
+def first_line(error):
+    """An exception as a short, single line for an error message."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:300]
+
+
+def describe(x):
+    """How an argument looks, for an error message: 'a tensor [2, 80] of torch.float32' or 'a list'."""
+    return f"a tensor {list(x.shape)} of {x.dtype}" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
+
+
+def all_finite(t):
+    """No NaN and no infinity in t. The sum is a fast test that only an overflow can fail falsely."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
+
+
+def check_input_file(path, error=ValueError):
+    """A file a user names as input must be a regular file: a directory is named as one, and a FIFO or a
+    device (which could block forever, or never end) is refused before it is opened."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except (OSError, ValueError) as e:                       # a symlink loop, no permission, a NUL in the name
+        raise error(f"{path}: {getattr(e, 'strerror', None) or e}") from None
+    if stat.S_ISDIR(mode):
+        raise error(f"{path}: is a directory, not a file")
+    if not stat.S_ISREG(mode):
+        raise error(f"{path}: not a regular file (a FIFO, device or socket)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -277,6 +370,17 @@ class Tokenizer:
     """Tortoise's VoiceBpeTokenizer. vocab: {token: id}; merges: [(a, b), ...], lowest rank first."""
 
     def __init__(self, vocab, merges):
+        """Checks what it is given (a ValueError says what is wrong): ids are distinct integers >= 0, the
+        special tokens are there, and each merge joins two tokens of the vocabulary into a third."""
+        if not isinstance(vocab, dict) or not all(isinstance(t, str) and type(i) is int and i >= 0
+                                                  for t, i in vocab.items()):
+            raise ValueError("tokenizer: the vocabulary must map tokens to integer ids >= 0")
+        if len(set(vocab.values())) < len(vocab) or not {'[UNK]', '[SPACE]'} <= set(vocab):
+            raise ValueError("tokenizer: the vocabulary needs distinct ids and the tokens [UNK] and [SPACE]")
+        for m in merges if isinstance(merges, (list, tuple)) else [None]:
+            if not (isinstance(m, (list, tuple)) and len(m) == 2 and all(isinstance(t, str) for t in m)
+                    and {m[0], m[1], m[0] + m[1]} <= set(vocab)):
+                raise ValueError(f"tokenizer: merge {m!r} is not two tokens of the vocabulary that make a third")
         self.vocab = dict(vocab)
         self.merges = [tuple(m) for m in merges]
         self.tokens = {i: t for t, i in self.vocab.items()}
@@ -288,9 +392,13 @@ class Tokenizer:
     @classmethod
     def from_file(cls, path):
         """Tortoise's tokenizer.json (convert_weights.py also reads transformers' vocab.json + merges.txt)."""
-        with open(path, encoding='utf-8') as f:
-            model = json.load(f)['model']
-        return cls(model['vocab'], [m.split(' ') if isinstance(m, str) else m for m in model['merges']])
+        check_input_file(path)
+        try:
+            with open(path, encoding='utf-8') as f:
+                model = json.load(f)['model']
+            return cls(model['vocab'], [m.split(' ') if isinstance(m, str) else m for m in model['merges']])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a readable tokenizer.json ({first_line(e)})") from None
 
     def encode(self, text):
         """'Hello world' -> [62, 84, 28, 2, 179, 79]: 'he' 'll' 'o' [SPACE] 'wor' 'ld'."""
@@ -332,28 +440,41 @@ F_MIN, F_MAX = 0.0, 8000.0      # Hz covered by the mel bands
 CONDITIONING_SAMPLES = 6 * SAMPLE_RATE   # 6 s, 132300 samples -> 517 mel frames
 MIN_SAMPLES = N_FFT // 2 + 1    # centred STFT reflect-pads N_FFT // 2 samples; needs more than that
 SILENCE_PEAK = 1e-4             # about -80 dBFS, a few 16-bit steps: treat as silence
+RATES = (1000, 384000)          # Hz a real recording uses; a header outside them is lying
+MAX_CHANNELS = 64
+MARGIN = 0.1                    # s read past what is used: many times the resampling filter's reach
 
 
-class AudioError(ValueError):
-    """A problem with the user's audio (bad file, bad values); the message names it."""
-
-
-def load_audio(path, sampling_rate=SAMPLE_RATE) -> torch.Tensor:
-    """Read WAV/FLAC/OGG (MP3 if libsndfile has it) -> mono float32 [samples] in [-1, 1]."""
-    if not os.path.isfile(path):
-        raise AudioError(f"{path}: no such file")
-    try:  # float32 read: soundfile scales int16/int32 PCM to [-1, 1)
-        data, sr = soundfile.read(path, dtype="float32", always_2d=True)  # [samples, channels]
+def load_audio(path, sampling_rate=SAMPLE_RATE, seconds=None) -> torch.Tensor:
+    """Read WAV/FLAC/OGG (MP3 if libsndfile has it) -> mono float32 [samples] in [-1, 1]: all of it, or only
+    the first `seconds`. Memory follows what is read, never what the file's header claims."""
+    check_input_file(path, AudioError)
+    try:  # float32 reads: soundfile scales int16/int32 PCM to [-1, 1)
+        with soundfile.SoundFile(path) as f:
+            sr, channels = f.samplerate, f.channels
+            if not RATES[0] <= sr <= RATES[1] or not 1 <= channels <= MAX_CHANNELS:
+                raise AudioError(f"{path}: {sr} Hz with {channels} channel(s); clvp.py reads {RATES[0]}.."
+                                 f"{RATES[1]} Hz with 1..{MAX_CHANNELS} channels")
+            left = math.ceil((seconds + MARGIN) * sr) if seconds is not None else math.inf
+            blocks = []
+            while left > 0:              # about 1M samples at a time, each block averaged to mono at once
+                block = f.read(int(min(left, 2**20 // channels)), dtype="float32", always_2d=True)
+                if not len(block):
+                    break
+                blocks.append(block.mean(axis=1))    # average every channel (stereo, 5.1, ...) to mono
+                left -= len(block)
     except (soundfile.SoundFileError, RuntimeError) as e:
-        raise AudioError(f"{path}: not a readable audio file ({getattr(e, 'error_string', e)})") from None
-    if data.shape[0] == 0:
+        raise AudioError(f"{path}: not a readable audio file ({first_line(getattr(e, 'error_string', e))})") from None
+    if not blocks:
         raise AudioError(f"{path}: audio file is empty (0 samples)")
-    if not np.isfinite(data).all():
+    wav = np.concatenate(blocks)
+    if not np.isfinite(wav).all():
         raise AudioError(f"{path}: audio contains NaN or Inf samples")
-    wav = data.mean(axis=1)  # [samples]: average every channel (stereo, 5.1, ...) to mono
     if sr != sampling_rate:  # polyphase resampling by the reduced ratio, e.g. 48000 -> 22050 is *147/320
         g = math.gcd(sr, sampling_rate)
         wav = scipy.signal.resample_poly(wav, sampling_rate // g, sr // g).astype(np.float32)
+    if seconds is not None:
+        wav = wav[:math.ceil(seconds * sampling_rate)]
     if len(wav) < MIN_SAMPLES:
         raise AudioError(f"{path}: too short (only {len(wav)} samples at {sampling_rate} Hz; need at least {MIN_SAMPLES})")
     wav = np.clip(wav, -1.0, 1.0)  # float files and resampling ringing can overshoot full scale
@@ -390,8 +511,12 @@ def mel_filterbank(device=torch.device("cpu"), dtype=torch.float32) -> torch.Ten
 def log_mel_spectrogram(wav: torch.Tensor, mel_norms: torch.Tensor | None = None) -> torch.Tensor:
     """[samples] -> [80, frames] or [B, samples] -> [B, 80, frames]; frames = 1 + samples // HOP.
     Runs on wav's device/dtype. mel_norms: [80] per-band divisors (tortoise/data/mel_norms.pth)."""
+    if not isinstance(wav, torch.Tensor) or not wav.is_floating_point() or wav.dim() not in (1, 2):
+        raise AudioError(f"wav must be floats [samples] or [batch, samples], not {describe(wav)}")
     if wav.shape[-1] < MIN_SAMPLES:
         raise AudioError(f"audio too short for the STFT: {wav.shape[-1]} samples, need at least {MIN_SAMPLES}")
+    if mel_norms is not None and (not isinstance(mel_norms, torch.Tensor) or mel_norms.shape != (N_MELS,)):
+        raise AudioError(f"mel_norms must be a tensor [{N_MELS}], not {describe(mel_norms)}")
     window = torch.hann_window(WIN, periodic=True, device=wav.device, dtype=wav.dtype)  # torchaudio's default
     spec = torch.stft(wav, N_FFT, HOP, WIN, window, center=True, pad_mode="reflect",
                       return_complex=True)                          # [(B,) 513, frames] complex
@@ -553,8 +678,11 @@ class Decoder(nn.Module):
         self.final_norm = nn.LayerNorm(c.dim)
         self.head = nn.Linear(c.dim, c.speech_vocab_size)
 
+    def prompt_length(self, text_len):
+        return 1 + (text_len + 3) + 1                         # latent, [start] + ids + [stop, stop], start
+
     def prompt(self, latent, text_ids):
-        """latent [B, D], raw text ids [B, T] -> the prompt embeddings [B, 1 + (T + 3) + 1, D]."""
+        """latent [B, D], raw text ids [B, T] -> the prompt embeddings [B, prompt_length(T), D]."""
         c = self.config
         text = F.pad(F.pad(text_ids, (1, 0), value=c.text_start_token), (0, 2), value=c.text_stop_token)
         text = self.text_embedding(text) + self.text_positions.weight[:text.shape[1]]
@@ -654,7 +782,31 @@ class Encoder(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # The CLVP model: its four networks (conditioning encoder, decoder, text and speech encoders) and what a
 # user asks of them
+#
+# Code that imports clvp is a boundary too: each public method first checks its arguments with the two
+# helpers here, so ids outside a vocabulary or mels of the wrong shape are a ValueError that names the
+# argument and the allowed range, not an IndexError from deep inside torch.
 # ---------------------------------------------------------------------------------------------------
+
+def checked_ids(ids, name, vocab_size, device, max_len=None, min_len=1):
+    """Token ids [B, T] with min_len <= T <= max_len, each in 0..vocab_size-1 -> long ids on `device`."""
+    if (not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool
+            or ids.dim() != 2 or ids.shape[0] < 1 or not min_len <= ids.shape[1] <= (max_len or math.inf)):
+        raise ValueError(f"{name} must be integer ids [batch, {min_len}..{max_len or 'any'} tokens], not {describe(ids)}")
+    if ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(f"{name} must be ids in 0..{vocab_size - 1}, not {int(ids.min())}..{int(ids.max())}")
+    return ids.to(device=device, dtype=torch.long)
+
+
+def checked_mels(mels, channels, like):
+    """Log-mel spectrograms [clips, channels, frames] of finite floats -> on the device and dtype of `like`."""
+    if not isinstance(mels, torch.Tensor) or not mels.is_floating_point() or mels.dim() != 3 or \
+            mels.shape[1] != channels or 0 in mels.shape:
+        raise ValueError(f"mels must be floats [clips, {channels}, frames], not {describe(mels)}")
+    if not all_finite(mels):
+        raise ValueError("mels hold NaN or infinite values")
+    return mels.to(like)
+
 
 class CLVP(nn.Module):
     def __init__(self, config: Config = None):
@@ -670,11 +822,16 @@ class CLVP(nn.Module):
 
     def conditioning_latent(self, mels):
         """mels [C, 80, frames], one reference clip per row -> latents [C, D]."""
-        return self.conditioning(mels)
+        return self.conditioning(checked_mels(mels, self.config.decoder.mel_channels, self.logit_scale))
 
     def voice_latent(self, mels):
         """Several clips of one voice, mels [C, 80, frames] -> one latent [D]: Tortoise averages them."""
-        return self.conditioning(mels).mean(dim=0)
+        return self.conditioning_latent(mels).mean(dim=0)
+
+    def decoder_text(self, text_ids):
+        """Raw text ids [B, T] checked against the decoder's text table, with room for [start] ... [stop, stop]."""
+        c = self.config.decoder
+        return checked_ids(text_ids, "text_ids", c.text_vocab_size, self.logit_scale.device, c.text_positions - 3)
 
     def speech_logits(self, mels, text_ids, speech_ids):
         """Teacher-forced next-token logits, using the inference positions.
@@ -683,8 +840,11 @@ class CLVP(nn.Module):
         tokens after the start token. Returns [B, S + 1, 8194]: row s predicts token s + 1 (row 0 is what
         the prompt predicts).
         """
+        c = self.config.decoder
+        speech_ids = checked_ids(speech_ids, "speech_ids", c.speech_vocab_size, self.logit_scale.device,
+                                 max_len=c.speech_positions - 2, min_len=0)   # the last one sits at position max
         B, S = speech_ids.shape
-        prompt = self.decoder.prompt(self.voice_latent(mels).expand(B, -1), text_ids.expand(B, -1))
+        prompt = self.decoder.prompt(self.voice_latent(mels).expand(B, -1), self.decoder_text(text_ids).expand(B, -1))
         positions = speech_position(torch.arange(1, S + 1, device=speech_ids.device))
         speech = self.decoder.speech_embedding(speech_ids) + self.decoder.speech_positions(positions)
         h = self.decoder(torch.cat([prompt, speech], dim=1))
@@ -693,11 +853,13 @@ class CLVP(nn.Module):
     def text_features(self, text_ids):
         """Raw text ids [B, T] -> [B, 768], projected, not normalized. Like Tortoise's reranking, the
         encoder sees the ids followed by one stop token."""
+        text_ids = checked_ids(text_ids, "text_ids", self.config.text.vocab_size, self.logit_scale.device)
         return self.text_encoder(F.pad(text_ids, (0, 1), value=self.config.decoder.text_stop_token))
 
     def speech_features(self, speech_ids):
         """Speech tokens [B, S] (already fixed, see fix_candidates) -> [B, 768], not normalized."""
-        return self.speech_encoder(speech_ids)
+        return self.speech_encoder(checked_ids(speech_ids, "speech_ids", self.config.speech.vocab_size,
+                                               self.logit_scale.device))
 
     def similarity(self, text_ids, speech_ids):
         """Scaled cosine similarity [B_text, B_speech]: the CLVP score."""
@@ -709,10 +871,21 @@ class CLVP(nn.Module):
         return self.logit_scale.exp() * t @ s.T
 
     def generate(self, text_ids, mels, options=None, progress=None, **overrides):
-        """Sample candidates and rank them (generate_and_rank, in the generation section). options is a
-        DecodingOptions; keywords override its fields: generate(ids, mels, num_candidates=4, seed=0)."""
-        generation = generate_and_rank(self, text_ids, mels, replace(options or DecodingOptions(), **overrides),
-                                       progress)
+        """Sample candidates and rank them (generate_and_rank, in the generation section). text_ids: raw ids
+        [T] or [1, T]; options: a DecodingOptions, whose fields keywords override:
+        generate(ids, mels, num_candidates=4, seed=0). A request that does not fit in memory is refused."""
+        options = replace(options or DecodingOptions(), **overrides)
+        problems = options.problems(self.config)
+        if problems:
+            raise ValueError("; ".join(f"{name} {why}" for name, why in problems))
+        if isinstance(text_ids, torch.Tensor) and text_ids.dim() == 1:
+            text_ids = text_ids[None]
+        text_ids = self.decoder_text(text_ids)
+        if text_ids.shape[0] != 1:
+            raise ValueError(f"generate takes one text: text_ids [T] or [1, T], not {describe(text_ids)}")
+        check_memory(self, text_ids.shape[1], options)
+        generation = generate_and_rank(self, text_ids, checked_mels(mels, self.config.decoder.mel_channels,
+                                                                    self.logit_scale), options, progress)
         # Tensors made in inference mode cannot enter autograd later; hand back ordinary copies.
         return Generation(**{name: t.clone() for name, t in vars(generation).items()})
 
@@ -757,6 +930,28 @@ class DecodingOptions:
     seed: int | None = None
     pad_to_max: bool = True            # stop-pad candidates to max_new_tokens before scoring (Tortoise)
 
+    def problems(self, config):
+        """[(field, what is wrong)] for each value that generation cannot work with on this config."""
+        def number(x, low=0.0, high=math.inf):
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and low <= x <= high and math.isfinite(x)
+
+        def integer(x, low, high):
+            return isinstance(x, int) and not isinstance(x, bool) and low <= x <= high
+        longest = config.decoder.speech_positions - 1        # the last token fed back sits at position max
+        rules = [("num_candidates", integer(self.num_candidates, 1, MAX_SIZE), f"an integer in 1..{MAX_SIZE}"),
+                 ("batch_size", integer(self.batch_size, 1, MAX_SIZE), f"an integer in 1..{MAX_SIZE}"),
+                 ("max_new_tokens", integer(self.max_new_tokens, 1, longest), f"an integer in 1..{longest}"),
+                 ("temperature", number(self.temperature), "0 (greedy) or a finite positive number"),
+                 ("top_p", number(self.top_p, 0.0, 1.0) and self.top_p > 0, "in (0, 1]"),
+                 ("repetition_penalty", number(self.repetition_penalty) and self.repetition_penalty > 0,
+                  "a finite positive number"),
+                 ("typical_mass", self.typical_mass is None or number(self.typical_mass, 0.0, 1.0) and
+                  self.typical_mass > 0, "None (off) or in (0, 1]"),
+                 ("top_k", integer(self.top_k, 1, MAX_SIZE), f"an integer in 1..{MAX_SIZE}"),
+                 ("seed", self.seed is None or integer(self.seed, 0, 2**64 - 1), "None or an integer in 0..2**64-1"),
+                 ("pad_to_max", isinstance(self.pad_to_max, bool), "True or False")]
+        return [(name, f"must be {allowed}, not {getattr(self, name)!r}") for name, ok, allowed in rules if not ok]
+
 
 @dataclass
 class Generation:
@@ -765,6 +960,31 @@ class Generation:
     scores: torch.Tensor       # [N] CLVP score of each candidate against the text
     order: torch.Tensor        # [N] candidate indices, best first
     best: torch.Tensor         # [top_k, T] the top candidates, best first
+
+
+def free_memory(device):
+    """Bytes that can still be allocated on `device` (None where this system does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_memory(model, text_len, options):
+    """Refuse, before allocating anything, a generation that will not fit: the KV cache of one batch, plus
+    the candidates' tokens, which live in several copies (batches, joined, padded, fixed, returned)."""
+    c, o = model.config.decoder, options
+    rows, length = min(o.batch_size, o.num_candidates), model.decoder.prompt_length(text_len) + o.max_new_tokens
+    cache = 2 * c.layers * length * rows * c.dim * model.logit_scale.element_size()
+    tokens = 6 * o.num_candidates * o.max_new_tokens * 8 + 8 * rows * c.speech_vocab_size * 4
+    free = free_memory(model.logit_scale.device)
+    if free is not None and cache + tokens > free:
+        raise ValueError(f"{o.num_candidates} candidates of up to {o.max_new_tokens} tokens in batches of {rows} "
+                         f"need about {(cache + tokens) / 2**30:.1f} GiB (KV cache {cache / 2**30:.1f} GiB), but "
+                         f"{free / 2**30:.1f} GiB is free: ask for fewer candidates, a smaller batch or fewer tokens")
 
 
 def prefill(decoder, prompt, cache):
@@ -810,7 +1030,9 @@ def next_tokens(logits, seen, options, generator):
     logits = repetition_penalty(logits.float(), seen, options.repetition_penalty)
     if options.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / options.temperature
+    # Moving the best logit to 0 changes no probability, but keeps any finite penalty and temperature finite.
+    logits = logits.clamp(max=torch.finfo(logits.dtype).max)
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / options.temperature
     if options.top_p < 1:
         logits = top_p_filter(logits, options.top_p)
     if options.typical_mass is not None:
@@ -900,16 +1122,6 @@ def generate_and_rank(model, text_ids, mels, options, progress=None):
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used; the message names the file and the problem."""
-
-
-def first_line(error):
-    """An exception as a short, single line for an error message."""
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:200]
-
-
 def default_checkpoint():
     """$CLVP_CACHE/clvp.pt or ~/.cache/clvp/clvp.pt: where convert_weights.py --download writes it."""
     return os.path.join(os.environ.get("CLVP_CACHE") or os.path.expanduser("~/.cache/clvp"), "clvp.pt")
@@ -948,9 +1160,32 @@ def check_weights(expected, weights, source, note=""):
         raise CheckpointError(f"{source}: " + "; ".join(problems))
 
 
+def check_output(path, inputs=()):
+    """Before any work: `path` can be written (a file name in a directory that exists and is writable, and
+    not a directory, device or anything but a regular file) and is none of the `inputs`, compared both as
+    resolved paths and as files (hard links). A ValueError says why not."""
+    path = os.fspath(path)
+    if not path or path.endswith(("/", os.sep)):
+        raise ValueError(f"{path!r}: not a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"{path}: directory {parent} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory")
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise ValueError(f"{path}: exists and is not a regular file; refusing to replace it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: directory {parent} is not writable")
+    for source in inputs:
+        if os.path.exists(source) and (os.path.realpath(source) == os.path.realpath(path) or
+                                       os.path.exists(path) and os.path.samefile(source, path)):
+            raise ValueError(f"{path}: is also an input ({source}); refusing to write over it")
+
+
 def write_atomically(path, write):
     """Call write(file) on a temporary file beside `path`, then rename it into place: the file appears
-    whole or not at all, even on an error, a full disk or Ctrl-C."""
+    whole or not at all, even on an error, a full disk or Ctrl-C. Only a regular file is ever replaced,
+    and an error names `path`, not the temporary file."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".clvp-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -958,47 +1193,78 @@ def write_atomically(path, write):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)                       # mkstemp makes it private; use the usual mode
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise FileExistsError(errno.EEXIST, "exists and is not a regular file; refusing to replace it", path)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename != path:
+            raise OSError(e.errno, e.strerror or first_line(e), path) from None
         raise
 
 
-def save_checkpoint(path, config, weights, tokenizer=None, mel_norms=None, dtype=None):
-    """Write config, weights (optionally cast to dtype), tokenizer and mel norms as one file."""
+def check_checkpoint(blob):
+    """Everything load_model relies on, checked before anything is built: -> (config, weights, tokenizer or
+    None, mel norms or None), or a ValueError that names the key and the problem."""
+    if not isinstance(blob, dict) or blob.get("format") != "clvp":
+        raise ValueError("not a clvp checkpoint (convert official weights with convert_weights.py)")
+    if type(blob.get("version")) is not int or blob["version"] != FORMAT_VERSION:
+        raise ValueError(f"checkpoint format version {blob.get('version')!r}; this clvp.py reads version {FORMAT_VERSION}")
+    config = Config.from_dict(blob.get("config"))
+    weights = blob.get("weights")
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in weights.items()):
+        raise ValueError("weights: not a dict of named tensors")
     check_weights(expected_shapes(config), weights, "weights")
+    for name, t in weights.items():
+        if not t.is_floating_point() or not all_finite(t):
+            raise ValueError(f"weights: {name} must hold finite floating-point numbers, not {t.dtype}"
+                             + (" with NaN or infinities" if t.is_floating_point() else ""))
+    tokenizer, norms = blob.get("tokenizer"), blob.get("mel_norms")
+    if tokenizer is not None:
+        if not isinstance(tokenizer, dict) or set(tokenizer) != {"vocab", "merges"}:
+            raise ValueError("tokenizer: not a dict of vocab and merges")
+        tokenizer = Tokenizer(tokenizer["vocab"], tokenizer["merges"])
+        top = min(config.decoder.text_vocab_size, config.text.vocab_size)
+        if max(tokenizer.vocab.values()) >= top:
+            raise ValueError(f"tokenizer: ids up to {max(tokenizer.vocab.values())}, but the text tables hold {top}")
+    if norms is not None and not (isinstance(norms, torch.Tensor) and norms.shape == (N_MELS,) and
+                                  norms.is_floating_point() and all_finite(norms) and bool((norms != 0).all())):
+        raise ValueError(f"mel_norms must be {N_MELS} finite non-zero divisors, not {describe(norms)}")
+    return config, weights, tokenizer, norms
+
+
+def save_checkpoint(path, config, weights, tokenizer=None, mel_norms=None, dtype=None):
+    """Write config, weights (optionally cast to dtype), tokenizer and mel norms as one file, after the
+    checks load_model makes: a file that this writes, load_model reads."""
     weights = {k: v.detach().to("cpu", dtype=dtype or v.dtype).contiguous() for k, v in weights.items()}
     blob = {"format": "clvp", "version": FORMAT_VERSION, "config": asdict(config), "weights": weights,
             "tokenizer": None if tokenizer is None else {"vocab": tokenizer.vocab, "merges": tokenizer.merges},
             "mel_norms": None if mel_norms is None else torch.as_tensor(mel_norms, dtype=torch.float32)}
+    try:
+        check_checkpoint(blob)
+    except ValueError as e:
+        raise CheckpointError(f"not written: {e}") from None
     write_atomically(path, lambda f: torch.save(blob, f))
 
 
 def load_model(path, device=None):
     """Read a converted checkpoint -> CLVP in eval mode, fp32, on `device` (CUDA when present)."""
+    device = resolve_device(device)
+    check_input_file(path, CheckpointError)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint file") from None
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable clvp checkpoint ({first_line(e)})") from None
-    if not isinstance(blob, dict) or blob.get("format") != "clvp":
-        raise CheckpointError(f"{path}: not a clvp checkpoint (convert official weights with convert_weights.py)")
-    if blob.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {blob.get('version')}, this clvp.py reads {FORMAT_VERSION}")
-    config = Config.from_dict(blob["config"])
-    check_weights(expected_shapes(config), blob["weights"], path)
+    try:
+        config, weights, model_tokenizer, mel_norms = check_checkpoint(blob)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     with torch.device("meta"):                               # no memory, no random init: weights come next
         model = CLVP(config)
-    model.load_state_dict(blob["weights"], assign=True)
-    if blob["tokenizer"] is not None:
-        model.tokenizer = Tokenizer(blob["tokenizer"]["vocab"], blob["tokenizer"]["merges"])
-    model.mel_norms = blob["mel_norms"]
-    device = resolve_device(device)
-    if model.mel_norms is not None:
-        model.mel_norms = model.mel_norms.to(device)
+    model.load_state_dict(weights, assign=True)
+    model.tokenizer = model_tokenizer
+    model.mel_norms = None if mel_norms is None else mel_norms.to(device)
     return model.to(device=device, dtype=torch.float32).eval()
 
 
@@ -1011,10 +1277,6 @@ def load_model(path, device=None):
 # ---------------------------------------------------------------------------------------------------
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")   # Tortoise's tokenizer.json, mel_norms.pth
-
-
-class UsageError(ValueError):
-    """Bad input from the command line; reported as one line, exit code 2."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1073,32 +1335,33 @@ def build_parser():
     return p
 
 
+# The flag that sets each DecodingOptions field, so a bad value is reported in the user's words.
+FLAGS = {"num_candidates": "--candidates", "batch_size": "--batch-size", "max_new_tokens": "--max-tokens",
+         "temperature": "--temperature", "top_p": "--top-p", "repetition_penalty": "--repetition-penalty",
+         "typical_mass": "--typical-mass", "top_k": "--top-k", "seed": "--seed"}
+MAX_TEXT_BYTES = 2**20                                       # --text-file: a book chapter; more is a mistake
+
+
+def check_options(options, config):
+    for name, why in options.problems(config)[:1]:
+        raise UsageError(f"{FLAGS.get(name, name)} {why}")
+
+
 def check_args(args):
-    """Every user mistake named in one line before any work starts -> (device, DecodingOptions)."""
+    """Every mistake in the arguments themselves, named in one line before any work -> (device, options)."""
     if (args.text is None) == (args.text_file is None):
         raise UsageError("give the text with exactly one of --text or --text-file")
     if not args.audio:
         raise UsageError("give at least one reference clip with --audio")
-    checks = [(args.candidates >= 1, f"--candidates must be at least 1, not {args.candidates}"),
-              (args.batch_size >= 1, f"--batch-size must be at least 1, not {args.batch_size}"),
-              (args.top_k >= 1, f"--top-k must be at least 1, not {args.top_k}"),
-              (0 < args.top_p <= 1, f"--top-p must be in (0, 1], not {args.top_p}"),
-              (args.temperature >= 0, f"--temperature must be 0 (greedy) or more, not {args.temperature}"),
-              (args.repetition_penalty > 0, f"--repetition-penalty must be positive, not {args.repetition_penalty}"),
-              (args.typical_mass is None or 0 < args.typical_mass <= 1,
-               f"--typical-mass must be in (0, 1], not {args.typical_mass}"),
-              (args.max_tokens >= 1, f"--max-tokens must be at least 1, not {args.max_tokens}"),
-              (not args.tiny or args.random_init, "--tiny only applies with --random-init")]
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
+    if args.tiny and not args.random_init:
+        raise UsageError("--tiny only applies with --random-init")
+    options = DecodingOptions(args.candidates, args.batch_size, args.max_tokens, args.temperature, args.top_p,
+                              args.repetition_penalty, args.typical_mass, args.top_k, args.seed, not args.no_pad)
+    check_options(options, tiny_config() if args.tiny else Config())   # a checkpoint's own config: in run
     try:
-        device = resolve_device(args.device)
+        return resolve_device(args.device), options
     except ValueError as e:
         raise UsageError(f"--device: {e}") from None
-    return device, DecodingOptions(args.candidates, args.batch_size, args.max_tokens, args.temperature, args.top_p,
-                                   args.repetition_penalty, args.typical_mass, min(args.top_k, args.candidates),
-                                   args.seed, pad_to_max=not args.no_pad)
 
 
 def prepare_model(args, device):
@@ -1121,39 +1384,48 @@ def prepare_model(args, device):
 
 
 def read_texts(args):
+    """--text, or the non-empty lines of --text-file (at most MAX_TEXT_BYTES of UTF-8)."""
     if args.text is not None:
         return [args.text]
+    check_input_file(args.text_file, UsageError)
+    with open(args.text_file, "rb") as f:
+        data = f.read(MAX_TEXT_BYTES + 1)
+    if len(data) > MAX_TEXT_BYTES:
+        raise UsageError(f"{args.text_file}: more than {MAX_TEXT_BYTES // 2**20} MiB of text; split it into files")
     try:
-        with open(args.text_file, encoding="utf-8") as f:
-            lines = [line.strip() for line in f if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"{args.text_file}: cannot read ({e.strerror if isinstance(e, OSError) else e})") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{args.text_file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = [line.strip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n") if line.strip()]
     if not lines:
         raise UsageError(f"{args.text_file}: no text in it")
     return lines
 
 
 def encode_text(model, text):
-    """A sentence -> raw ids [T], or a UsageError that says what is wrong with it."""
+    """A sentence -> raw ids [T], or a UsageError that says what is wrong with it. The length is bounded
+    from the cleaned text before the BPE runs, so a huge 'word' is refused at once."""
     if not text.strip():
         raise UsageError("the text is empty")
     try:
-        ids = model.tokenizer.encode(text)
+        cleaned = clean_text(text)
     except ValueError as e:                                  # a number of over 36 digits, or '$,5'
-        raise UsageError(f"cannot read the text {text[:40]!r}: {e}") from None
-    if not ids:
+        raise UsageError(f"cannot read the text {text[:40]!r}: {first_line(e)}") from None
+    if not cleaned.strip():
         raise UsageError(f"the text {text[:40]!r} is empty after cleaning")
     limit = model.config.decoder.text_positions - 3           # room for the text start and two stops
-    if len(ids) > limit:
-        raise UsageError(f"the text is {len(ids)} tokens long; the model reads at most {limit} "
-                         "(split it into sentences, one per line, with --text-file)")
+    fewest = math.ceil(len(cleaned) / max(map(len, model.tokenizer.vocab)))   # a token spans this many at most
+    ids = model.tokenizer.encode(text) if fewest <= limit else []
+    if fewest > limit or len(ids) > limit:
+        raise UsageError(f"the text is {len(ids) or f'at least {fewest}'} tokens long; the model reads at most "
+                         f"{limit} (split it into sentences, one per line, with --text-file)")
     return torch.tensor(ids, device=model.logit_scale.device)
 
 
 def voice_mels(model, paths):
-    """Reference clips -> mels [C, 80, frames]: each clip padded or cut to 6 s, as Tortoise does."""
+    """Reference clips -> mels [C, 80, frames]: the first 6 s of each (all that is read), padded to 6 s."""
     device, dtype = model.logit_scale.device, model.logit_scale.dtype
-    wavs = [format_conditioning(load_audio(path)) for path in paths]
+    wavs = [format_conditioning(load_audio(path, seconds=CONDITIONING_SAMPLES / SAMPLE_RATE)) for path in paths]
     return torch.stack([log_mel_spectrogram(w.to(device), model.mel_norms) for w in wavs]).to(dtype)
 
 
@@ -1203,21 +1475,41 @@ def explain_result(say, model, ids, gen, o):
         f"{list(gen.scores.shape)}, best first -> keep the top {len(gen.best)}")
 
 
-def run(args, device, options):
-    model = prepare_model(args, device)
-    limit = model.config.decoder.speech_positions - 1        # the last token fed back sits at position max
-    if options.max_new_tokens > limit:
-        raise UsageError(f"--max-tokens must be at most {limit} (the decoder has {limit + 1} speech positions)")
+def prepare_run(args, device, options):
+    """Everything checked, cheapest first, before the first decoding step: the outputs (none of them an
+    input), the input files, the model, every line of text, the memory the generation will need, the audio.
+    -> (model, texts, ids for each, mels, output paths)."""
     texts = read_texts(args)
-    ids_list = [encode_text(model, t) for t in texts]        # check every line before any work
-    mels = voice_mels(model, args.audio)
+    outs = output_paths(args.out, len(texts))
+    inputs = [*args.audio, args.text_file or "", "" if args.random_init else args.checkpoint or default_checkpoint()]
+    for out in outs:
+        try:
+            check_output(out, [i for i in inputs if i])
+        except ValueError as e:
+            raise UsageError(f"--out {e}") from None
+    for path in args.audio:
+        check_input_file(path, AudioError)
+    model = prepare_model(args, device)
+    check_options(options, model.config)
+    ids_list = [encode_text(model, t) for t in texts]
+    try:
+        check_memory(model, max(len(ids) for ids in ids_list), options)
+    except ValueError as e:
+        raise UsageError(first_line(e)) from None
+    return model, texts, ids_list, voice_mels(model, args.audio), outs
+
+
+def run(args, device, options):
+    """Rank each text's candidates and write its best tokens as soon as it is done: a failure on a later
+    line leaves the earlier outputs complete, and the message says which they are."""
+    model, texts, ids_list, mels, outs = prepare_run(args, device, options)
     quiet = args.quiet or args.json or not sys.stderr.isatty()
     say = print if args.explain and not args.json else None
     if args.random_init and not args.json:
         print("NOTE: --random-init: the weights are random, so the candidates and scores are meaningless; "
               "this run only shows every stage working.")
     results = []
-    for text, ids, out in zip(texts, ids_list, output_paths(args.out, len(texts))):
+    for text, ids, out in zip(texts, ids_list, outs):
         if say:
             explain_prompt(say, model, text, ids, mels, options)
         progress = Progress(not quiet)
@@ -1227,7 +1519,11 @@ def run(args, device, options):
         seconds = time.perf_counter() - t0
         if say:
             explain_result(say, model, ids, gen, options)
-        write_atomically(out, lambda f: np.save(f, gen.best.cpu().numpy()))
+        try:
+            write_atomically(out, lambda f: np.save(f, gen.best.cpu().numpy()))
+        except OSError as e:
+            done = f"; written before it: {', '.join(r['out'] for r in results)}" if results else ""
+            raise UsageError(f"{out}: cannot write it ({e.strerror or first_line(e)}){done}") from None
         results.append(dict(text=text, ids=ids.tolist(), out=out, seconds=round(seconds, 3),
                             scores=[round(s, 6) for s in gen.scores.float().tolist()], order=gen.order.tolist(),
                             lengths=gen.lengths.tolist(), best=gen.best.tolist()))
@@ -1250,17 +1546,34 @@ def print_table(text, gen, out, seconds, rows=10):
     print(f"best {len(gen.best)} candidate(s), tokens {list(gen.best.shape)}, written to {out}")
 
 
+def run_command(prog, work, errors):
+    """How every command of this project ends: work() -> its exit code. One of `errors`, or an OSError (a
+    full disk, a file gone), is one line on stderr and exit code 2; warnings are shown only after a run that
+    succeeds, so an error stays one line; Ctrl-C is exit code 130. Outputs are written whole or not at all."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        try:
+            code = work()
+        except errors as e:
+            print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"{prog}: error: {where}{e.strerror or first_line(e)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"\n{prog}: interrupted; nothing half-written is left", file=sys.stderr)
+            return 130
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        print(f"{prog}: warning: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv=None):
-    warnings.formatwarning = lambda message, *rest, **kw: f"clvp.py: warning: {message}\n"
-    try:
+    def work():
         args = build_parser().parse_args(argv)
         return run(args, *check_args(args))
-    except (UsageError, CheckpointError, AudioError) as e:
-        print(f"clvp.py: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\nclvp.py: interrupted; no output written for the unfinished text", file=sys.stderr)
-        return 130
+    return run_command("clvp.py", work, (UsageError, CheckpointError, AudioError))
 
 
 if __name__ == "__main__":

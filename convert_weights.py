@@ -18,6 +18,7 @@ read by a few lines below and .bin files with torch.load(weights_only=True).
 """
 import http.client
 import json
+import math
 import os
 import re
 import ssl
@@ -26,6 +27,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
+from dataclasses import asdict
 
 import torch
 
@@ -44,25 +47,45 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool}
 
 
+def read_json(path):
+    """A JSON object from a file the user named, or a ConversionError naming the file."""
+    clvp.check_input_file(path, ConversionError)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as e:                                  # not JSON, or not UTF-8
+        raise ConversionError(f"{path}: not readable JSON ({clvp.first_line(e)})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: not a JSON object")
+    return data
+
+
 def read_safetensors(path):
-    """A .safetensors file is an 8-byte header length, a JSON header, then raw little-endian bytes."""
+    """A .safetensors file is an 8-byte header length, a JSON header, then raw little-endian bytes. Every
+    tensor's dtype and shape must fill exactly its byte range, and the ranges lie in the file, in order."""
+    clvp.check_input_file(path, ConversionError)
     with open(path, "rb") as f:
         data = f.read()
     try:
         n = int.from_bytes(data[:8], "little")
+        if len(data) < 8 or n > len(data) - 8:
+            raise ValueError(f"a header of {n} bytes in a file of {len(data)}")
         header = json.loads(data[8:8 + n])
-        tensors = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            start, end = info["data_offsets"]
-            raw = bytearray(data[8 + n + start:8 + n + end])
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        body, tensors, end_of_last = memoryview(data)[8 + n:], {}, 0
+        entries = sorted((info["data_offsets"], name, info) for name, info in header.items() if name != "__metadata__")
+        for (start, end), name, info in entries:
+            dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
+            if not (all(type(x) is int and x >= 0 for x in (start, end, *shape)) and end_of_last <= start <= end
+                    <= len(body) and end - start == math.prod(shape) * dtype.itemsize):
+                raise ValueError(f"tensor {name}: {info['dtype']} {shape} does not fit bytes {start}..{end}")
+            end_of_last, raw = end, bytearray(body[start:end])
             t = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-            tensors[name] = t.reshape(info["shape"])
+            tensors[name] = t.reshape(shape)
         return tensors
     except (ValueError, KeyError, TypeError, RuntimeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path}: not a readable safetensors file ({e})") from None
+        raise ConversionError(f"{path}: not a readable safetensors file ({clvp.first_line(e)})") from None
 
 
 def load_plain(path):
@@ -75,28 +98,44 @@ def load_plain(path):
 
 
 def read_torch(path):
+    clvp.check_input_file(path, ConversionError)
     state = load_plain(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConversionError(f"{path}: not a state dict of tensors")
     return state
 
 
-def read_hf_weights(directory):
-    """All tensors of a save_pretrained directory, sharded or not."""
-    for index_name, reader in (("model.safetensors.index.json", read_safetensors),
-                               ("pytorch_model.bin.index.json", read_torch)):
+def hf_weight_files(directory):
+    """The weight files of a save_pretrained directory: an index and the shards it names, or one file."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = os.path.join(directory, index_name)
         if os.path.exists(index):
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            state = {}
-            for shard in shards:
-                state.update(reader(os.path.join(directory, shard)))
-            return state
-    for name, reader in (("model.safetensors", read_safetensors), ("pytorch_model.bin", read_torch)):
+            shards = read_json(index).get("weight_map")
+            if not isinstance(shards, dict) or not all(isinstance(s, str) and s == os.path.basename(s) and
+                                                       s not in ("", ".", "..") for s in shards.values()):
+                raise ConversionError(f"{index}: its weight_map must name shard files of {directory}")
+            return [index] + [os.path.join(directory, s) for s in sorted(set(shards.values()))]
+    for name in ("model.safetensors", "pytorch_model.bin"):
         if os.path.exists(os.path.join(directory, name)):
-            return reader(os.path.join(directory, name))
+            return [os.path.join(directory, name)]
     raise ConversionError(f"{directory}: no weights found (expected model.safetensors or pytorch_model.bin)")
+
+
+def hf_inputs(directory):
+    """Every file convert_hf may read (for the check that the output is none of them)."""
+    if not os.path.isdir(directory):
+        raise ConversionError(f"{directory}: not a directory")
+    extra = ("config.json", "vocab.json", "merges.txt", "preprocessor_config.json")
+    return [os.path.join(directory, name) for name in extra] + hf_weight_files(directory)
+
+
+def read_hf_weights(directory):
+    """All tensors of a save_pretrained directory, sharded or not."""
+    state = {}
+    for path in hf_weight_files(directory):
+        if not path.endswith(".json"):
+            state.update(read_safetensors(path) if path.endswith(".safetensors") else read_torch(path))
+    return state
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -250,14 +289,22 @@ HF_IGNORED_SUFFIXES = ("rotary_pos_emb.inv_freq", ".bias_mask", "attn.bias", "at
 
 def read_hf_tokenizer(directory):
     """transformers' ClvpTokenizer files: vocab.json ({token: id}) and merges.txt ('a b' per line)."""
+    vocab, merges_path = read_json(os.path.join(directory, "vocab.json")), os.path.join(directory, "merges.txt")
+    clvp.check_input_file(merges_path, ConversionError)
     try:
-        with open(os.path.join(directory, "vocab.json"), encoding="utf-8") as f:
-            vocab = json.load(f)
-        with open(os.path.join(directory, "merges.txt"), encoding="utf-8") as f:
+        with open(merges_path, encoding="utf-8") as f:
             merges = [line.split(" ") for line in f.read().splitlines() if line and not line.startswith("#version")]
         return clvp.Tokenizer(vocab, merges)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConversionError(f"{directory}: not a readable tokenizer ({type(e).__name__}: {e})") from None
+
+
+def checked_config(config, path):
+    """clvp's own check of a config (sizes in range and consistent) before anything is built from it."""
+    try:
+        return clvp.Config.from_dict(asdict(config))
+    except ValueError as e:
+        raise ConversionError(f"{path}: {e}") from None
 
 
 def convert_hf(directory):
@@ -265,25 +312,26 @@ def convert_hf(directory):
     if not os.path.isdir(directory):
         raise ConversionError(f"{directory}: not a directory")
     config_path = os.path.join(directory, "config.json")
+    if not os.path.exists(config_path):
+        raise ConversionError(f"{config_path}: missing (is this a transformers CLVP directory?)")
     try:
-        with open(config_path) as f:
-            config = hf_config(json.load(f))
-    except FileNotFoundError:
-        raise ConversionError(f"{config_path}: missing (is this a transformers CLVP directory?)") from None
-    except (ValueError, KeyError, TypeError) as e:
+        config = hf_config(read_json(config_path))
+    except (KeyError, TypeError, AttributeError) as e:
         raise ConversionError(f"{config_path}: not a CLVP config ({type(e).__name__}: {e})") from None
+    config = checked_config(config, config_path)
     state = {k: v for k, v in read_hf_weights(directory).items() if not k.endswith(HF_IGNORED_SUFFIXES)}
     weight_map = hf_weight_map(config)
     check_source(source_shapes(weight_map, config), state, directory)
     weights = apply_weight_map(weight_map, state)
-    tokenizer = None
-    if os.path.exists(os.path.join(directory, "vocab.json")):
-        tokenizer = read_hf_tokenizer(directory)
+    tokenizer = read_hf_tokenizer(directory) if os.path.exists(os.path.join(directory, "vocab.json")) else None
     mel_norms = None
     pre = os.path.join(directory, "preprocessor_config.json")
     if os.path.exists(pre):
-        with open(pre) as f:
-            mel_norms = json.load(f).get("mel_norms")
+        try:
+            mel_norms = read_json(pre).get("mel_norms")
+            mel_norms = None if mel_norms is None else torch.tensor(mel_norms, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ConversionError(f"{pre}: mel_norms is not a list of numbers ({clvp.first_line(e)})") from None
     return config, weights, tokenizer, mel_norms
 
 
@@ -468,7 +516,7 @@ def convert_tortoise(ar_path, clvp_path):
                               "were given the other way round")
     check_tortoise_file(ar, AR_FILE, ar_path)
     check_tortoise_file(cl, CLVP_FILE, clvp_path)
-    config = tortoise_config(ar, cl, ar_path, clvp_path)
+    config = checked_config(tortoise_config(ar, cl, ar_path, clvp_path), f"{ar_path} + {clvp_path}")
     weight_map = tortoise_weight_map(config)
     wanted = source_shapes(weight_map, config)
     note = f" for the size read from its other tensors ({_describe(config)}; the official size: " \
@@ -507,7 +555,23 @@ TIMEOUT = 30     # seconds without a byte before a try counts as failed
 
 def official_urls():
     base = os.environ.get("CLVP_HUB_URL", "").rstrip("/")
+    if base and urllib.parse.urlsplit(base).scheme not in ("http", "https"):
+        raise DownloadError(f"CLVP_HUB_URL={base!r} is not an http:// or https:// URL")
     return {name: f"{base or default}/{name}" for name, default in OFFICIAL_FILES.items()}
+
+
+def not_the_file(path):
+    """Why a fetched file cannot be the one asked for (None if it may be): a .pth must be a torch archive
+    (a zip file) and a .json must parse; a server that answers 200 with an HTML page fails both."""
+    if path.endswith(".pth") and not zipfile.is_zipfile(path):
+        return "not a torch archive"
+    if path.endswith(".json"):
+        try:
+            with open(path, encoding="utf-8") as f:
+                json.load(f)
+        except ValueError:
+            return "not JSON"
+    return None
 
 
 class _Incomplete(Exception):
@@ -561,14 +625,25 @@ def _fetch(url, part, progress):
 
 def download(url, dest, progress=True, retries=3, sleep=time.sleep):
     """Fetch `url` to `dest` (kept if already there), retrying transient failures `retries` times."""
-    if os.path.exists(dest):
-        return dest   # only ever renamed into place when complete
+    if os.path.exists(dest):   # only ever renamed into place when complete, and checked
+        problem = not_the_file(dest)
+        if problem:
+            raise DownloadError(f"{dest}: {problem}, so not a good copy of {os.path.basename(dest)}; delete it "
+                                "and run again to fetch it anew")
+        return dest
     part, host = dest + ".part", urllib.parse.urlsplit(url).netloc
     for attempt in range(retries + 1):
         if attempt:
             sleep(2 ** (attempt - 1))   # 1 s, 2 s, 4 s: resets and 5xx tend to be brief
         try:
             _fetch(url, part, progress)
+            problem = not_the_file(part)
+            if problem:
+                with open(part, "rb") as f:
+                    start = f.read(40)
+                os.remove(part)
+                raise DownloadError(f"{url}: the server sent a file that is {problem} (it starts {start!r}); "
+                                    "nothing was kept")
             # Bytes go to .part and the name appears only now, atomically: a file under the final
             # name is always whole, and an interrupted run leaves a .part the next run resumes.
             os.replace(part, dest)
@@ -612,6 +687,7 @@ def shipped(name):
 
 
 def read_mel_norms(path):
+    clvp.check_input_file(path, ConversionError)
     norms = load_plain(path)
     if not isinstance(norms, torch.Tensor) or norms.shape != (80,):
         raise ConversionError(f"{path}: not mel norms (80 numbers)")
@@ -621,8 +697,8 @@ def read_mel_norms(path):
 def read_tokenizer(path):
     try:
         return clvp.Tokenizer.from_file(path)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConversionError(f"{path}: not a readable tokenizer ({type(e).__name__}: {e})") from None
+    except ValueError as e:                                  # the message names the file
+        raise ConversionError(str(e)) from None
 
 
 def fetch_and_convert(directory=None, progress=True):
@@ -635,9 +711,10 @@ def fetch_and_convert(directory=None, progress=True):
     return out
 
 
-def main(argv=None):
-    p = clvp.ArgumentParser(prog="convert_weights.py", description="Convert official CLVP weights into the one file "
-                       "clvp.py loads. Give one source: --hf, --tortoise-ar with --tortoise-clvp, or --download.")
+def build_parser():
+    p = clvp.ArgumentParser(prog="convert_weights.py", description="Convert official CLVP weights into the one "
+                            "file clvp.py loads. Give one source: --hf, --tortoise-ar with --tortoise-clvp, or "
+                            "--download.")
     p.add_argument("--hf", metavar="DIR", help="a transformers save_pretrained directory")
     p.add_argument("--tortoise-ar", metavar="PATH", help="Tortoise's autoregressive.pth")
     p.add_argument("--tortoise-clvp", metavar="PATH", help="Tortoise's clvp2.pth")
@@ -650,42 +727,43 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="storage precision of the weights (float16 halves the file)")
     p.add_argument("--verbose", action="store_true", help="list the source tensors that clvp.py does not use")
+    return p
+
+
+def convert(args):
+    """The conversion the arguments ask for, every input and the output checked before any work."""
+    if args.download:
+        print(f"wrote {fetch_and_convert(args.cache, progress=True)}")
+        return 0
+    if bool(args.hf) == bool(args.tortoise_ar or args.tortoise_clvp):
+        raise ConversionError("give one source: --hf DIR, or --tortoise-ar with --tortoise-clvp, or --download")
+    if not args.output:
+        raise ConversionError("say where to write the checkpoint with -o PATH")
+    if not args.hf and not (args.tortoise_ar and args.tortoise_clvp):
+        raise ConversionError("the Tortoise layout needs both --tortoise-ar and --tortoise-clvp")
+    tokenizer_path, norms_path = args.tokenizer or shipped("tokenizer.json"), args.mel_norms or shipped("mel_norms.pth")
+    inputs = hf_inputs(args.hf) if args.hf else [args.tortoise_ar, args.tortoise_clvp, tokenizer_path, norms_path]
     try:
-        args = p.parse_args(argv)
-        if args.download:
-            out = fetch_and_convert(args.cache, progress=True)
-            print(f"wrote {out}")
-            return 0
-        if bool(args.hf) == bool(args.tortoise_ar or args.tortoise_clvp):
-            raise ConversionError("give one source: --hf DIR, or --tortoise-ar with --tortoise-clvp, or --download")
-        if not args.output:
-            raise ConversionError("say where to write the checkpoint with -o PATH")
-        out_dir = os.path.dirname(os.path.abspath(args.output))
-        if not os.path.isdir(out_dir):
-            raise ConversionError(f"{args.output}: directory {out_dir} does not exist")
-        if args.hf:
-            config, weights, tokenizer, mel_norms = convert_hf(args.hf)
-            skipped = []
-        else:
-            if not (args.tortoise_ar and args.tortoise_clvp):
-                raise ConversionError("the Tortoise layout needs both --tortoise-ar and --tortoise-clvp")
-            config, weights, skipped = convert_tortoise(args.tortoise_ar, args.tortoise_clvp)
-            tokenizer = read_tokenizer(args.tokenizer or shipped("tokenizer.json"))
-            mel_norms = read_mel_norms(args.mel_norms or shipped("mel_norms.pth"))
-        clvp.save_checkpoint(args.output, config, weights, tokenizer, mel_norms, dtype=getattr(torch, args.dtype))
-    except (ConversionError, clvp.CheckpointError, clvp.UsageError) as e:
-        print(f"convert_weights.py: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"convert_weights.py: error: {e.filename or ''}: {e.strerror or e}; nothing was written",
-              file=sys.stderr)
-        return 2
-    if args.verbose:
-        for name in skipped:
-            print(f"skipped {name}")
+        clvp.check_output(args.output, inputs)
+    except ValueError as e:
+        raise ConversionError(f"-o {e}") from None
+    skipped = []
+    if args.hf:
+        config, weights, tokenizer, mel_norms = convert_hf(args.hf)
+    else:
+        config, weights, skipped = convert_tortoise(args.tortoise_ar, args.tortoise_clvp)
+        tokenizer, mel_norms = read_tokenizer(tokenizer_path), read_mel_norms(norms_path)
+    clvp.save_checkpoint(args.output, config, weights, tokenizer, mel_norms, dtype=getattr(torch, args.dtype))
+    for name in skipped if args.verbose else []:
+        print(f"skipped {name}")
     print(f"wrote {args.output} ({os.path.getsize(args.output) / 2**20:.1f} MiB, "
           f"{sum(v.numel() for v in weights.values()) / 1e6:.1f} M parameters)")
     return 0
+
+
+def main(argv=None):
+    return clvp.run_command("convert_weights.py", lambda: convert(build_parser().parse_args(argv)),
+                            (ConversionError, clvp.CheckpointError, clvp.UsageError))
 
 
 if __name__ == "__main__":

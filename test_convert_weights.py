@@ -112,8 +112,9 @@ def test_hf_tokenizer_files(tokenizer_json, tmp_path):
     ours, loaded = clvp.Tokenizer.from_file(tokenizer_json), convert_weights.read_hf_tokenizer(saved)
     assert loaded.vocab == ours.vocab and loaded.merges == ours.merges
     assert [loaded.encode(t) for t in SENTENCES] == [ours.encode(t) for t in SENTENCES]
+    (source / "merges.txt").write_text("#version: 0.2\nq z\n", encoding="utf-8")    # 'qz' is no token
     with pytest.raises(convert_weights.ConversionError, match="not a readable tokenizer"):
-        convert_weights.read_hf_tokenizer(source.parent)
+        convert_weights.read_hf_tokenizer(source)
 
 
 def test_convert_carries_tokenizer_and_mel_norms(tiny_pair, tokenizer_json, tmp_path):
@@ -142,10 +143,17 @@ BIG = random.Random(0).randbytes(5 * 2**20 // 2)   # 2.5 MiB: several 1 MiB chun
 SMALL = b'{"model": {"type": "BPE"}}'
 
 
+def torch_archive(n):
+    """The bytes of a small torch file (a zip archive), as a .pth download must be."""
+    buffer = io.BytesIO()
+    torch.save({"x": torch.arange(n)}, buffer)
+    return buffer.getvalue()
+
+
 @pytest.fixture
 def hub(hub_server, no_hub_settings):
-    hub_server.files.update({"big.bin": BIG, "tokenizer.json": SMALL, "autoregressive.pth": BIG[:1000],
-                             "clvp2.pth": BIG[1000:3000], "mel_norms.pth": BIG[-80:]})
+    hub_server.files.update({"big.bin": BIG, "tokenizer.json": SMALL, "autoregressive.pth": torch_archive(1000),
+                             "clvp2.pth": torch_archive(3000), "mel_norms.pth": torch_archive(80)})
     return hub_server
 
 
