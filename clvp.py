@@ -981,10 +981,10 @@ def check_memory(model, text_len, options):
     cache = 2 * c.layers * length * rows * c.dim * model.logit_scale.element_size()
     tokens = 6 * o.num_candidates * o.max_new_tokens * 8 + 8 * rows * c.speech_vocab_size * 4
     free = free_memory(model.logit_scale.device)
-    if free is not None and cache + tokens > free:
+    if free is not None and cache + tokens > 0.75 * free:    # the rest: activations, the model, the system
         raise ValueError(f"{o.num_candidates} candidates of up to {o.max_new_tokens} tokens in batches of {rows} "
-                         f"need about {(cache + tokens) / 2**30:.1f} GiB (KV cache {cache / 2**30:.1f} GiB), but "
-                         f"{free / 2**30:.1f} GiB is free: ask for fewer candidates, a smaller batch or fewer tokens")
+                         f"need about {(cache + tokens) / 2**30:.1f} GiB (KV cache {cache / 2**30:.1f} GiB), more than "
+                         f"3/4 of the {free / 2**30:.1f} GiB free: ask for fewer candidates, a smaller batch or fewer tokens")
 
 
 def prefill(decoder, prompt, cache):
@@ -1182,6 +1182,24 @@ def check_output(path, inputs=()):
             raise ValueError(f"{path}: is also an input ({source}); refusing to write over it")
 
 
+class RecordingFile:
+    """A binary file that remembers why a write failed: torch.save reports a full disk only as an 'unexpected
+    pos' RuntimeError, and numpy as 'requested and written'; this keeps the OSError that says why."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
 def write_atomically(path, write):
     """Call write(file) on a temporary file beside `path`, then rename it into place: the file appears
     whole or not at all, even on an error, a full disk or Ctrl-C. Only a regular file is ever replaced,
@@ -1189,7 +1207,11 @@ def write_atomically(path, write):
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".clvp-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            target = RecordingFile(f)
+            try:
+                write(target)
+            except Exception:
+                raise target.error or sys.exc_info()[1]
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)                       # mkstemp makes it private; use the usual mode

@@ -70,6 +70,14 @@ def official_pair(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory, tiny_pair):
+    ref, _ = tiny_pair
+    d = tmp_path_factory.mktemp("hf")
+    ref.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A tiny random model saved as a real checkpoint, with the official tokenizer and mel norms."""
     torch.manual_seed(11)

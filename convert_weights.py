@@ -560,12 +560,12 @@ def official_urls():
     return {name: f"{base or default}/{name}" for name, default in OFFICIAL_FILES.items()}
 
 
-def not_the_file(path):
-    """Why a fetched file cannot be the one asked for (None if it may be): a .pth must be a torch archive
+def not_the_file(path, name):
+    """Why the fetched file at `path` cannot be `name` (None if it may be): a .pth must be a torch archive
     (a zip file) and a .json must parse; a server that answers 200 with an HTML page fails both."""
-    if path.endswith(".pth") and not zipfile.is_zipfile(path):
+    if name.endswith(".pth") and not zipfile.is_zipfile(path):
         return "not a torch archive"
-    if path.endswith(".json"):
+    if name.endswith(".json"):
         try:
             with open(path, encoding="utf-8") as f:
                 json.load(f)
@@ -626,7 +626,7 @@ def _fetch(url, part, progress):
 def download(url, dest, progress=True, retries=3, sleep=time.sleep):
     """Fetch `url` to `dest` (kept if already there), retrying transient failures `retries` times."""
     if os.path.exists(dest):   # only ever renamed into place when complete, and checked
-        problem = not_the_file(dest)
+        problem = not_the_file(dest, dest)
         if problem:
             raise DownloadError(f"{dest}: {problem}, so not a good copy of {os.path.basename(dest)}; delete it "
                                 "and run again to fetch it anew")
@@ -637,7 +637,7 @@ def download(url, dest, progress=True, retries=3, sleep=time.sleep):
             sleep(2 ** (attempt - 1))   # 1 s, 2 s, 4 s: resets and 5xx tend to be brief
         try:
             _fetch(url, part, progress)
-            problem = not_the_file(part)
+            problem = not_the_file(part, dest)
             if problem:
                 with open(part, "rb") as f:
                     start = f.read(40)
@@ -670,10 +670,9 @@ def download(url, dest, progress=True, retries=3, sleep=time.sleep):
 
 def download_official(directory=None, progress=True):
     """Fetch the four official files into `directory` (default: beside clvp.default_checkpoint()); name -> path."""
-    directory = directory or os.path.dirname(clvp.default_checkpoint())
+    directory, urls = directory or os.path.dirname(clvp.default_checkpoint()), official_urls()
     os.makedirs(directory, exist_ok=True)
-    return {name: download(url, os.path.join(directory, name), progress)
-            for name, url in official_urls().items()}
+    return {name: download(url, os.path.join(directory, name), progress) for name, url in urls.items()}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -41,14 +41,6 @@ def assert_clean_error(result, *words):
         assert w in lines[0], lines[0]
 
 
-@pytest.fixture(scope="module")
-def tiny_hf_dir(tmp_path_factory, tiny_pair):
-    ref, _ = tiny_pair
-    d = tmp_path_factory.mktemp("hf")
-    ref.save_pretrained(d)
-    return d
-
-
 def test_convert_writes_loadable_checkpoint_and_halves_in_fp16(tiny_hf_dir, tmp_path):
     full, half = tmp_path / "a.pt", tmp_path / "b.pt"
     assert run_convert("--hf", str(tiny_hf_dir), "-o", str(full)).returncode == 0

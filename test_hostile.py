@@ -1,0 +1,628 @@
+"""Hostile input at every boundary: the command lines of clvp.py, convert_weights.py and bench.py, converted
+checkpoints, the download, and the library API.
+
+Every command-line case runs the real program in a directory of its own and asserts what the project
+promises for bad input: exit code 2, exactly one line on stderr, no traceback, no file created and every
+input file byte-identical afterwards, and an end within a time and a memory bound. The API cases assert a
+ValueError that names the argument. A few valid runs at the end show that the checks refuse nothing that
+works.
+"""
+import hashlib
+import json
+import math
+import os
+import resource
+import shutil
+import stat
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+import clvp
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SECONDS, MIB = 60, 1024          # every bad input is refused within these (a normal tiny run: ~3 s, ~330 MiB)
+CLIPS = 6                        # seconds of audio clvp.py uses
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running a command the way a user would, and checking that nothing changed
+# ---------------------------------------------------------------------------------------------------
+
+def snapshot(root):
+    """{path: what it is}: a regular file by its bytes' hash, anything else by its kind; FIFOs are never
+    opened (that would block)."""
+    seen = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            mode = os.lstat(path).st_mode
+            if stat.S_ISREG(mode):
+                with open(path, "rb") as f:
+                    seen[path] = hashlib.sha256(f.read()).hexdigest()
+            else:
+                seen[path] = stat.S_IFMT(mode)
+    return seen
+
+
+def run_bounded(argv, cwd, env=None, preexec_fn=None):
+    """Run argv -> (exit code, stdout, stderr, seconds, peak RSS in MiB); killed after SECONDS."""
+    start = time.monotonic()
+    p = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**os.environ, **(env or {})}, preexec_fn=preexec_fn)
+    streams = {}
+    readers = [threading.Thread(target=lambda name, s: streams.update({name: s.read().decode(errors="replace")}),
+                                args=(name, s)) for name, s in (("out", p.stdout), ("err", p.stderr))]
+    for r in readers:
+        r.start()
+    timer = threading.Timer(SECONDS, p.kill)
+    timer.start()
+    _, status, usage = os.wait4(p.pid, 0)
+    timer.cancel()
+    p.returncode = os.waitstatus_to_exitcode(status)
+    for r in readers:
+        r.join()
+    return p.returncode, streams["out"], streams["err"], time.monotonic() - start, usage.ru_maxrss / 1024
+
+
+def refused(work, *args, words=(), script="clvp.py", env=None, preexec_fn=None, also=()):
+    """Run `script args` in `work` and assert the promise for bad input; `also`: inputs outside `work`."""
+    before = {**snapshot(work), **{p: snapshot(p) if os.path.isdir(p) else open(p, "rb").read() for p in also}}
+    code, out, err, seconds, mib = run_bounded([sys.executable, os.path.join(HERE, script), *map(str, args)], work,
+                                               env, preexec_fn)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, (code, err[-3000:])
+    for w in words:
+        assert w in lines[0], lines[0]
+    after = {**snapshot(work), **{p: snapshot(p) if os.path.isdir(p) else open(p, "rb").read() for p in also}}
+    assert after == before, "files changed"
+    assert seconds < SECONDS and mib < MIB, (seconds, mib)
+    return lines[0]
+
+
+@pytest.fixture
+def work(tmp_path, tiny_checkpoint):
+    """A user's folder: a voice clip, a converted tiny checkpoint and a text file."""
+    shutil.copy(os.path.join(HERE, "examples", "voice.wav"), tmp_path / "voice.wav")
+    shutil.copy(tiny_checkpoint, tmp_path / "tiny.pt")
+    (tmp_path / "lines.txt").write_text("The first line.\nThe second line.\n")
+    return tmp_path
+
+
+def rank(*extra):
+    """A small ranking run on the tiny checkpoint, with `extra` arguments."""
+    return ["--text", "Hi there.", "--audio", "voice.wav", "--checkpoint", "tiny.pt", "--candidates", 2,
+            "--max-tokens", 6, *extra]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data loss: an output that is also an input, or is not a regular file, is refused before any work
+# ---------------------------------------------------------------------------------------------------
+
+def test_out_over_the_reference_clip(work):
+    refused(work, *rank("--out", "voice.wav"), words=["voice.wav", "is also an input"])
+
+
+def test_out_over_the_checkpoint(work):
+    refused(work, *rank("--out", "tiny.pt"), words=["tiny.pt", "is also an input"])
+
+
+def test_out_over_the_text_file(work):
+    (work / "one.txt").write_text("A single line, so the output is named exactly as given.\n")
+    refused(work, "--text-file", "one.txt", "--audio", "voice.wav", "--checkpoint", "tiny.pt", "--out", "one.txt",
+            words=["is also an input"])
+
+
+def test_out_over_an_input_by_another_path_or_link(work):
+    os.mkdir(work / "sub")
+    os.link(work / "voice.wav", work / "hard.wav")
+    os.symlink("tiny.pt", work / "soft.pt")
+    for out in ("sub/../voice.wav", str(work / "voice.wav"), "hard.wav", "soft.pt"):
+        refused(work, *rank("--out", out), words=["is also an input"])
+
+
+def test_out_onto_a_fifo_or_a_device(work):
+    os.mkfifo(work / "fifo.npy")
+    os.symlink("/dev/null", work / "null.npy")
+    refused(work, *rank("--out", "fifo.npy"), words=["not a regular file"])
+    refused(work, *rank("--out", "null.npy"), words=["not a regular file"])
+    if os.geteuid() == 0:                                    # a copy of /dev/null, as the report made it
+        os.mknod(work / "node.npy", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        refused(work, *rank("--out", "node.npy"), words=["not a regular file"])
+        assert stat.S_ISCHR(os.lstat(work / "node.npy").st_mode)
+
+
+def test_converter_output_over_an_input(work, tiny_hf_dir):
+    (work / "a.pth").write_bytes(b"not read: refused before")
+    (work / "c.pth").write_bytes(b"not read either")
+    refused(work, "--tortoise-ar", "a.pth", "--tortoise-clvp", "c.pth", "-o", "a.pth", script="convert_weights.py",
+            words=["is also an input"])
+    refused(work, "--tortoise-ar", "a.pth", "--tortoise-clvp", "c.pth", "--tokenizer", "lines.txt", "-o",
+            "lines.txt", script="convert_weights.py", words=["is also an input"])
+    refused(work, "--hf", tiny_hf_dir, "-o", tiny_hf_dir / "model.safetensors", script="convert_weights.py",
+            words=["model.safetensors", "is also an input"], also=[tiny_hf_dir])
+    refused(work, "--hf", tiny_hf_dir, "-o", tiny_hf_dir / "config.json", script="convert_weights.py",
+            words=["is also an input"], also=[tiny_hf_dir])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Outputs checked before the work, and an error while writing still one line
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("out, words", [("missing/best.npy", "does not exist"), ("sub", "is a directory"),
+                                        ("", "not a file name"), ("newdir/", "not a file name")])
+def test_bad_output_paths(work, out, words):
+    os.mkdir(work / "sub")
+    refused(work, *rank("--out", out), words=[words])
+    (work / "a.pth").write_bytes(b"never read")
+    refused(work, "--tortoise-ar", "a.pth", "--tortoise-clvp", "a.pth", "-o", out, script="convert_weights.py",
+            words=[words if out else "-o PATH"])
+
+
+def test_unwritable_directory(work):
+    os.mkdir(work / "locked")
+    os.chmod(work / "locked", 0o555)
+    try:
+        if os.access(work / "locked", os.W_OK):              # root writes anywhere: /proc refuses even root
+            refused(work, *rank("--out", "/proc/best.npy"))
+        else:
+            refused(work, *rank("--out", "locked/best.npy"), words=["not writable"])
+    finally:
+        os.chmod(work / "locked", 0o755)
+
+
+def small_files(limit):
+    """A preexec_fn: the child may write files of at most `limit` bytes (a full disk, as the kernel says)."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(work, tiny_hf_dir):
+    line = refused(work, *rank("--out", "best.npy"), preexec_fn=small_files(64), words=["best.npy", "File too large"])
+    assert ".clvp-" not in line
+    line = refused(work, "--hf", tiny_hf_dir, "-o", "clvp.pt", script="convert_weights.py",
+                   preexec_fn=small_files(100_000), words=["clvp.pt", "File too large"], also=[tiny_hf_dir])
+    assert ".clvp-" not in line                              # the user's path, not the hidden temporary file
+
+
+def test_text_file_outputs_are_written_as_each_line_finishes(work, monkeypatch, capsys):
+    """Documented behaviour: each line's output is complete as soon as that line is done; a failure on a
+    later line leaves the earlier ones and says which they are."""
+    writes = []
+    real = clvp.write_atomically
+
+    def second_fails(path, write):
+        writes.append(path)
+        if len(writes) == 2:
+            raise OSError(28, "No space left on device", ".clvp-x.tmp")
+        return real(path, write)
+
+    monkeypatch.setattr(clvp, "write_atomically", second_fails)
+    monkeypatch.chdir(work)
+    code = clvp.main(["--text-file", "lines.txt", "--audio", "voice.wav", "--checkpoint", "tiny.pt", "--candidates",
+                      "2", "--max-tokens", "6", "--out", "best.npy"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "best-2.npy" in err[0] and "No space left" in err[0]
+    assert "written before it: best-1.npy" in err[0]
+    assert (work / "best-1.npy").exists() and not (work / "best-2.npy").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory and time bounded by the input's real size, never by its header
+# ---------------------------------------------------------------------------------------------------
+
+def wav_claiming(path, rate):
+    """A valid 96 KB 16-bit WAV whose header then claims another sample rate."""
+    soundfile.write(path, np.zeros(48000, np.int16), 22050, subtype="PCM_16")
+    data = bytearray(path.read_bytes())
+    data[24:28] = rate.to_bytes(4, "little")                 # the fmt chunk's sample rate
+    data[28:32] = min(rate * 2, 2**32 - 1).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("rate", [10_000_019, 2_147_483_647, 1])
+def test_sample_rate_from_a_lying_header(work, rate):
+    wav_claiming(work / "liar.wav", rate)
+    refused(work, *rank("--audio", "liar.wav"), words=["liar.wav", f"{rate} Hz"])
+
+
+def test_endless_or_huge_text_file(work):
+    refused(work, *rank("--text-file", "/dev/zero")[2:], words=["/dev/zero", "not a regular file"])
+    (work / "big.txt").write_bytes(b"word " * 300_000)
+    refused(work, "--text-file", "big.txt", "--audio", "voice.wav", "--checkpoint", "tiny.pt", words=["MiB"])
+
+
+def test_a_million_character_word_is_refused_before_tokenizing(work):
+    (work / "word.txt").write_text("a" * 1_000_000)
+    line = refused(work, "--text-file", "word.txt", "--audio", "voice.wav", "--checkpoint", "tiny.pt",
+                   words=["at most 401"])
+    assert "at least" in line
+
+
+def test_a_request_that_will_not_fit_says_what_it_needs(work):
+    refused(work, *rank("--candidates", 1_000_000, "--batch-size", 1_000_000), words=["GiB", "KV cache"])
+    refused(work, *rank("--candidates", 1_000_000, "--max-tokens", 500), words=["need about 22.4 GiB"])
+
+
+def test_check_memory_counts_the_cache_and_the_candidates(monkeypatch, tiny_checkpoint):
+    model = clvp.load_model(tiny_checkpoint, "cpu")
+    monkeypatch.setattr(clvp, "free_memory", lambda device: 2**30)
+    clvp.check_memory(model, 10, clvp.DecodingOptions(num_candidates=16))
+    with pytest.raises(ValueError, match=r"need about [0-9.]+ GiB .* of the 1.0 GiB free"):
+        clvp.check_memory(model, 10, clvp.DecodingOptions(num_candidates=1_000_000))
+
+
+def crafted(work, name, change, source="tiny.pt"):
+    """A copy of a checkpoint with change(blob) applied."""
+    blob = torch.load(work / source, weights_only=True)
+    change(blob)
+    torch.save(blob, work / name)
+    return name
+
+
+def test_a_config_with_a_billion_layers_is_refused_at_once(work):
+    name = crafted(work, "huge.pt", lambda b: b["config"]["decoder"].update(layers=10**9))
+    refused(work, *rank("--checkpoint", name), words=["huge.pt", "config.decoder.layers", "1..1024"])
+
+
+def test_fifos_are_refused_not_opened(work):
+    os.mkfifo(work / "fifo")
+    refused(work, *rank("--checkpoint", "fifo"), words=["not a regular file"])
+    refused(work, *rank("--audio", "fifo"), words=["not a regular file"])
+    refused(work, "--tortoise-ar", "fifo", "--tortoise-clvp", "fifo", "-o", "x.pt", script="convert_weights.py",
+            words=["not a regular file"])
+
+
+def test_only_the_first_seconds_of_a_long_clip_are_read(tmp_path):
+    path = tmp_path / "long.wav"
+    minutes = 10
+    with soundfile.SoundFile(path, "w", 48000, 2, "PCM_16") as f:
+        for _ in range(minutes * 6):
+            f.write(np.zeros((480_000, 2), np.int16))
+    tracemalloc.start()
+    wav = clvp.load_audio(path, seconds=CLIPS)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(wav) == CLIPS * clvp.SAMPLE_RATE
+    assert peak < 40 * 2**20                                 # the whole file decoded would be 220 MiB
+
+
+# ---------------------------------------------------------------------------------------------------
+# A converted checkpoint validated whole before use; the converter never writes one that would fail
+# ---------------------------------------------------------------------------------------------------
+
+def nested(blob, path, value):
+    keys = path.split(".")
+    for k in keys[:-1]:
+        blob = blob[k]
+    if value is KeyError:
+        del blob[keys[-1]]
+    else:
+        blob[keys[-1]] = value
+
+
+BAD_BLOBS = [
+    ("config.text.heads", KeyError, "missing ['heads']"),
+    ("config.text.colour", 3, "unknown ['colour']"),
+    ("config.decoder.heads", "4", "config.decoder.heads must be an integer"),
+    ("config.decoder.heads", 4.0, "config.decoder.heads must be an integer"),
+    ("config.decoder.heads", True, "config.decoder.heads must be an integer"),
+    ("config.decoder.dim", 0, "config.decoder.dim must be an integer in 1.."),
+    ("config.text.layers", -1, "config.text.layers must be an integer"),
+    ("config.speech.vocab_size", 10**12, "config.speech.vocab_size must be an integer"),
+    ("config.decoder.heads", 3, "decoder.heads must divide decoder.dim"),
+    ("config.text.rotary_dim", 31, "text.rotary_dim must be even"),
+    ("config.speech.rotary_dim", 64, "speech.rotary_dim must be even and at most a head's width (32)"),
+    ("config.decoder.start_token", 9000, "start_token and stop_token must be two different ids"),
+    ("config.decoder.text_stop_token", 300, "text_start_token and text_stop_token must be below"),
+    ("config", [1, 2], "config must be a dict"),
+    ("weights.logit_scale", torch.tensor(2), "logit_scale must hold finite floating-point numbers, not torch.int64"),
+    ("weights.logit_scale", torch.tensor(True), "not torch.bool"),
+    ("weights.logit_scale", torch.tensor(1 + 2j), "not torch.complex64"),
+    ("weights.logit_scale", torch.tensor(float("nan")), "logit_scale must hold finite"),
+    ("weights.decoder.text_embedding.weight", "inf", "decoder.text_embedding.weight must hold finite"),
+    ("weights", [1], "weights: not a dict of named tensors"),
+    ("tokenizer.vocab.[UNK]", KeyError, "the tokens [UNK] and [SPACE]"),
+    ("tokenizer.vocab.[SPACE]", KeyError, "the tokens [UNK] and [SPACE]"),
+    ("tokenizer.merges", [["q", "qq"]], "merge ['q', 'qq'] is not two tokens"),
+    ("tokenizer.vocab.zz", 300, "ids up to 300"),
+    ("mel_norms", torch.ones(79), "mel_norms must be 80 finite non-zero divisors"),
+    ("mel_norms", torch.zeros(80), "mel_norms must be 80 finite non-zero divisors"),
+    ("mel_norms", torch.full((80,), float("nan")), "mel_norms must be 80"),
+    ("version", "1", "checkpoint format version '1'; this clvp.py reads version 1"),
+    ("version", 2, "checkpoint format version 2"),
+    ("format", "other", "not a clvp checkpoint"),
+]
+
+
+@pytest.mark.parametrize("key, value, words", BAD_BLOBS, ids=[f"{k}={v!r}"[:40] for k, v, _ in BAD_BLOBS])
+def test_bad_checkpoint(work, key, value, words):
+    def change(blob):
+        if key.startswith("weights."):                       # weight names hold dots: one level only
+            name = key[len("weights."):]
+            if isinstance(value, str):
+                blob["weights"][name][0, 0] = float(value)
+            else:
+                blob["weights"][name] = value
+        elif key.startswith("tokenizer.vocab."):              # so do some tokens
+            token = key[len("tokenizer.vocab."):]
+            if value is KeyError:
+                del blob["tokenizer"]["vocab"][token]
+            else:
+                blob["tokenizer"]["vocab"][token] = value
+        else:
+            nested(blob, key, value)
+    name = crafted(work, "bad.pt", change)
+    refused(work, *rank("--checkpoint", name), words=["bad.pt: ", words])
+    with pytest.raises(clvp.CheckpointError, match="bad.pt"):
+        clvp.load_model(work / name, "cpu")
+
+
+def test_save_checkpoint_refuses_what_load_model_would(tiny_checkpoint, tmp_path):
+    model = clvp.load_model(tiny_checkpoint, "cpu")
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    weights["logit_scale"] = torch.tensor(float("inf"))
+    with pytest.raises(clvp.CheckpointError, match="not written: .*logit_scale"):
+        clvp.save_checkpoint(tmp_path / "x.pt", model.config, weights)
+    with pytest.raises(clvp.CheckpointError, match="not written: mel_norms"):
+        clvp.save_checkpoint(tmp_path / "x.pt", model.config, model.state_dict(), mel_norms=torch.zeros(80))
+    assert os.listdir(tmp_path) == []
+
+
+def safetensors_bytes(header, body=b""):
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + body
+
+
+BAD_SAFETENSORS = [
+    ("list header", safetensors_bytes([1, 2]), "not a JSON object"),
+    ("header past the end", (10**9).to_bytes(8, "little") + b"{}", "a header of 1000000000 bytes"),
+    ("negative offset", safetensors_bytes({"a": {"dtype": "F32", "shape": [1], "data_offsets": [-4, 0]}}, b"\0" * 8),
+     "does not fit"),
+    ("offset past the end", safetensors_bytes({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8),
+     "does not fit"),
+    ("overlapping", safetensors_bytes({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                                       "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12),
+     "does not fit"),
+    ("wrong size", safetensors_bytes({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8),
+     "does not fit"),
+    ("unknown dtype", safetensors_bytes({"a": {"dtype": "F8", "shape": [1], "data_offsets": [0, 1]}}, b"\0"),
+     "not a readable safetensors file"),
+]
+
+
+@pytest.mark.parametrize("name, data, words", BAD_SAFETENSORS, ids=[c[0] for c in BAD_SAFETENSORS])
+def test_bad_safetensors(work, tiny_hf_dir, name, data, words):
+    d = work / "hf"
+    d.mkdir()
+    shutil.copy(tiny_hf_dir / "config.json", d / "config.json")
+    (d / "model.safetensors").write_bytes(data)
+    refused(work, "--hf", "hf", "-o", "out.pt", script="convert_weights.py", words=["model.safetensors", words])
+
+
+BAD_HF_FILES = [
+    ("model.safetensors.index.json", "{not json", "not readable JSON"),
+    ("model.safetensors.index.json", '{"weight_map": [1]}', "weight_map must name shard files"),
+    ("model.safetensors.index.json", '{"weight_map": {"a": "../../etc/passwd"}}', "weight_map must name shard files"),
+    ("preprocessor_config.json", '{"mel_norms": ["a", "b"]}', "mel_norms is not a list of numbers"),
+    ("preprocessor_config.json", json.dumps({"mel_norms": [0.0] * 80}), "not written: mel_norms"),
+    ("preprocessor_config.json", "[1]", "not a JSON object"),
+    ("vocab.json", '{"a": "x"}', "not a readable tokenizer"),
+    ("config.json", json.dumps({"decoder_config": {}}), "not a CLVP config"),
+]
+
+
+@pytest.mark.parametrize("name, text, words", BAD_HF_FILES, ids=[f"{n}:{t}"[:40] for n, t, _ in BAD_HF_FILES])
+def test_bad_hf_directory_files(work, tiny_hf_dir, name, text, words):
+    d = work / "hf"
+    shutil.copytree(tiny_hf_dir, d)
+    (d / name).write_text(text)
+    if name == "vocab.json":
+        (d / "merges.txt").write_text("#version: 0.2\n")
+    refused(work, "--hf", "hf", "-o", "out.pt", script="convert_weights.py", words=[words])
+
+
+def test_hf_config_with_a_billion_layers(work, tiny_hf_dir):
+    d = work / "hf"
+    shutil.copytree(tiny_hf_dir, d)
+    config = json.loads((d / "config.json").read_text())
+    config["decoder_config"]["num_hidden_layers"] = 10**9
+    (d / "config.json").write_text(json.dumps(config))
+    refused(work, "--hf", "hf", "-o", "out.pt", script="convert_weights.py", words=["config.decoder.layers"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Values that pass a simple check but used to crash: accepted when they work, refused with the range
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag, value, words", [
+    ("--temperature", "inf", "--temperature must be 0 (greedy) or a finite positive number"),
+    ("--temperature", "nan", "--temperature must be"), ("--temperature", "-1", "--temperature must be"),
+    ("--repetition-penalty", "0", "--repetition-penalty must be a finite positive number"),
+    ("--repetition-penalty", "inf", "--repetition-penalty must be"),
+    ("--seed", str(2**64), "--seed must be None or an integer in 0..2**64-1"), ("--seed", "-1", "--seed must be"),
+    ("--top-p", "0", "--top-p must be in (0, 1]"), ("--top-p", "1.5", "--top-p"), ("--top-k", "0", "--top-k"),
+    ("--typical-mass", "0", "--typical-mass"), ("--candidates", "0", "--candidates"),
+    ("--batch-size", "-3", "--batch-size"), ("--max-tokens", "0", "--max-tokens"),
+    ("--max-tokens", "5000", "--max-tokens must be an integer in 1..607"), ("--candidates", "many", "invalid int"),
+])
+def test_bad_numbers(work, flag, value, words):
+    refused(work, *rank(flag, value), words=[words])
+
+
+def test_bench_needs_a_step_to_time(work):
+    refused(work, "--tiny", "--tokens", 1, script="bench.py", words=["--tokens must be in 2..600"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The download keeps what it fetched only when it is the file
+# ---------------------------------------------------------------------------------------------------
+
+def test_an_html_page_is_not_kept_as_the_weights(work, hub_server):
+    page = b"<!DOCTYPE html><html><body>Sign in to continue</body></html>"
+    hub_server.files.update({"autoregressive.pth": page, "clvp2.pth": page, "tokenizer.json": page,
+                             "mel_norms.pth": page})
+    env = {"CLVP_HUB_URL": hub_server.url, "CLVP_CACHE": str(work / "cache")}
+    (work / "cache").mkdir()
+    line = refused(work, "--download", script="convert_weights.py", env=env, words=["not a torch archive"])
+    assert "DOCTYPE" in line and "nothing was kept" in line
+    assert [p.name for p in (work / "cache").iterdir()] == []
+
+
+def test_a_bad_file_already_in_the_cache_is_named(work):
+    cache = work / "cache"
+    cache.mkdir()
+    (cache / "autoregressive.pth").write_text("<html>old failed download</html>")
+    env = {"CLVP_HUB_URL": "http://127.0.0.1:9", "CLVP_CACHE": str(cache)}
+    refused(work, "--download", script="convert_weights.py", env=env,
+            words=["autoregressive.pth: not a torch archive", "delete it and run again"])
+
+
+def test_hub_url_without_a_scheme(work):
+    refused(work, "--download", script="convert_weights.py", env={"CLVP_HUB_URL": "example.com/models",
+                                                                   "CLVP_CACHE": str(work / "cache")},
+            words=["CLVP_HUB_URL='example.com/models' is not an http:// or https:// URL"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Messages that say what is really wrong, in one line
+# ---------------------------------------------------------------------------------------------------
+
+def test_what_an_audio_path_really_is(work):
+    os.mkdir(work / "clips")
+    os.symlink("loop.wav", work / "loop.wav")
+    refused(work, *rank("--audio", "clips"), words=["clips: is a directory"])
+    refused(work, *rank("--audio", "loop.wav"), words=["loop.wav: Too many levels of symbolic links"])
+    refused(work, *rank("--audio", "missing.wav"), words=["missing.wav: no such file"])
+
+
+def test_no_checkpoint_is_one_line(work):
+    refused(work, "--text", "Hi.", "--audio", "voice.wav", env={"CLVP_CACHE": str(work / "empty")},
+            words=["python convert_weights.py --download"])
+
+
+def test_a_warning_does_not_make_an_error_two_lines(work):
+    soundfile.write(work / "silent.wav", np.zeros(50_000, np.float32), 22050)
+    refused(work, *rank("--audio", "silent.wav", "--out", "best.npy"), preexec_fn=small_files(64),
+            words=["File too large"])
+
+
+@pytest.mark.parametrize("text", ["中文字符 Москва", "  ", '""', "🎉 🎉"])
+def test_text_that_cleans_to_nothing(work, text):
+    refused(work, *rank("--text", text), words=["empty"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The library API: each public function checks its arguments and names them
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return clvp.load_model(tiny_checkpoint, "cpu")
+
+
+MELS = torch.zeros(1, 80, 40)
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda m: m.text_features(torch.tensor([[5, 300]])), "text_ids must be ids in 0..255"),
+    (lambda m: m.text_features(torch.tensor([5, 6])), "text_ids must be integer ids [batch"),
+    (lambda m: m.text_features(torch.tensor([[0.5]])), "text_ids must be integer ids"),
+    (lambda m: m.speech_features(torch.tensor([[9000]])), "speech_ids must be ids in 0..8191"),
+    (lambda m: m.similarity(torch.tensor([[-1]]), torch.tensor([[3]])), "text_ids must be ids in 0..255"),
+    (lambda m: m.generate(torch.tensor([256]), MELS), "text_ids must be ids in 0..255"),
+    (lambda m: m.generate(torch.ones(500, dtype=torch.long), MELS), "text_ids must be integer ids [batch, 1..401"),
+    (lambda m: m.generate(torch.ones(2, 5, dtype=torch.long), MELS), "generate takes one text"),
+    (lambda m: m.generate([1, 2], MELS), "text_ids must be integer ids"),
+    (lambda m: m.generate(torch.tensor([5]), torch.zeros(80, 40)), "mels must be floats [clips, 80, frames]"),
+    (lambda m: m.generate(torch.tensor([5]), torch.zeros(1, 81, 40)), "mels must be floats"),
+    (lambda m: m.generate(torch.tensor([5]), torch.zeros(1, 80, 40, dtype=torch.long)), "mels must be floats"),
+    (lambda m: m.generate(torch.tensor([5]), torch.full((1, 80, 40), math.nan)), "mels hold NaN"),
+    (lambda m: m.conditioning_latent(torch.zeros(1, 80, 0)), "mels must be floats"),
+    (lambda m: m.generate(torch.tensor([5]), MELS, num_candidates=0), "num_candidates must be an integer in 1.."),
+    (lambda m: m.generate(torch.tensor([5]), MELS, batch_size=0), "batch_size must be"),
+    (lambda m: m.generate(torch.tensor([5]), MELS, max_new_tokens=0), "max_new_tokens must be an integer in 1..607"),
+    (lambda m: m.generate(torch.tensor([5]), MELS, max_new_tokens=608), "max_new_tokens must be"),
+    (lambda m: m.generate(torch.tensor([5]), MELS, top_k=0), "top_k must be"),
+    (lambda m: m.generate(torch.tensor([5]), MELS, temperature=math.inf), "temperature must be"),
+    (lambda m: m.speech_logits(MELS, torch.tensor([[5]]), torch.tensor([[8194]])), "speech_ids must be ids in 0..8193"),
+    (lambda m: m.speech_logits(MELS, torch.tensor([[5]]), torch.zeros(1, 607, dtype=torch.long)),
+     "speech_ids must be integer ids [batch, 0..606"),
+    (lambda m: clvp.log_mel_spectrogram(torch.zeros(5000, dtype=torch.long)), "wav must be floats"),
+    (lambda m: clvp.log_mel_spectrogram(torch.zeros(1, 1, 5000)), "wav must be floats"),
+    (lambda m: clvp.log_mel_spectrogram(torch.zeros(5000), torch.ones(3)), "mel_norms must be a tensor [80]"),
+    (lambda m: clvp.resolve_device("tpu9"), "unknown device 'tpu9'"),
+    (lambda m: clvp.resolve_device("meta"), "unsupported device 'meta'"),
+])
+def test_api_arguments(model, call, words):
+    with pytest.raises(ValueError) as e:
+        call(model)
+    assert words in str(e.value), str(e.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_api_cuda_without_cuda(tiny_checkpoint):
+    with pytest.raises(ValueError, match="sees no CUDA GPU"):
+        clvp.load_model(tiny_checkpoint, "cuda")
+
+
+def test_api_files(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "bad.json").write_text('{"model": {"vocab": {"a": 1}, "merges": []}}')
+    for path, words in ((tmp_path / "fifo", "not a regular file"), (tmp_path / "bad.json", "[UNK] and [SPACE]"),
+                        (tmp_path, "is a directory"), (tmp_path / "none.json", "no such file")):
+        with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("]", r"\]")):
+            clvp.Tokenizer.from_file(path)
+    with pytest.raises(clvp.AudioError, match="not a regular file"):
+        clvp.load_audio(tmp_path / "fifo")
+    with pytest.raises(clvp.CheckpointError, match="not a regular file"):
+        clvp.load_model(tmp_path / "fifo", "cpu")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Valid runs: the checks refuse nothing that works
+# ---------------------------------------------------------------------------------------------------
+
+def accepted(work, *args, script="clvp.py", env=None):
+    code, out, err, seconds, mib = run_bounded([sys.executable, os.path.join(HERE, script), *map(str, args)], work, env)
+    assert code == 0, err[-3000:]
+    return out
+
+
+def test_extreme_values_that_work(work):
+    for extra in (["--temperature", "1e-40"], ["--repetition-penalty", "1e-45"], ["--temperature", "1e30"],
+                  ["--seed", str(2**64 - 1)], ["--top-k", "50"], ["--max-tokens", "607", "--candidates", "1"]):
+        out = accepted(work, *rank("--json", "--out", "best.npy", *extra))
+        scores = json.loads(out)["results"][0]["scores"]
+        assert all(math.isfinite(s) for s in scores)
+
+
+def test_writing_over_an_earlier_output_and_a_text_file(work):
+    accepted(work, *rank("--out", "best.npy"))
+    accepted(work, *rank("--out", "best.npy"))                # an output of an earlier run is not an input
+    (work / "out").mkdir()
+    accepted(work, "--text-file", "lines.txt", "--audio", "voice.wav", "--checkpoint", "tiny.pt", "--candidates", 2,
+             "--max-tokens", 6, "--out", "out/b.npy")
+    assert sorted(os.listdir(work / "out")) == ["b-1.npy", "b-2.npy"]
+
+
+@pytest.mark.parametrize("rate, channels, seconds", [(8000, 1, 2), (48000, 2, 60), (384000, 1, 1), (1000, 6, 8)])
+def test_audio_that_works(work, rate, channels, seconds):
+    t = np.arange(rate * seconds) / rate
+    clip = 0.3 * np.sin(2 * np.pi * 220 * t)[:, None].repeat(channels, axis=1)
+    soundfile.write(work / "clip.wav", clip.astype(np.float32), rate)
+    accepted(work, *rank("--audio", "clip.wav", "--out", "best.npy"))
+
+
+def test_converter_writes_beside_its_inputs(work, tiny_hf_dir):
+    d = work / "hf"
+    shutil.copytree(tiny_hf_dir, d)
+    accepted(work, "--hf", "hf", "-o", "hf/clvp.pt", script="convert_weights.py")
+    accepted(work, "--hf", "hf", "-o", "hf/clvp.pt", script="convert_weights.py")    # again: not one of its inputs
+    assert clvp.load_model(d / "clvp.pt", "cpu").config.decoder.dim == 64
