@@ -952,7 +952,8 @@ def test_cli_ctrl_c_leaves_no_output(tiny_checkpoint, tmp_path):
     p = subprocess.Popen([sys.executable, os.path.join(HERE, "clvp.py"), "--text", "A long run.", "--audio", VOICE,
                           "--checkpoint", tiny_checkpoint, "--candidates", "400", "--batch-size", "8", "--explain",
                           "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # even where we ignore it
     for line in p.stdout:                                        # --explain's last line before decoding starts
         if line.startswith("[decode]"):
             break

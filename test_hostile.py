@@ -53,8 +53,9 @@ def snapshot(root):
 
 
 def run_bounded(argv, cwd, env=None, preexec_fn=None):
-    """Run argv -> (exit code, stdout, stderr, seconds, peak RSS in MiB); killed after SECONDS."""
-    start = time.monotonic()
+    """Run argv -> (exit code, stdout, stderr, seconds, peak RSS in MiB); killed after SECONDS. The peak is
+    the child's own VmHWM, polled while it runs (wait4's ru_maxrss starts from the forking parent's)."""
+    start, peak = time.monotonic(), 0
     p = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          env={**os.environ, **(env or {})}, preexec_fn=preexec_fn)
     streams = {}
@@ -62,14 +63,18 @@ def run_bounded(argv, cwd, env=None, preexec_fn=None):
                                 args=(name, s)) for name, s in (("out", p.stdout), ("err", p.stderr))]
     for r in readers:
         r.start()
-    timer = threading.Timer(SECONDS, p.kill)
-    timer.start()
-    _, status, usage = os.wait4(p.pid, 0)
-    timer.cancel()
-    p.returncode = os.waitstatus_to_exitcode(status)
+    while p.poll() is None:
+        try:
+            with open(f"/proc/{p.pid}/status") as f:
+                peak = max([peak] + [int(line.split()[1]) for line in f if line.startswith("VmHWM:")])
+        except (OSError, ValueError):                        # between exit and reaping
+            pass
+        if time.monotonic() - start > SECONDS:
+            p.kill()
+        time.sleep(0.02)
     for r in readers:
         r.join()
-    return p.returncode, streams["out"], streams["err"], time.monotonic() - start, usage.ru_maxrss / 1024
+    return p.returncode, streams["out"], streams["err"], time.monotonic() - start, peak / 1024
 
 
 def refused(work, *args, words=(), script="clvp.py", env=None, preexec_fn=None, also=()):
