@@ -449,6 +449,8 @@ def load_audio(path, sampling_rate=SAMPLE_RATE, seconds=None) -> torch.Tensor:
     """Read WAV/FLAC/OGG (MP3 if libsndfile has it) -> mono float32 [samples] in [-1, 1]: all of it, or only
     the first `seconds`. Memory follows what is read, never what the file's header claims."""
     check_input_file(path, AudioError)
+    if not isinstance(sampling_rate, int) or not RATES[0] <= sampling_rate <= RATES[1]:
+        raise AudioError(f"sampling_rate must be an integer in {RATES[0]}..{RATES[1]} Hz, not {sampling_rate!r}")
     try:  # float32 reads: soundfile scales int16/int32 PCM to [-1, 1)
         with soundfile.SoundFile(path) as f:
             sr, channels = f.samplerate, f.channels
@@ -1176,6 +1178,8 @@ def check_output(path, inputs=()):
         raise ValueError(f"{path}: exists and is not a regular file; refusing to replace it")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{path}: directory {parent} is not writable")
+    if len(os.fsencode(os.path.basename(path))) > os.pathconf(parent, "PC_NAME_MAX"):
+        raise ValueError(f"{path[:60]}...: file name too long")
     for source in inputs:
         if os.path.exists(source) and (os.path.realpath(source) == os.path.realpath(path) or
                                        os.path.exists(path) and os.path.samefile(source, path)):

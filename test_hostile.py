@@ -162,7 +162,8 @@ def test_converter_output_over_an_input(work, tiny_hf_dir):
 # ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("out, words", [("missing/best.npy", "does not exist"), ("sub", "is a directory"),
-                                        ("", "not a file name"), ("newdir/", "not a file name")])
+                                        ("", "not a file name"), ("newdir/", "not a file name"),
+                                        ("n" * 300 + ".npy", "file name too long")])
 def test_bad_output_paths(work, out, words):
     os.mkdir(work / "sub")
     refused(work, *rank("--out", out), words=[words])
@@ -463,6 +464,7 @@ def test_bad_numbers(work, flag, value, words):
 
 def test_bench_needs_a_step_to_time(work):
     refused(work, "--tiny", "--tokens", 1, script="bench.py", words=["--tokens must be in 2..600"])
+    refused(work, "--tiny", "--candidates", 10**9, script="bench.py", words=["--candidates must be in 1..1024"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -563,6 +565,7 @@ MELS = torch.zeros(1, 80, 40)
     (lambda m: clvp.log_mel_spectrogram(torch.zeros(1, 1, 5000)), "wav must be floats"),
     (lambda m: clvp.log_mel_spectrogram(torch.zeros(5000), torch.ones(3)), "mel_norms must be a tensor [80]"),
     (lambda m: clvp.resolve_device("tpu9"), "unknown device 'tpu9'"),
+    (lambda m: clvp.load_audio(os.path.join(HERE, "examples", "voice.wav"), sampling_rate=0), "sampling_rate must be"),
     (lambda m: clvp.resolve_device("meta"), "unsupported device 'meta'"),
 ])
 def test_api_arguments(model, call, words):
