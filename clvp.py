@@ -535,8 +535,10 @@ def log_mel_spectrogram(wav: torch.Tensor, mel_norms: torch.Tensor | None = None
 #
 # The three kinds of network (conditioning encoder, decoder, CLVP encoder) all use plain multi-head
 # attention; they differ only in what goes around it (GroupNorm, rotary, a causal mask, a KV cache). One
-# fused Linear makes q, k and v; these two helpers split and merge heads, and torch's
-# scaled_dot_product_attention does the rest.
+# fused Linear makes q, k and v; these helpers split and merge heads, and torch's
+# scaled_dot_product_attention does the rest. In bf16 or fp16 on the CPU, attention runs in fp32: the
+# Linears are where half precision pays (half the bytes to read), while torch's CPU attention kernel is
+# about 5x slower in bf16 than in fp32.
 # ---------------------------------------------------------------------------------------------------
 
 def split_heads(qkv, heads):
@@ -549,6 +551,18 @@ def merge_heads(x):
     """[B, heads, T, head_dim] -> [B, T, heads * head_dim]."""
     B, H, T, hd = x.shape
     return x.transpose(1, 2).reshape(B, T, H * hd)
+
+
+def attention_dtype(device, dtype):
+    """The dtype attention (and so the KV cache) runs in: fp32 on the CPU, the model's own on a GPU."""
+    return torch.float32 if torch.device(device).type == "cpu" else dtype
+
+
+def attention(q, k, v, causal=False):
+    """Multi-head attention [B, heads, T, hd] -> [B, heads, T, hd], in attention_dtype, back in q's dtype."""
+    dtype = attention_dtype(q.device, q.dtype)
+    out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), is_causal=causal)
+    return out.to(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -579,7 +593,7 @@ class ConditioningBlock(nn.Module):
     def forward(self, x):                                    # x: [C, frames, D]
         h = self.norm(x.transpose(1, 2)).transpose(1, 2)     # GroupNorm wants channels first
         q, k, v = split_heads(self.qkv(h), self.heads)
-        return x + self.out(merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        return x + self.out(merge_heads(attention(q, k, v)))
 
 
 class ConditioningEncoder(nn.Module):
@@ -662,7 +676,7 @@ class DecoderBlock(nn.Module):
             k, v = cache.update(layer, start, k, v)
         # Several new positions at once only happen from position 0 (the prompt, or teacher forcing),
         # where a plain causal mask is right; a single new token may see everything before it.
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
+        a = attention(q, k, v, causal=q.shape[2] > 1)
         x = x + self.out(merge_heads(a))
         return x + self.proj(F.gelu(self.fc(self.norm2(x)), approximate="tanh"))   # GPT-2's gelu_new
 
@@ -759,7 +773,7 @@ class EncoderBlock(nn.Module):
 
     def forward(self, x, cos, sin):                          # x: [B, T, D]
         q, k, v = (apply_rotary(t, cos, sin) for t in split_heads(self.qkv(self.norm1(x)), self.heads))
-        x = x + self.out(merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        x = x + self.out(merge_heads(attention(q, k, v)))
         h, gate = self.ff_in(self.norm2(x)).chunk(2, dim=-1)
         return x + self.ff_out(h * F.gelu(gate))
 
@@ -980,7 +994,8 @@ def check_memory(model, text_len, options):
     the candidates' tokens, which live in several copies (batches, joined, padded, fixed, returned)."""
     c, o = model.config.decoder, options
     rows, length = min(o.batch_size, o.num_candidates), model.decoder.prompt_length(text_len) + o.max_new_tokens
-    cache = 2 * c.layers * length * rows * c.dim * model.logit_scale.element_size()
+    dtype = attention_dtype(model.logit_scale.device, model.logit_scale.dtype)
+    cache = 2 * c.layers * length * rows * c.dim * torch.finfo(dtype).bits // 8
     tokens = 6 * o.num_candidates * o.max_new_tokens * 8 + 8 * rows * c.speech_vocab_size * 4
     free = free_memory(model.logit_scale.device)
     if free is not None and cache + tokens > 0.75 * free:    # the rest: activations, the model, the system
@@ -1092,7 +1107,8 @@ def generate_and_rank(model, text_ids, mels, options, progress=None):
     text_ids = text_ids.reshape(1, -1)
     prompt = dec.prompt(model.voice_latent(mels)[None], text_ids)            # [1, P, D]
     P = prompt.shape[1]
-    cache = KVCache(c, min(o.batch_size, o.num_candidates), P + o.max_new_tokens, mels.device, prompt.dtype)
+    cache = KVCache(c, min(o.batch_size, o.num_candidates), P + o.max_new_tokens, mels.device,
+                    attention_dtype(mels.device, prompt.dtype))
     first_logits = prefill(dec, prompt, cache)                               # [1, vocab], shared
     cache.broadcast_prompt(P)
     generator = torch.Generator(mels.device).manual_seed(o.seed) if o.seed is not None else None
@@ -1469,7 +1485,7 @@ def explain_prompt(say, model, text, ids, mels, o):
     latents = model.conditioning_latent(mels)
     prompt = model.decoder.prompt(latents.mean(dim=0)[None], ids[None])
     batch = min(o.batch_size, o.num_candidates)
-    cache = KVCache(c, batch, prompt.shape[1] + o.max_new_tokens, "meta", prompt.dtype)
+    cache = KVCache(c, batch, prompt.shape[1] + o.max_new_tokens, "meta", attention_dtype(ids.device, prompt.dtype))
     say(f"[text]     {text!r}\n           cleaned: {clean_text(text)!r}\n"
         f"           BPE ids [{len(ids)}]: {ids.tolist()[:16]}{' ...' if len(ids) > 16 else ''}")
     say(f"[audio]    {len(mels)} clip(s), each resampled to {SAMPLE_RATE} Hz mono, padded or cut to "

@@ -34,6 +34,7 @@ from conftest import maxdiff
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = 1e-4
+BF16_MAX, BF16_MEAN, BF16_RANK = 0.5, 0.05, 0.95  # measured: 0.067, 0.0117, 0.997 (logits spread ~110)
 VOICE = os.path.join(HERE, "examples", "voice.wav")
 
 
@@ -692,6 +693,27 @@ def test_contrastive_loss_matches_definition_and_trains(tiny_pair):
     opt = torch.optim.SGD(encoders, lr=0.05)
     opt.step()
     assert model.contrastive_loss(text, speech).item() < loss.item()
+
+
+def ranks(x):
+    return x.argsort().argsort().double()
+
+
+def test_bf16_agrees_with_fp32_at_the_official_size(official_pair):
+    """bf16 weights, fp32 attention on the CPU: how far the teacher-forced logits move, and whether the 16
+    CLVP scores keep their order (Spearman's rank correlation)."""
+    import copy
+    _, model = official_pair
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    torch.manual_seed(15)
+    mels, text = torch.randn(1, 80, 200), torch.randint(1, 250, (1, 20))
+    speech, candidates = torch.randint(0, 8192, (1, 40)), torch.randint(0, 8192, (16, 100))
+    with torch.inference_mode():
+        keep = [i for i in range(8194) if i != 8192]
+        delta = (model.speech_logits(mels, text, speech) - half.speech_logits(mels, text, speech).float())[..., keep]
+        scores, low = model.similarity(text, candidates)[0], half.similarity(text, candidates)[0].float()
+    spearman = torch.corrcoef(torch.stack([ranks(scores), ranks(low)]))[0, 1].item()
+    assert delta.abs().max() < BF16_MAX and delta.abs().mean() < BF16_MEAN and spearman > BF16_RANK
 
 
 def test_half_precision_runs_close_to_fp32(tiny_pair):
