@@ -261,12 +261,9 @@ def build_parser():
 
 
 def measure(args):
-    for ok, message in [(1 <= args.candidates <= 1024, f"--candidates must be in 1..1024, not {args.candidates}"),
-                        (2 <= args.tokens <= 600, f"--tokens must be in 2..600 (one step to time), not {args.tokens}"),
-                        (1 <= args.text_tokens <= 400, f"--text-tokens must be in 1..400, not {args.text_tokens}"),
-                        (args.repeat >= 1, f"--repeat must be at least 1, not {args.repeat}")]:
-        if not ok:
-            raise clvp.UsageError(message)
+    clvp.require([clvp.within("--candidates", args.candidates, 1, 1024),
+                  clvp.within("--tokens", args.tokens, 2, 600),            # at least one decode step to time
+                  clvp.within("--text-tokens", args.text_tokens, 1, 400), clvp.within("--repeat", args.repeat, 1, 100)])
     try:
         device = clvp.resolve_device(args.device)
     except ValueError as e:

@@ -135,9 +135,7 @@ class Config:
             rules += [(e.dim % e.heads == 0, f"{side}.heads must divide {side}.dim"),
                       (e.rotary_dim % 2 == 0 and e.rotary_dim <= e.dim // e.heads,
                        f"{side}.rotary_dim must be even and at most a head's width ({e.dim // max(e.heads, 1)})")]
-        for ok, message in rules:
-            if not ok:
-                raise ValueError(f"config: {message}")
+        require(rules, ValueError, "config: ")
 
 
 def tiny_config():
@@ -157,6 +155,18 @@ class AudioError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used."""
+
+
+def require(rules, error=UsageError, prefix=""):
+    """Raise error(prefix + message) for the first (ok, message) rule that does not hold."""
+    for ok, message in rules:
+        if not ok:
+            raise error(prefix + message)
+
+
+def within(flag, value, low, high):
+    """A rule for require: low <= value <= high, said in the flag's words."""
+    return low <= value <= high, f"{flag} must be in {low}..{high}, not {value}"
 
 
 def first_line(error):
@@ -1048,8 +1058,8 @@ def next_tokens(logits, seen, options, generator):
     if options.temperature == 0:
         return logits.argmax(dim=-1)
     # Moving the best logit to 0 changes no probability, but keeps any finite penalty and temperature finite.
-    logits = logits.clamp(max=torch.finfo(logits.dtype).max)
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / options.temperature
+    logits.clamp_(max=torch.finfo(logits.dtype).max)          # in place: logits is the penalty's own copy
+    logits.sub_(logits.max(dim=-1, keepdim=True).values).div_(options.temperature)
     if options.top_p < 1:
         logits = top_p_filter(logits, options.top_p)
     if options.typical_mass is not None:
@@ -1385,18 +1395,14 @@ MAX_TEXT_BYTES = 2**20                                       # --text-file: a bo
 
 
 def check_options(options, config):
-    for name, why in options.problems(config)[:1]:
-        raise UsageError(f"{FLAGS.get(name, name)} {why}")
+    require((False, f"{FLAGS.get(name, name)} {why}") for name, why in options.problems(config))
 
 
 def check_args(args):
     """Every mistake in the arguments themselves, named in one line before any work -> (device, options)."""
-    if (args.text is None) == (args.text_file is None):
-        raise UsageError("give the text with exactly one of --text or --text-file")
-    if not args.audio:
-        raise UsageError("give at least one reference clip with --audio")
-    if args.tiny and not args.random_init:
-        raise UsageError("--tiny only applies with --random-init")
+    require([((args.text is None) != (args.text_file is None), "give the text with exactly one of --text or --text-file"),
+             (bool(args.audio), "give at least one reference clip with --audio"),
+             (not args.tiny or args.random_init, "--tiny only applies with --random-init")])
     options = DecodingOptions(args.candidates, args.batch_size, args.max_tokens, args.temperature, args.top_p,
                               args.repetition_penalty, args.typical_mass, args.top_k, args.seed, not args.no_pad)
     check_options(options, tiny_config() if args.tiny else Config())   # a checkpoint's own config: in run

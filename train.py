@@ -304,13 +304,10 @@ def build_parser():
 
 
 def train(args):
-    for ok, message in [(1 <= args.encoder_steps <= 100_000, f"--encoder-steps must be in 1..100000, not {args.encoder_steps}"),
-                        (1 <= args.decoder_steps <= 100_000, f"--decoder-steps must be in 1..100000, not {args.decoder_steps}"),
-                        (2 <= args.batch <= 512, f"--batch must be in 2..512, not {args.batch}"),
-                        (1 <= args.eval <= 200, f"--eval must be in 1..200, not {args.eval}"),
-                        (0 <= args.seed < 2**32, f"--seed must be in 0..2**32-1, not {args.seed}")]:
-        if not ok:
-            raise clvp.UsageError(message)
+    clvp.require([clvp.within("--encoder-steps", args.encoder_steps, 1, 100_000),
+                  clvp.within("--decoder-steps", args.decoder_steps, 1, 100_000),
+                  clvp.within("--batch", args.batch, 2, 512), clvp.within("--eval", args.eval, 1, 200),
+                  clvp.within("--seed", args.seed, 0, 2**32 - 1)])
     try:
         clvp.check_output(args.out)
     except ValueError as e:
