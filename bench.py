@@ -11,6 +11,7 @@ The yardstick is the decode step's matrix products run bare: the same weights an
 torch.matmul, with nothing else around them. Medians of --repeat runs, the implementations interleaved
 so a machine that drifts hits both alike.
 """
+import copy
 import json
 import os
 import statistics
@@ -134,78 +135,128 @@ def reference_model(model):
     return ref.to(model.logit_scale.device, model.logit_scale.dtype)
 
 
+def texts_to_read(args, device):
+    """args.sentences random texts, about args.text_tokens long (different lengths: the prompts get padded)."""
+    lengths = [max(1, args.text_tokens - 3 * i % 10) for i in range(args.sentences)]
+    return [torch.randint(3, 200, (n,), device=device) for n in lengths]
+
+
 def runs_to_time(args, device):
-    """{name: (run, the decoder module to hook)}: clvp.py, and transformers with --compare."""
+    """{name: (run, the decoder module to hook)}: clvp.py in each --dtype (and, with --sentences, one
+    sentence at a time as well as all together), and transformers in fp32 with --compare."""
     torch.manual_seed(0)
-    model = clvp.CLVP(clvp.tiny_config() if args.tiny else clvp.Config()).to(device).eval()
-    c = model.config.decoder
+    base = clvp.CLVP(clvp.tiny_config() if args.tiny else clvp.Config()).to(device).eval()
+    c = base.config.decoder
     with torch.no_grad():
-        model.decoder.head.bias[c.stop_token] = -1e9                       # run every one of the L steps
-    model = model.to(getattr(torch, args.dtype))
-    N, L = args.candidates, args.tokens
-    text = torch.randint(3, 200, (1, args.text_tokens), device=device)
+        base.decoder.head.bias[c.stop_token] = -1e9                        # run every one of the L steps
+    N, L, texts = args.candidates, args.tokens, texts_to_read(args, device)
     wav = 0.1 * torch.randn(clvp.CONDITIONING_SAMPLES, device=device)
-    mels = clvp.log_mel_spectrogram(wav)[None].to(model.logit_scale.dtype)
-    options = clvp.DecodingOptions(num_candidates=N, batch_size=N, max_new_tokens=L, pad_to_max=False, seed=0)
-    runs = {"clvp.py": (lambda: model.generate(text, mels, options), model.decoder)}
+    mels = clvp.log_mel_spectrogram(wav)[None]
+    # Each run takes the number of tokens: the warm-up runs 2, the timed runs L.
+    options = lambda L: clvp.DecodingOptions(num_candidates=N, batch_size=args.batch_size or N * len(texts),
+                                             max_new_tokens=L, pad_to_max=False, seed=0)
+    runs, models = {}, {}
+    for dtype in args.dtype:
+        model = models[dtype] = copy.deepcopy(base).to(getattr(torch, dtype))
+        m = mels.to(model.logit_scale.dtype)
+        if len(texts) == 1:
+            runs[f"clvp.py {dtype}"] = (lambda L, model=model, m=m: model.generate(texts[0], m, options(L)),
+                                        model.decoder)
+            continue
+        runs[f"clvp.py {dtype}, {len(texts)} together"] = (lambda L, model=model, m=m: model.generate(
+            texts, m, options(L)), model.decoder)
+        runs[f"clvp.py {dtype}, one at a time"] = (lambda L, model=model, m=m: [
+            model.generate(t, m, options(L), batch_size=N) for t in texts], model.decoder)
     if args.compare:
         import transformers
         transformers.logging.set_verbosity_error()
         warnings.filterwarnings("ignore", module="transformers")
-        ref = reference_model(model)
-        hf_generate = lambda: ref.generate(input_ids=text, input_features=mels, do_sample=True,
-                                           temperature=options.temperature, top_p=options.top_p,
-                                           repetition_penalty=options.repetition_penalty, num_return_sequences=N,
-                                           max_new_tokens=L, pad_token_id=c.stop_token, eos_token_id=c.stop_token,
-                                           return_dict_in_generate=True)
-        runs["transformers"] = (hf_generate, ref.speech_decoder_model)
-    return model, runs
+        # transformers 4.46's CLVP generate fails in bf16 on the CPU ("mat1 and mat2 must have the same dtype"),
+        # so on the CPU it runs in fp32, its fastest working mode; on a GPU in the first --dtype.
+        ref = reference_model(base).to(getattr(torch, "float32" if device.type == "cpu" else args.dtype[0]))
+        o = options(L)
+        hf_generate = lambda L: [ref.generate(input_ids=t[None], input_features=mels.to(ref.dtype), do_sample=True,
+                                            temperature=o.temperature, top_p=o.top_p, num_return_sequences=N,
+                                            repetition_penalty=o.repetition_penalty, max_new_tokens=L,
+                                            pad_token_id=c.stop_token, eos_token_id=c.stop_token,
+                                            return_dict_in_generate=True) for t in texts]
+        runs[f"transformers {transformers.__version__} {ref.dtype}".replace("torch.", "")] = (hf_generate,
+                                                                                              ref.speech_decoder_model)
+    return models, runs
+
+
+def bytes_per_step(model, rows, context):
+    """What one decode step reads: the decoder's weights (the embeddings only a row each), and the KV cache."""
+    c = model.config.decoder
+    weights = sum(p.numel() * p.element_size() for name, p in model.decoder.named_parameters()
+                  if "embedding" not in name and "positions" not in name)
+    dtype = clvp.attention_dtype(model.logit_scale.device, model.logit_scale.dtype)
+    cache = clvp.KVCache(c, rows, context, "meta", dtype)
+    return weights / 2**20, 2 * cache.k.numel() * cache.k.element_size() / 2**20
 
 
 def benchmark(args, device):
-    model, runs = runs_to_time(args, device)
-    N, L = args.candidates, args.tokens
+    models, runs = runs_to_time(args, device)
+    N, L, K = args.candidates, args.tokens, args.sentences
     results = {name: [] for name in runs}
     with torch.inference_mode():
         for run, _ in runs.values():
-            run()                                                           # warm-up
+            run(2)                                                          # warm-up
         for _ in range(args.repeat):
             for name, (run, decoder) in runs.items():
-                results[name].append(timed_run(run, decoder, device))
-        bare = bare_matmul_ms(model, N, 1 + args.text_tokens + 4 + L // 2, device)
-    table = {}
+                results[name].append(timed_run(lambda: run(L), decoder, device))
+        context = 1 + args.text_tokens + 4 + L // 2                         # cached positions, on average
+        bare = {dtype: bare_matmul_ms(model, N, context, device) for dtype, model in models.items()}
+    table, batch = {}, args.batch_size or N * K
     for name, rs in results.items():
-        table[name] = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
-        table[name]["candidate-tokens/s"] = N / table[name]["decode ms/step"] * 1e3
-    ours = table["clvp.py"]
-    ours["bare matmul ms/step"] = bare
-    ours["decode / bare matmul"] = ours["decode ms/step"] / bare
+        table[name] = row = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        row["candidate-tokens/s"] = K * N * L / row["end to end s"]
+        if K > 1:          # the hooks time steps of one batch; with several, end to end is what counts
+            row = table[name] = {k: row[k] for k in ("end to end s", "peak memory MiB", "candidate-tokens/s")}
+        else:
+            row["decode candidate-tokens/s"] = N / row["decode ms/step"] * 1e3
+        if name.startswith("clvp.py"):
+            dtype = name.split()[1].strip(",")
+            if K == 1:
+                row["bare matmul ms/step"] = bare[dtype]
+                row["decode / bare matmul"] = row["decode ms/step"] / bare[dtype]
+            rows = N if name.endswith("one at a time") else min(batch, N * K)
+            row["weights MiB read/step"], row["KV cache MiB read/step"] = bytes_per_step(models[dtype], rows, context)
     report = dict(device=str(device), dtype=args.dtype, config="tiny" if args.tiny else "official",
-                  candidates=N, tokens=L, text_tokens=args.text_tokens, repeat=args.repeat,
-                  torch=torch.__version__, threads=torch.get_num_threads(), results=table)
+                  candidates=N, tokens=L, text_tokens=args.text_tokens, sentences=K, batch_size=batch,
+                  repeat=args.repeat, torch=torch.__version__, threads=torch.get_num_threads(), results=table)
+    # Speed-ups, slower / faster: transformers against each clvp.py run, one sentence at a time against
+    # the same sentences decoded together, and clvp.py's first dtype against its others.
+    ours = [n for n in table if n.startswith("clvp.py")]
+    pairs = [(t, n) for t in table if t.startswith("transformers") for n in ours]
+    pairs += [(n, n.replace("one at a time", f"{K} together")) for n in ours if n.endswith("one at a time")]
+    pairs += [(ours[0], n) for n in ours[1:] if K == 1]
+    report["ratios"] = {f"{slow} / {fast}": {k: table[slow][k] / table[fast][k] for k in RATIO_ROWS
+                                             if table[fast].get(k)} for slow, fast in pairs}
     if args.compare:
-        report["ratio (transformers / clvp.py)"] = {k: table["transformers"][k] / ours[k] for k in
-                                                    ("conditioning + prefill ms", "decode ms/step", "rerank ms",
-                                                     "end to end s", "peak memory MiB") if ours[k] > 0}
         report["front ends"] = front_end_speed(device)
     return report
 
 
+RATIO_ROWS = ("conditioning + prefill ms", "decode ms/step", "rerank ms", "end to end s", "peak memory MiB")
+
+
 def print_report(report):
-    table, ours = report["results"], report["results"]["clvp.py"]
-    ratios = report.get("ratio (transformers / clvp.py)", {})
-    print(f"benchmark: {report['config']} config, {report['device']} {report['dtype']}, N={report['candidates']} "
-          f"candidates, L={report['tokens']} tokens, {report['text_tokens']} text tokens, median of "
-          f"{report['repeat']}, torch {report['torch']}, {report['threads']} threads")
-    names = list(table)
-    print(f"{'':28}" + "".join(f"{n:>15}" for n in names) + (f"{'ratio':>10}" if ratios else ""))
-    for row in ours:
-        if row == "steps":
-            continue
-        cells = "".join(f"{table[n][row]:>15.2f}" if row in table[n] else f"{'':>15}" for n in names)
-        print(f"{row:28}{cells}" + (f"{ratios[row]:>9.2f}x" if row in ratios else ""))
+    table = report["results"]
+    print(f"benchmark: {report['config']} config, {report['device']}, N={report['candidates']} candidates, "
+          f"L={report['tokens']} tokens, {report['sentences']} sentence(s) of about {report['text_tokens']} text "
+          f"tokens, batches of {report['batch_size']} rows, median of {report['repeat']}, torch {report['torch']}, "
+          f"{report['threads']} threads")
+    rows = list(dict.fromkeys(row for r in table.values() for row in r if row != "steps"))
+    for name, r in table.items():
+        print(f"\n{name}")
+        for row in rows:
+            if row in r:
+                print(f"  {row:30}{r[row]:>12.2f}")
+    for pair, ratios in report["ratios"].items():
+        print(f"\n{pair}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     for name, (ours_ms, theirs_ms, what) in report.get("front ends", {}).items():
-        print(f"{name:28}{ours_ms:>15.2f}{theirs_ms:>15.2f}{theirs_ms / ours_ms:>9.2f}x   ms, {what}")
+        print(f"\n{name}: clvp.py {ours_ms:.2f} ms, transformers {theirs_ms:.2f} ms, {theirs_ms / ours_ms:.2f}x ({what})")
 
 
 def best_ms(f, repeat):
@@ -250,18 +301,24 @@ def build_parser():
                             "(and transformers' with --compare).")
     p.add_argument("--compare", action="store_true", help="also time transformers' generate on the same weights")
     p.add_argument("--tiny", action="store_true", help="a small model instead of the official shapes")
-    p.add_argument("--candidates", type=int, default=16, help="candidates decoded together (default 16)")
+    p.add_argument("--candidates", type=int, default=16, help="candidates per sentence (default 16)")
+    p.add_argument("--sentences", type=int, default=1, help="sentences read; with more than one, clvp.py decodes "
+                   "them together and one at a time (default 1)")
+    p.add_argument("--batch-size", type=int, help="rows decoded together (default: every candidate of every sentence)")
     p.add_argument("--tokens", type=int, default=100, help="decode steps per candidate (default 100)")
     p.add_argument("--text-tokens", type=int, default=40, help="text length in tokens (default 40)")
     p.add_argument("--repeat", type=int, default=3, help="runs per implementation; the median is reported")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "float16", "bfloat16"],
+                   help="clvp.py's dtype(s), each timed in turn (default float32)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
 
 
 def measure(args):
-    clvp.require([clvp.within("--candidates", args.candidates, 1, 1024),
+    clvp.require([clvp.within("--candidates", args.candidates, 1, 1024), clvp.within("--sentences", args.sentences, 1, 64),
+                  clvp.within("--batch-size", args.batch_size or 1, 1, 4096),
+                  (len(set(args.dtype)) == len(args.dtype), "--dtype: each dtype once"),
                   clvp.within("--tokens", args.tokens, 2, 600),            # at least one decode step to time
                   clvp.within("--text-tokens", args.text_tokens, 1, 400), clvp.within("--repeat", args.repeat, 1, 100)])
     try:

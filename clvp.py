@@ -568,10 +568,12 @@ def attention_dtype(device, dtype):
     return torch.float32 if torch.device(device).type == "cpu" else dtype
 
 
-def attention(q, k, v, causal=False):
-    """Multi-head attention [B, heads, T, hd] -> [B, heads, T, hd], in attention_dtype, back in q's dtype."""
+def attention(q, k, v, causal=False, mask=None):
+    """Multi-head attention [B, heads, T, hd] -> [B, heads, T, hd], in attention_dtype, back in q's dtype.
+    mask, where given, says what each query may see and replaces `causal`."""
     dtype = attention_dtype(q.device, q.dtype)
-    out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), is_causal=causal)
+    out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask,
+                                         is_causal=causal and mask is None)
     return out.to(q.dtype)
 
 
@@ -646,14 +648,21 @@ class KVCache:
 
     Each step writes its new keys/values in place and attends to a view of everything so far, so step t
     costs O(t) and allocates nothing. Positions are the outer axis, so one step's write is one contiguous
-    block. The prompt is the same for every row: it is run once at batch 1 and its keys/values are
-    copied into the other rows (broadcast_prompt). Batches of candidates reuse the cache in turn.
+    block. Rows may hold the prompts of different texts: each prompt is left-padded to the longest, and
+    `visible` [B, 1, 1, max_len], made once per batch, hides every row's padding from its attention.
     """
 
     def __init__(self, c: DecoderConfig, batch, max_len, device, dtype):
         shape = (c.layers, max_len, batch, c.heads, c.dim // c.heads)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.pads, self.visible = torch.zeros(batch, dtype=torch.long, device=device), None
+
+    def pad(self, pads):
+        """pads [B]: positions of padding before each row's prompt (no mask at all where there are none)."""
+        self.pads = pads
+        positions = torch.arange(self.k.shape[1], device=pads.device)
+        self.visible = (positions >= pads[:, None])[:, None, None] if bool(pads.any()) else None
 
     def update(self, layer, start, k, v):
         """Store k, v [B, heads, T, hd] at positions start.. of rows 0..B-1; return those rows so far,
@@ -663,10 +672,26 @@ class KVCache:
         self.v[layer, start:end, :B] = v.permute(2, 0, 1, 3)
         return self.k[layer, :end, :B].permute(1, 2, 0, 3), self.v[layer, :end, :B].permute(1, 2, 0, 3)
 
-    def broadcast_prompt(self, length):
-        """Copy row 0's first `length` positions (the prompt, run once at batch 1) into every row."""
-        self.k[:, :length, 1:] = self.k[:, :length, :1]
-        self.v[:, :length, 1:] = self.v[:, :length, :1]
+    def mask(self, queries, end):
+        """What the last `queries` of positions 0..end-1 may see: [B, 1, queries, end] bool, or None for
+        plain causal attention. Several queries only happen from position 0 (the prompts): causal, and no
+        padding, except that a padding position sees itself, so that no row of the softmax is empty."""
+        if self.visible is None:
+            return None
+        if queries == 1:
+            return self.visible[..., :end]
+        causal = torch.ones(queries, end, dtype=torch.bool, device=self.pads.device).tril()
+        return self.visible[..., :end] & causal | torch.eye(queries, end, dtype=torch.bool, device=self.pads.device)
+
+    def copy_prompts(self, prompts, rows):
+        """Give row i the prompt of text rows[i] (rows: a CPU tensor, text by text), copied from `prompts`, a
+        cache of one prefilled row per text."""
+        P, first = prompts.k.shape[1], 0
+        for text, n in zip(*(t.tolist() for t in torch.unique_consecutive(rows, return_counts=True))):
+            self.k[:, :P, first:first + n] = prompts.k[:, :, text:text + 1]
+            self.v[:, :P, first:first + n] = prompts.v[:, :, text:text + 1]
+            first += n
+        self.pad(prompts.pads[rows.to(prompts.pads.device)])
 
 
 class DecoderBlock(nn.Module):
@@ -682,11 +707,14 @@ class DecoderBlock(nn.Module):
 
     def forward(self, x, layer=None, cache=None, start=0):  # x: [B, T, D]
         q, k, v = split_heads(self.qkv(self.norm1(x)), self.heads)
+        mask = None
         if cache is not None:
             k, v = cache.update(layer, start, k, v)
+            mask = cache.mask(q.shape[2], k.shape[2])
         # Several new positions at once only happen from position 0 (the prompt, or teacher forcing),
-        # where a plain causal mask is right; a single new token may see everything before it.
-        a = attention(q, k, v, causal=q.shape[2] > 1)
+        # where a plain causal mask is right; a single new token may see everything before it. Prompts
+        # of different lengths in one batch add the cache's padding mask to both.
+        a = attention(q, k, v, causal=q.shape[2] > 1, mask=mask)
         x = x + self.out(merge_heads(a))
         return x + self.proj(F.gelu(self.fc(self.norm2(x)), approximate="tanh"))   # GPT-2's gelu_new
 
@@ -898,22 +926,28 @@ class CLVP(nn.Module):
 
     def generate(self, text_ids, mels, options=None, progress=None, **overrides):
         """Sample candidates and rank them (generate_and_rank, in the generation section). text_ids: raw ids
-        [T] or [1, T]; options: a DecodingOptions, whose fields keywords override:
-        generate(ids, mels, num_candidates=4, seed=0). A request that does not fit in memory is refused."""
+        [T] or [1, T] of one text -> a Generation; or a list of them (say, the sentences of a chapter, decoded
+        together in batches of options.batch_size rows) -> a list of Generations, one per text. options: a
+        DecodingOptions, whose fields keywords override: generate(ids, mels, num_candidates=4, seed=0).
+        A request that does not fit in memory is refused."""
         options = replace(options or DecodingOptions(), **overrides)
         problems = options.problems(self.config)
         if problems:
             raise ValueError("; ".join(f"{name} {why}" for name, why in problems))
-        if isinstance(text_ids, torch.Tensor) and text_ids.dim() == 1:
-            text_ids = text_ids[None]
-        text_ids = self.decoder_text(text_ids)
-        if text_ids.shape[0] != 1:
-            raise ValueError(f"generate takes one text: text_ids [T] or [1, T], not {describe(text_ids)}")
-        check_memory(self, text_ids.shape[1], options)
-        generation = generate_and_rank(self, text_ids, checked_mels(mels, self.config.decoder.mel_channels,
-                                                                    self.logit_scale), options, progress)
+        several = isinstance(text_ids, (list, tuple))
+        if several and not (text_ids and all(isinstance(t, torch.Tensor) for t in text_ids)):
+            raise ValueError(f"text_ids must be integer ids [T] or [1, T], or a non-empty list of them, "
+                             f"not {text_ids!r:.60}")
+        texts = [self.decoder_text(t[None] if isinstance(t, torch.Tensor) and t.dim() == 1 else t)
+                 for t in (text_ids if several else [text_ids])]
+        if any(t.shape[0] != 1 for t in texts):
+            raise ValueError("generate takes one text per tensor, [T] or [1, T]: give several texts as a list")
+        check_memory(self, max(t.shape[1] for t in texts), options, len(texts))
+        mels = checked_mels(mels, self.config.decoder.mel_channels, self.logit_scale)
+        generations = generate_and_rank(self, [t[0] for t in texts], mels, options, progress)
         # Tensors made in inference mode cannot enter autograd later; hand back ordinary copies.
-        return Generation(**{name: t.clone() for name, t in vars(generation).items()})
+        generations = [Generation(**{name: t.clone() for name, t in vars(g).items()}) for g in generations]
+        return generations if several else generations[0]
 
     def contrastive_loss(self, text_ids, speech_ids):
         """CLIP's symmetric cross-entropy over a batch of matching (text, speech) rows."""
@@ -925,8 +959,10 @@ class CLVP(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # Generation and reranking: sample N candidates, score them with CLVP, keep the best
 #
-# 1. prefill: the prompt (voice latent, text, start token) is the same for every candidate, so it runs
-#    once at batch 1; its keys/values are then copied into every row of the KV cache.
+# 1. prefill: a prompt (voice latent, text, start token) is the same for every candidate of its text, so
+#    it runs once; its keys/values are then copied into each row of the KV cache that decodes that text.
+#    Several texts (sentences of a --text-file) decode in one batch: their prompts are left-padded to
+#    the longest and masked, so all rows step through the same positions together.
 # 2. decode_step: a batch of candidates advances one token through the cache: tokens in, logits out.
 #    next_tokens turns logits into tokens with the same processors, in the same order, as
 #    transformers' generate: repetition penalty, temperature, top-p, typical. A candidate that emits
@@ -999,17 +1035,20 @@ def free_memory(device):
         return None
 
 
-def check_memory(model, text_len, options):
-    """Refuse, before allocating anything, a generation that will not fit: the KV cache of one batch, plus
-    the candidates' tokens, which live in several copies (batches, joined, padded, fixed, returned)."""
+def check_memory(model, text_len, options, texts=1):
+    """Refuse, before allocating anything, a generation that will not fit: the KV caches (one batch, and
+    each text's prompt), plus the candidates' tokens, which live in several copies (batches, joined,
+    padded, fixed, returned). text_len: the longest text's."""
     c, o = model.config.decoder, options
-    rows, length = min(o.batch_size, o.num_candidates), model.decoder.prompt_length(text_len) + o.max_new_tokens
+    rows, prompt = min(o.batch_size, o.num_candidates * texts), model.decoder.prompt_length(text_len)
     dtype = attention_dtype(model.logit_scale.device, model.logit_scale.dtype)
-    cache = 2 * c.layers * length * rows * c.dim * torch.finfo(dtype).bits // 8
-    tokens = 6 * o.num_candidates * o.max_new_tokens * 8 + 8 * rows * c.speech_vocab_size * 4
+    positions = (prompt + o.max_new_tokens) * rows + prompt * texts           # the batch's cache, the prompts'
+    cache = 2 * c.layers * positions * c.dim * torch.finfo(dtype).bits // 8
+    tokens = 6 * o.num_candidates * texts * o.max_new_tokens * 8 + 8 * rows * c.speech_vocab_size * 4
     free = free_memory(model.logit_scale.device)
+    each = f" for each of {texts} texts" if texts > 1 else ""
     if free is not None and cache + tokens > 0.75 * free:    # the rest: activations, the model, the system
-        raise ValueError(f"{o.num_candidates} candidates of up to {o.max_new_tokens} tokens in batches of {rows} "
+        raise ValueError(f"{o.num_candidates} candidates{each} of up to {o.max_new_tokens} tokens in batches of {rows} "
                          f"need about {(cache + tokens) / 2**30:.1f} GiB (KV cache {cache / 2**30:.1f} GiB), more than "
                          f"3/4 of the {free / 2**30:.1f} GiB free: ask for fewer candidates, a smaller batch or fewer tokens")
 
@@ -1106,35 +1145,56 @@ def fix_candidates(tokens, stop_token, pad_to=None):
     return fixed, first
 
 
-@torch.inference_mode()
-def generate_and_rank(model, text_ids, mels, options, progress=None):
-    """Sample options.num_candidates speech-token sequences for one text in one voice; rank them by CLVP.
+def trim(tokens, stop_token):
+    """[N, T] -> up to the first step at which every candidate had stopped: the same length whichever
+    batches the candidates were decoded in (a batch stops when its own last candidate stops)."""
+    everyone = (tokens == stop_token).all(dim=0)
+    return tokens[:, :int(everyone.int().argmax()) + 1] if everyone.any() else tokens
 
-    text_ids: raw tokenizer ids [T] or [1, T]; mels: [C, 80, frames], one row per reference clip.
+
+@torch.inference_mode()
+def generate_and_rank(model, texts, mels, options, progress=None):
+    """Sample options.num_candidates speech-token sequences for each text, in one voice, and rank each
+    text's own candidates by CLVP -> [Generation], one per text.
+
+    texts: raw tokenizer ids, one [T] tensor per text; mels: [C, 80, frames], one row per reference clip.
+    Rows of all texts, text by text, decode together in batches of up to options.batch_size rows.
     progress: None, or an object with decode(step, batch_size, running) and rerank(done, total).
     """
     dec, c, o = model.decoder, model.config.decoder, options
-    text_ids = text_ids.reshape(1, -1)
-    prompt = dec.prompt(model.voice_latent(mels)[None], text_ids)            # [1, P, D]
-    P = prompt.shape[1]
-    cache = KVCache(c, min(o.batch_size, o.num_candidates), P + o.max_new_tokens, mels.device,
-                    attention_dtype(mels.device, prompt.dtype))
-    first_logits = prefill(dec, prompt, cache)                               # [1, vocab], shared
-    cache.broadcast_prompt(P)
-    generator = torch.Generator(mels.device).manual_seed(o.seed) if o.seed is not None else None
+    N, device = o.num_candidates, mels.device
+    latent = model.voice_latent(mels)[None]                                  # [1, D]
+    prompts = [dec.prompt(latent, ids[None])[0] for ids in texts]            # [P_i, D] each
+    P = max(len(p) for p in prompts)
+    dtype = attention_dtype(device, latent.dtype)
+    shared = KVCache(c, len(texts), P, device, dtype)                        # each prompt, once
+    shared.pad(torch.tensor([P - len(p) for p in prompts], device=device))
+    first_logits = prefill(dec, torch.stack([F.pad(p, (0, 0, P - len(p), 0)) for p in prompts]), shared)
+    rows = torch.arange(len(texts)).repeat_interleave(N)                     # the text of each row
+    cache = KVCache(c, min(o.batch_size, len(rows)), P + o.max_new_tokens, device, dtype)
+    generator = torch.Generator(device).manual_seed(o.seed) if o.seed is not None else None
     batches = []
-    for first in range(0, o.num_candidates, o.batch_size):
-        B = min(o.batch_size, o.num_candidates - first)
-        batches.append(decode_batch(dec, cache, first_logits.expand(B, -1).clone(), P, o, generator, progress))
+    for first in range(0, len(rows), o.batch_size):
+        batch = rows[first:first + o.batch_size]
+        cache.copy_prompts(shared, batch)
+        batches.append(decode_batch(dec, cache, first_logits[batch.to(device)], P, o, generator, progress))
     longest = max(b.shape[1] for b in batches)
     tokens = torch.cat([F.pad(b, (0, longest - b.shape[1]), value=c.stop_token) for b in batches])
-    candidates, lengths = fix_candidates(tokens, c.stop_token, o.max_new_tokens if o.pad_to_max else None)
-    text_features = model.text_features(text_ids)                            # once, for every batch
+    return [rank(model, ids, trim(tokens[i * N:(i + 1) * N], c.stop_token), o, progress)
+            for i, ids in enumerate(texts)]
+
+
+def rank(model, text_ids, tokens, options, progress=None):
+    """One text's raw ids [T] and its candidates [N, steps] -> fixed, scored by CLVP and ranked: a Generation."""
+    o = options
+    candidates, lengths = fix_candidates(tokens, model.config.decoder.stop_token,
+                                         o.max_new_tokens if o.pad_to_max else None)
+    text_features = model.text_features(text_ids[None])                     # once, for every batch
     scores = []
-    for i in range(0, o.num_candidates, o.batch_size):
+    for i in range(0, len(candidates), o.batch_size):
         scores.append(model.score(text_features, model.speech_features(candidates[i:i + o.batch_size]))[0])
         if progress:
-            progress.rerank(i + len(scores[-1]), o.num_candidates)
+            progress.rerank(i + len(scores[-1]), len(candidates))
     scores = torch.cat(scores)
     order = scores.argsort(descending=True)
     return Generation(candidates, lengths, scores, order, candidates[order[:o.top_k]])
@@ -1367,7 +1427,8 @@ def build_parser():
     p.add_argument("--tiny", action="store_true", help="with --random-init: a small model instead of the official size")
     g = p.add_argument_group("sampling")
     g.add_argument("--candidates", type=int, default=16, help="how many candidates to sample (default 16)")
-    g.add_argument("--batch-size", type=int, default=16, help="candidates decoded together (default 16)")
+    g.add_argument("--batch-size", type=int, default=16, help="rows decoded together (default 16); more than "
+                   "--candidates decodes several --text-file lines at once")
     g.add_argument("--top-k", type=int, default=1, help="how many of the best candidates to keep (default 1)")
     g.add_argument("--seed", type=int, help="random seed, for repeatable candidates")
     g.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (default 0.8)")
@@ -1485,13 +1546,15 @@ def output_paths(out, n):
 
 
 @torch.inference_mode()
-def explain_prompt(say, model, text, ids, mels, o):
-    """--explain, before decoding: each stage up to the first step, with the real tensors' shapes."""
+def explain_prompt(say, model, text, ids, mels, o, group):
+    """--explain, before decoding: each stage up to the first step, with the real tensors' shapes. group: the
+    ids of every text decoded with this one (itself included)."""
     c = model.config.decoder
     latents = model.conditioning_latent(mels)
     prompt = model.decoder.prompt(latents.mean(dim=0)[None], ids[None])
-    batch = min(o.batch_size, o.num_candidates)
-    cache = KVCache(c, batch, prompt.shape[1] + o.max_new_tokens, "meta", attention_dtype(ids.device, prompt.dtype))
+    batch, longest = min(o.batch_size, o.num_candidates * len(group)), max(map(len, group))
+    cache = KVCache(c, batch, model.decoder.prompt_length(longest) + o.max_new_tokens, "meta",
+                    attention_dtype(ids.device, prompt.dtype))
     say(f"[text]     {text!r}\n           cleaned: {clean_text(text)!r}\n"
         f"           BPE ids [{len(ids)}]: {ids.tolist()[:16]}{' ...' if len(ids) > 16 else ''}")
     say(f"[audio]    {len(mels)} clip(s), each resampled to {SAMPLE_RATE} Hz mono, padded or cut to "
@@ -1502,9 +1565,10 @@ def explain_prompt(say, model, text, ids, mels, o):
     say(f"[prompt]   [voice latent] + text [{c.text_start_token}] + ids + [{c.text_stop_token}, "
         f"{c.text_stop_token}] (text positions 0..{len(ids) + 2}) + start token {c.start_token} "
         f"(speech position 0): {list(prompt.shape)}")
-    say(f"[prefill]  {c.layers} GPT-2 blocks over the prompt once, at batch 1; KV cache keys and values, "
-        f"each [layers, positions, rows, heads, head_dim] = {list(cache.k.shape)}, get the prompt in every row")
-    say(f"[decode]   {o.num_candidates} candidate(s) in batches of {batch}: each step embeds [{batch}, 1] tokens "
+    together = f", with {len(group) - 1} other text(s), left-padded to the longest" if len(group) > 1 else ""
+    say(f"[prefill]  {c.layers} GPT-2 blocks over the prompt once{together}; KV cache keys and values, each "
+        f"[layers, positions, rows, heads, head_dim] = {list(cache.k.shape)}, get the prompt in its candidates' rows")
+    say(f"[decode]   {o.num_candidates} candidate(s) per text in batches of {batch}: each step embeds [{batch}, 1] tokens "
         f"(at speech positions {speech_position(1)}, {speech_position(2)}, ...), runs [{batch}, 1, {c.dim}] through the cached "
         f"blocks -> logits [{batch}, {c.speech_vocab_size}] -> repetition penalty {o.repetition_penalty}, "
         + ("greedy" if o.temperature == 0 else f"temperature {o.temperature}, top-p {o.top_p}")
@@ -1521,6 +1585,11 @@ def explain_result(say, model, ids, gen, o):
         f"[{len(gen.candidates)}, {model.config.speech.projection_dim}]")
     say(f"[scores]   cosine similarity * exp(logit_scale) = {model.logit_scale.exp().item():.2f}: scores "
         f"{list(gen.scores.shape)}, best first -> keep the top {len(gen.best)}")
+
+
+def texts_per_batch(options):
+    """How many --text-file lines decode together: as many as fill one batch with their candidates."""
+    return max(1, options.batch_size // options.num_candidates)
 
 
 def prepare_run(args, device, options):
@@ -1541,42 +1610,45 @@ def prepare_run(args, device, options):
     check_options(options, model.config)
     ids_list = [encode_text(model, t) for t in texts]
     try:
-        check_memory(model, max(len(ids) for ids in ids_list), options)
+        check_memory(model, max(len(ids) for ids in ids_list), options, min(texts_per_batch(options), len(texts)))
     except ValueError as e:
         raise UsageError(first_line(e)) from None
     return model, texts, ids_list, voice_mels(model, args.audio), outs
 
 
 def run(args, device, options):
-    """Rank each text's candidates and write its best tokens as soon as it is done: a failure on a later
-    line leaves the earlier outputs complete, and the message says which they are."""
+    """Rank each text's candidates and write its best tokens. Texts decode together, as many as fill one
+    batch of --batch-size rows, and each group's outputs are written as soon as it is done: a failure on
+    a later line leaves the earlier outputs complete, and the message says which they are."""
     model, texts, ids_list, mels, outs = prepare_run(args, device, options)
     quiet = args.quiet or args.json or not sys.stderr.isatty()
     say = print if args.explain and not args.json else None
     if args.random_init and not args.json:
         print("NOTE: --random-init: the weights are random, so the candidates and scores are meaningless; "
               "this run only shows every stage working.")
-    results = []
-    for text, ids, out in zip(texts, ids_list, outs):
-        if say:
-            explain_prompt(say, model, text, ids, mels, options)
+    results, group = [], texts_per_batch(options)
+    for first in range(0, len(texts), group):
+        lines = range(first, min(first + group, len(texts)))
+        for i in lines if say else ():
+            explain_prompt(say, model, texts[i], ids_list[i], mels, options, [ids_list[j] for j in lines])
         progress = Progress(not quiet)
         t0 = time.perf_counter()
-        gen = model.generate(ids, mels, options, progress)
+        generations = model.generate([ids_list[i] for i in lines], mels, options, progress)
         progress.show("")
         seconds = time.perf_counter() - t0
-        if say:
-            explain_result(say, model, ids, gen, options)
-        try:
-            write_atomically(out, lambda f: np.save(f, gen.best.cpu().numpy()))
-        except OSError as e:
-            done = f"; written before it: {', '.join(r['out'] for r in results)}" if results else ""
-            raise UsageError(f"{out}: cannot write it ({e.strerror or first_line(e)}){done}") from None
-        results.append(dict(text=text, ids=ids.tolist(), out=out, seconds=round(seconds, 3),
-                            scores=[round(s, 6) for s in gen.scores.float().tolist()], order=gen.order.tolist(),
-                            lengths=gen.lengths.tolist(), best=gen.best.tolist()))
-        if not args.json:
-            print_table(text, gen, out, seconds)
+        for i, gen in zip(lines, generations):
+            if say:
+                explain_result(say, model, ids_list[i], gen, options)
+            try:
+                write_atomically(outs[i], lambda f: np.save(f, gen.best.cpu().numpy()))
+            except OSError as e:
+                done = f"; written before it: {', '.join(r['out'] for r in results)}" if results else ""
+                raise UsageError(f"{outs[i]}: cannot write it ({e.strerror or first_line(e)}){done}") from None
+            results.append(dict(text=texts[i], ids=ids_list[i].tolist(), out=outs[i], seconds=round(seconds, 3),
+                                scores=[round(s, 6) for s in gen.scores.float().tolist()], order=gen.order.tolist(),
+                                lengths=gen.lengths.tolist(), best=gen.best.tolist(), decoded_with=len(lines)))
+            if not args.json:
+                print_table(texts[i], gen, outs[i], seconds, len(lines))
     if args.json:
         print(json.dumps(dict(checkpoint=None if args.random_init else (args.checkpoint or default_checkpoint()),
                               random_init=args.random_init, device=str(device), dtype=args.dtype,
@@ -1584,11 +1656,12 @@ def run(args, device, options):
     return 0
 
 
-def print_table(text, gen, out, seconds, rows=10):
-    print(f"\n{text!r}: {len(gen.scores)} candidates in {seconds:.1f} s")
+def print_table(text, gen, out, seconds, together=1, rows=10):
+    with_others = f" (decoded with {together - 1} other line(s))" if together > 1 else ""
+    print(f"\n{text!r}: {len(gen.scores)} candidates in {seconds:.1f} s{with_others}")
     print(f"{'rank':>4}  {'candidate':>9}  {'score':>9}  {'length':>6}")
-    for rank, i in enumerate(gen.order.tolist()[:rows]):
-        print(f"{rank + 1:>4}  {i:>9}  {gen.scores[i].item():>9.4f}  {gen.lengths[i].item():>6}")
+    for place, i in enumerate(gen.order.tolist()[:rows]):
+        print(f"{place + 1:>4}  {i:>9}  {gen.scores[i].item():>9.4f}  {gen.lengths[i].item():>6}")
     if len(gen.order) > rows:
         print(f"      ... {len(gen.order) - rows} more")
     print(f"best {len(gen.best)} candidate(s), tokens {list(gen.best.shape)}, written to {out}")

@@ -14,23 +14,44 @@ def bench(*args):
 
 
 def test_tiny_benchmark_reports_every_row():
-    r = bench("--tiny", "--candidates", 2, "--tokens", 6, "--repeat", 1, "--compare", "--json")
+    r = bench("--tiny", "--candidates", 2, "--tokens", 6, "--repeat", 1, "--compare", "--dtype", "float32", "bfloat16",
+              "--json")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
-    ours, theirs = report["results"]["clvp.py"], report["results"]["transformers"]
-    for row in ("conditioning + prefill ms", "decode ms/step", "rerank ms", "end to end s", "peak memory MiB",
-                "candidate-tokens/s"):
-        assert ours[row] >= 0 and theirs[row] >= 0, row
-    assert ours["steps"] == theirs["steps"] == 5                  # the stop token is banned: all 6 tokens
-    assert ours["bare matmul ms/step"] > 0 and ours["decode / bare matmul"] > 0
+    names = list(report["results"])
+    assert names[:2] == ["clvp.py float32", "clvp.py bfloat16"] and names[2].startswith("transformers 4.46.3 float32")
+    for name, row in report["results"].items():
+        for key in ("conditioning + prefill ms", "decode ms/step", "rerank ms", "end to end s", "peak memory MiB",
+                    "candidate-tokens/s", "decode candidate-tokens/s"):
+            assert row[key] >= 0, (name, key)
+        assert row["steps"] == 5                                  # the stop token is banned: all 6 tokens
+    fp32, bf16 = report["results"]["clvp.py float32"], report["results"]["clvp.py bfloat16"]
+    assert fp32["bare matmul ms/step"] > 0 and fp32["decode / bare matmul"] > 0
+    assert bf16["weights MiB read/step"] * 2 == fp32["weights MiB read/step"]      # half the bytes
+    assert bf16["KV cache MiB read/step"] == fp32["KV cache MiB read/step"] > 0    # the CPU's cache is fp32
+    assert set(report["ratios"]) == {f"{names[2]} / clvp.py float32", f"{names[2]} / clvp.py bfloat16",
+                                     "clvp.py float32 / clvp.py bfloat16"}
     assert set(report["front ends"]) == {"tokenizer encode", "log-mel (6 s clip)"}
     table = bench("--tiny", "--candidates", 2, "--tokens", 4, "--repeat", 1)
     assert table.returncode == 0 and "decode / bare matmul" in table.stdout and "transformers" not in table.stdout
 
 
+def test_sentences_together_and_one_at_a_time():
+    r = bench("--tiny", "--candidates", 2, "--tokens", 5, "--repeat", 1, "--sentences", 3, "--batch-size", 4, "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert list(report["results"]) == ["clvp.py float32, 3 together", "clvp.py float32, one at a time"]
+    together, alone = report["results"].values()
+    assert together["KV cache MiB read/step"] == 2 * alone["KV cache MiB read/step"]   # 4 rows against 2
+    for row in (together, alone):
+        assert row["candidate-tokens/s"] > 0 and row["end to end s"] > 0 and "decode ms/step" not in row
+    assert list(report["ratios"]) == ["clvp.py float32, one at a time / clvp.py float32, 3 together"]
+
+
 def test_bad_arguments_are_one_line():
     for args, words in ((["--tokens", 1], "--tokens"), (["--repeat", 0], "--repeat"), (["--device", "tpu9"], "device"),
-                        (["--candidates", "x"], "invalid int")):
+                        (["--candidates", "x"], "invalid int"),
+                        (["--sentences", 0], "--sentences"), (["--dtype", "float32", "float32"], "each dtype once")):
         r = bench(*args)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and words in lines[0] and "Traceback" not in r.stderr, r.stderr

@@ -815,6 +815,54 @@ def test_generate_batches_and_seed(tiny_pair):
     assert g1.candidates[0, 0] == first.argmax()
 
 
+def test_padded_prompts_give_each_text_its_own_logits(tiny_pair):
+    # Prompts of different lengths, left-padded and masked in one prefill and in the decode steps after
+    # it, give every row the logits its text gives alone.
+    _, model = tiny_pair
+    torch.manual_seed(5)
+    mels = torch.randn(1, 80, 100)
+    texts = [torch.randint(1, 250, (n,)) for n in (3, 14, 8)]
+    speech = torch.randint(0, 8192, (3, 6))
+    dec = model.decoder
+    with torch.inference_mode():
+        latent = model.voice_latent(mels)[None]
+        prompts = [dec.prompt(latent, t[None])[0] for t in texts]
+        P = max(len(p) for p in prompts)
+        cache = clvp.KVCache(dec.config, 3, P + speech.shape[1], "cpu", torch.float32)
+        cache.pad(torch.tensor([P - len(p) for p in prompts]))
+        steps = [clvp.prefill(dec, torch.stack([torch.nn.functional.pad(p, (0, 0, P - len(p), 0)) for p in prompts]), cache)]
+        for k in range(speech.shape[1]):
+            steps.append(clvp.decode_step(dec, speech[:, k], k + 1, cache, start=P + k))
+        padded = torch.stack(steps, dim=1)                                    # [3, 7, vocab]
+        alone = torch.cat([model.speech_logits(mels, t[None], speech[i:i + 1]) for i, t in enumerate(texts)])
+    assert cache.visible is not None and maxdiff(padded, alone) <= 1e-5
+
+
+def test_several_texts_decode_together_with_the_same_greedy_results(tiny_pair):
+    # The list-of-texts API, and the batch arrangement: every text alone, all in one batch, and batches
+    # whose boundaries cut through a text give the same candidates and scores.
+    _, model = tiny_pair
+    torch.manual_seed(8)
+    mels = torch.randn(1, 80, 100)
+    texts = [torch.randint(1, 250, (n,)) for n in (5, 17, 9, 2)]
+    options = clvp.DecodingOptions(num_candidates=3, max_new_tokens=16, temperature=0, top_k=2, pad_to_max=False)
+    with torch.no_grad():
+        model.decoder.head.bias[8193] += 0.5           # the texts stop at steps 6, 10, never and 10
+    try:
+        alone = [model.generate(t, mels, options, batch_size=3) for t in texts]
+        for batch_size in (12, 5, 1):
+            together = model.generate(texts, mels, options, batch_size=batch_size)
+            assert isinstance(together, list) and len(together) == len(texts)
+            for a, b in zip(alone, together):
+                assert torch.equal(a.candidates, b.candidates) and torch.equal(a.lengths, b.lengths)
+                assert torch.equal(a.best, b.best) and maxdiff(a.scores, b.scores) <= 1e-5
+    finally:
+        with torch.no_grad():
+            model.decoder.head.bias[8193] -= 0.5
+    assert len({int(g.lengths.max()) for g in alone}) > 1                 # the texts did stop differently
+    assert len({g.candidates.shape[1] for g in alone}) > 1                # and each keeps its own length
+
+
 def test_fix_candidates_like_tortoise():
     tokens = torch.tensor([[5, 6, 7, 8193, 9, 8193, 1, 2], [1, 2, 3, 4, 5, 6, 7, 8]])
     fixed, lengths = clvp.fix_candidates(tokens, 8193)
@@ -906,6 +954,24 @@ def test_cli_json_and_text_file(tiny_checkpoint, tmp_path):
         assert result["out"] == str(tmp_path / f"b-{i + 1}.npy")
         assert np.load(result["out"]).tolist() == result["best"]
         assert max(result["scores"]) == result["scores"][result["order"][0]]
+
+
+def test_cli_text_file_lines_decode_together_with_the_same_results(tiny_checkpoint, tmp_path):
+    lines = tmp_path / "lines.txt"
+    lines.write_text("One.\nA much longer second line, to pad the first.\nThree words here.\n")
+    runs = {}
+    for batch in (2, 4, 6):        # one line per batch; two lines, then one; all three together
+        r = cli("--text-file", lines, "--audio", VOICE, "--checkpoint", tiny_checkpoint, "--candidates", 2,
+                "--batch-size", batch, "--temperature", 0, "--max-tokens", 10, "--json", "--out", tmp_path / f"{batch}.npy")
+        assert r.returncode == 0, r.stderr
+        runs[batch] = json.loads(r.stdout)["results"]
+    assert [x["decoded_with"] for x in runs[2]] == [1, 1, 1] and [x["decoded_with"] for x in runs[4]] == [2, 2, 1]
+    assert [x["decoded_with"] for x in runs[6]] == [3, 3, 3]
+    for batch in (4, 6):
+        for a, b in zip(runs[2], runs[batch]):
+            assert a["best"] == b["best"] and a["lengths"] == b["lengths"]
+            assert np.allclose(a["scores"], b["scores"], atol=1e-5)
+            assert np.load(b["out"]).tolist() == b["best"]
 
 
 def test_cli_random_init_explain(tmp_path):
