@@ -716,6 +716,14 @@ def test_bf16_agrees_with_fp32_at_the_official_size(official_pair):
     assert delta.abs().max() < BF16_MAX and delta.abs().mean() < BF16_MEAN and spearman > BF16_RANK
 
 
+def test_attention_and_the_cache_are_fp32_on_the_cpu_and_the_model_dtype_on_a_gpu():
+    # The CUDA half of this cannot run without a GPU; what decides it can.
+    assert clvp.attention_dtype("cpu", torch.bfloat16) == clvp.attention_dtype("cpu", torch.float16) == torch.float32
+    assert clvp.attention_dtype("cuda", torch.bfloat16) == torch.bfloat16
+    assert clvp.attention_dtype(torch.device("cuda", 1), torch.float16) == torch.float16
+    assert clvp.attention_dtype("cuda", torch.float32) == torch.float32
+
+
 def test_half_precision_runs_close_to_fp32(tiny_pair):
     _, model = tiny_pair
     import copy
@@ -841,24 +849,21 @@ def test_padded_prompts_give_each_text_its_own_logits(tiny_pair):
 def test_several_texts_decode_together_with_the_same_greedy_results(tiny_pair):
     # The list-of-texts API, and the batch arrangement: every text alone, all in one batch, and batches
     # whose boundaries cut through a text give the same candidates and scores.
-    _, model = tiny_pair
+    import copy
+    model = copy.deepcopy(tiny_pair[1])
+    with torch.no_grad():
+        model.decoder.head.bias[8193] += 0.5           # the texts stop at steps 6, 10, never and 10
     torch.manual_seed(8)
     mels = torch.randn(1, 80, 100)
     texts = [torch.randint(1, 250, (n,)) for n in (5, 17, 9, 2)]
     options = clvp.DecodingOptions(num_candidates=3, max_new_tokens=16, temperature=0, top_k=2, pad_to_max=False)
-    with torch.no_grad():
-        model.decoder.head.bias[8193] += 0.5           # the texts stop at steps 6, 10, never and 10
-    try:
-        alone = [model.generate(t, mels, options, batch_size=3) for t in texts]
-        for batch_size in (12, 5, 1):
-            together = model.generate(texts, mels, options, batch_size=batch_size)
-            assert isinstance(together, list) and len(together) == len(texts)
-            for a, b in zip(alone, together):
-                assert torch.equal(a.candidates, b.candidates) and torch.equal(a.lengths, b.lengths)
-                assert torch.equal(a.best, b.best) and maxdiff(a.scores, b.scores) <= 1e-5
-    finally:
-        with torch.no_grad():
-            model.decoder.head.bias[8193] -= 0.5
+    alone = [model.generate(t, mels, options, batch_size=3) for t in texts]
+    for batch_size in (12, 5, 1):
+        together = model.generate(texts, mels, options, batch_size=batch_size)
+        assert isinstance(together, list) and len(together) == len(texts)
+        for a, b in zip(alone, together):
+            assert torch.equal(a.candidates, b.candidates) and torch.equal(a.lengths, b.lengths)
+            assert torch.equal(a.best, b.best) and maxdiff(a.scores, b.scores) <= 1e-5
     assert len({int(g.lengths.max()) for g in alone}) > 1                 # the texts did stop differently
     assert len({g.candidates.shape[1] for g in alone}) > 1                # and each keeps its own length
 
