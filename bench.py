@@ -3,6 +3,9 @@
     python bench.py                        # clvp.py alone, official shapes, random weights
     python bench.py --compare              # and transformers' CLVP generate, interleaved, same process
     python bench.py --tiny --json          # a small model; one JSON object instead of the table
+    python bench.py --compare --dtype float32 bfloat16 --tokens 400   # both dtypes, longer candidates
+    python bench.py --sentences 8 --batch-size 64                     # 8 sentences together vs one at a time
+    python bench.py --attention            # the decode step's attention four ways: why the CPU cache is fp32
 
 The whole job is timed (conditioning, prefill, decoding, reranking) on random weights with the stop
 token banned, so every candidate runs exactly --tokens steps. Forward hooks on the decoder timestamp
@@ -109,6 +112,25 @@ def bare_matmul_ms(model, n, context, device, repeat=5):
         step()
     sync()
     return (time.perf_counter() - t0) / repeat * 1e3
+
+
+def attention_choices(config, rows, device, contexts=(100, 500), repeat=3):
+    """{cached positions: {way: ms}}: the attention of one decode step through every layer's own
+    [positions, rows, heads, head_dim] cache, four ways. It is the measurement behind clvp.attention_dtype."""
+    c, sdpa, f32, b16 = config.decoder, torch.nn.functional.scaled_dot_product_attention, torch.float32, torch.bfloat16
+    hd, layers, table = c.dim // c.heads, range(c.layers), {}
+    for n in contexts:
+        q = torch.randn(rows, c.heads, 1, hd, device=device)
+        k, v = (torch.randn(c.layers, n, rows, c.heads, hd, device=device).permute(0, 2, 3, 1, 4) for _ in range(2))
+        q16, k16, v16 = (t.to(b16) for t in (q, k, v))
+        ways = {"fp32 cache, fp32 SDPA": lambda: [sdpa(q, k[i], v[i]) for i in layers],
+                "bf16 cache, bf16 SDPA": lambda: [sdpa(q16, k16[i], v16[i]) for i in layers],
+                "bf16 cache, upcast, fp32 SDPA": lambda: [sdpa(q, k16[i].to(f32), v16[i].to(f32)) for i in layers],
+                "bf16 cache, two bf16 matmuls": lambda: [(q16 @ k16[i].transpose(2, 3)).to(f32).mul(hd ** -0.5)
+                                                         .softmax(-1).to(b16) @ v16[i] for i in layers]}
+        table[n] = {way: best_ms(f, repeat) for way, f in ways.items()}
+        del k, v, k16, v16
+    return table
 
 
 def reference_model(model):
@@ -312,6 +334,8 @@ def build_parser():
     p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "float16", "bfloat16"],
                    help="clvp.py's dtype(s), each timed in turn (default float32)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--attention", action="store_true", help="only time a decode step's attention in fp32 and bf16, "
+                   "four ways, at 100 and 500 cached positions (ms, all layers, --candidates rows)")
     return p
 
 
@@ -325,8 +349,12 @@ def measure(args):
         device = clvp.resolve_device(args.device)
     except ValueError as e:
         raise clvp.UsageError(f"--device: {e}") from None
-    report = benchmark(args, device)
-    if args.json:
+    if args.attention:
+        config = clvp.tiny_config() if args.tiny else clvp.Config()
+        report = {f"{n} positions": ways for n, ways in attention_choices(config, args.candidates, device).items()}
+    else:
+        report = benchmark(args, device)
+    if args.json or args.attention:
         print(json.dumps(report))
     else:
         print_report(report)

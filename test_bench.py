@@ -48,6 +48,15 @@ def test_sentences_together_and_one_at_a_time():
     assert list(report["ratios"]) == ["clvp.py float32, one at a time / clvp.py float32, 3 together"]
 
 
+def test_attention_choices():
+    r = bench("--tiny", "--candidates", 3, "--attention")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert list(report) == ["100 positions", "500 positions"]
+    for ways in report.values():
+        assert len(ways) == 4 and all(ms > 0 for ms in ways.values()) and "fp32 cache, fp32 SDPA" in ways
+
+
 def test_bad_arguments_are_one_line():
     for args, words in ((["--tokens", 1], "--tokens"), (["--repeat", 0], "--repeat"), (["--device", "tpu9"], "device"),
                         (["--candidates", "x"], "invalid int"),
