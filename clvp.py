@@ -1426,7 +1426,7 @@ def build_parser():
     p.add_argument("--random-init", action="store_true", help="random weights: watch the pipeline, ignore the scores")
     p.add_argument("--tiny", action="store_true", help="with --random-init: a small model instead of the official size")
     g = p.add_argument_group("sampling")
-    g.add_argument("--candidates", type=int, default=16, help="how many candidates to sample (default 16)")
+    g.add_argument("--candidates", type=int, default=16, help="how many candidates to sample for each sentence (default 16)")
     g.add_argument("--batch-size", type=int, default=16, help="rows decoded together (default 16); more than "
                    "--candidates decodes several --text-file lines at once")
     g.add_argument("--top-k", type=int, default=1, help="how many of the best candidates to keep (default 1)")
