@@ -128,7 +128,7 @@ def attention_choices(config, rows, device, contexts=(100, 500), repeat=3):
                 "bf16 cache, upcast, fp32 SDPA": lambda: [sdpa(q, k16[i].to(f32), v16[i].to(f32)) for i in layers],
                 "bf16 cache, two bf16 matmuls": lambda: [(q16 @ k16[i].transpose(2, 3)).to(f32).mul(hd ** -0.5)
                                                          .softmax(-1).to(b16) @ v16[i] for i in layers]}
-        table[n] = {way: best_ms(f, repeat) for way, f in ways.items()}
+        table[n] = {way: best_ms(f, repeat, device) for way, f in ways.items()}
         del k, v, k16, v16
     return table
 
@@ -164,8 +164,9 @@ def texts_to_read(args, device):
 
 
 def runs_to_time(args, device):
-    """{name: (run, the decoder module to hook)}: clvp.py in each --dtype (and, with --sentences, one
-    sentence at a time as well as all together), and transformers in fp32 with --compare."""
+    """{name: (run, the decoder module to hook, our model or None, rows decoded together)}: clvp.py in each
+    --dtype (and, with --sentences, one sentence at a time as well as all together), and transformers in
+    fp32 with --compare."""
     torch.manual_seed(0)
     base = clvp.CLVP(clvp.tiny_config() if args.tiny else clvp.Config()).to(device).eval()
     c = base.config.decoder
@@ -177,18 +178,18 @@ def runs_to_time(args, device):
     # Each run takes the number of tokens: the warm-up runs 2, the timed runs L.
     options = lambda L: clvp.DecodingOptions(num_candidates=N, batch_size=args.batch_size or N * len(texts),
                                              max_new_tokens=L, pad_to_max=False, seed=0)
-    runs, models = {}, {}
+    runs, together = {}, min(options(1).batch_size, N * len(texts))
     for dtype in args.dtype:
-        model = models[dtype] = copy.deepcopy(base).to(getattr(torch, dtype))
+        model = copy.deepcopy(base).to(getattr(torch, dtype))
         m = mels.to(model.logit_scale.dtype)
         if len(texts) == 1:
             runs[f"clvp.py {dtype}"] = (lambda L, model=model, m=m: model.generate(texts[0], m, options(L)),
-                                        model.decoder)
+                                        model.decoder, model, together)
             continue
         runs[f"clvp.py {dtype}, {len(texts)} together"] = (lambda L, model=model, m=m: model.generate(
-            texts, m, options(L)), model.decoder)
+            texts, m, options(L)), model.decoder, model, together)
         runs[f"clvp.py {dtype}, one at a time"] = (lambda L, model=model, m=m: [
-            model.generate(t, m, options(L), batch_size=N) for t in texts], model.decoder)
+            model.generate(t, m, options(L), batch_size=N) for t in texts], model.decoder, model, N)
     if args.compare:
         import transformers
         transformers.logging.set_verbosity_error()
@@ -202,9 +203,9 @@ def runs_to_time(args, device):
                                             repetition_penalty=o.repetition_penalty, max_new_tokens=L,
                                             pad_token_id=c.stop_token, eos_token_id=c.stop_token,
                                             return_dict_in_generate=True) for t in texts]
-        runs[f"transformers {transformers.__version__} {ref.dtype}".replace("torch.", "")] = (hf_generate,
-                                                                                              ref.speech_decoder_model)
-    return models, runs
+        runs[f"transformers {transformers.__version__} {ref.dtype}".replace("torch.", "")] = (
+            hf_generate, ref.speech_decoder_model, None, N)
+    return runs
 
 
 def bytes_per_step(model, rows, context):
@@ -218,18 +219,19 @@ def bytes_per_step(model, rows, context):
 
 
 def benchmark(args, device):
-    models, runs = runs_to_time(args, device)
+    runs = runs_to_time(args, device)
     N, L, K = args.candidates, args.tokens, args.sentences
     results = {name: [] for name in runs}
+    context = 1 + args.text_tokens + 4 + L // 2                             # cached positions, on average
     with torch.inference_mode():
-        for run, _ in runs.values():
+        for run, *_ in runs.values():
             run(2)                                                          # warm-up
         for _ in range(args.repeat):
-            for name, (run, decoder) in runs.items():
+            for name, (run, decoder, *_) in runs.items():
                 results[name].append(timed_run(lambda: run(L), decoder, device))
-        context = 1 + args.text_tokens + 4 + L // 2                         # cached positions, on average
-        bare = {dtype: bare_matmul_ms(model, N, context, device) for dtype, model in models.items()}
-    table, batch = {}, args.batch_size or N * K
+        bare = {name: bare_matmul_ms(model, N, context, device) for name, (_, _, model, _) in runs.items()
+                if model is not None and K == 1}
+    table = {}
     for name, rs in results.items():
         table[name] = row = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
         row["candidate-tokens/s"] = K * N * L / row["end to end s"]
@@ -237,15 +239,14 @@ def benchmark(args, device):
             row = table[name] = {k: row[k] for k in ("end to end s", "peak memory MiB", "candidate-tokens/s")}
         else:
             row["decode candidate-tokens/s"] = N / row["decode ms/step"] * 1e3
-        if name.startswith("clvp.py"):
-            dtype = name.split()[1].strip(",")
-            if K == 1:
-                row["bare matmul ms/step"] = bare[dtype]
-                row["decode / bare matmul"] = row["decode ms/step"] / bare[dtype]
-            rows = N if name.endswith("one at a time") else min(batch, N * K)
-            row["weights MiB read/step"], row["KV cache MiB read/step"] = bytes_per_step(models[dtype], rows, context)
+        if name in bare:
+            row["bare matmul ms/step"] = bare[name]
+            row["decode / bare matmul"] = row["decode ms/step"] / bare[name]
+        _, _, model, rows = runs[name]
+        if model is not None:
+            row["weights MiB read/step"], row["KV cache MiB read/step"] = bytes_per_step(model, rows, context)
     report = dict(device=str(device), dtype=args.dtype, config="tiny" if args.tiny else "official",
-                  candidates=N, tokens=L, text_tokens=args.text_tokens, sentences=K, batch_size=batch,
+                  candidates=N, tokens=L, text_tokens=args.text_tokens, sentences=K, batch_size=args.batch_size or N * K,
                   repeat=args.repeat, torch=torch.__version__, threads=torch.get_num_threads(), results=table)
     # Speed-ups, slower / faster: transformers against each clvp.py run, one sentence at a time against
     # the same sentences decoded together, and clvp.py's first dtype against its others.
@@ -281,13 +282,16 @@ def print_report(report):
         print(f"\n{name}: clvp.py {ours_ms:.2f} ms, transformers {theirs_ms:.2f} ms, {theirs_ms / ours_ms:.2f}x ({what})")
 
 
-def best_ms(f, repeat):
-    """The fastest of `repeat` calls of f, after one warm-up call."""
+def best_ms(f, repeat, device=torch.device("cpu")):
+    """The fastest of `repeat` calls of f, after one warm-up call (waiting for the GPU, on one)."""
+    sync = synchronizer(device)
     f()
     times = []
     for _ in range(repeat):
+        sync()
         t0 = time.perf_counter()
         f()
+        sync()
         times.append(time.perf_counter() - t0)
     return min(times) * 1e3
 
@@ -313,7 +317,7 @@ def front_end_speed(device, repeat=20):
     fresh = lambda: clvp.Tokenizer(tokenizer.vocab, tokenizer.merges).encode(text)    # no warm word cache
     return {"tokenizer encode": (best_ms(fresh, repeat), best_ms(lambda: theirs(text), repeat),
                                  f"{len(text)} chars of {what}"),
-            "log-mel (6 s clip)": (best_ms(lambda: clvp.log_mel_spectrogram(wav.to(device)), repeat),
+            "log-mel (6 s clip)": (best_ms(lambda: clvp.log_mel_spectrogram(wav.to(device)), repeat, device),
                                    best_ms(lambda: extractor(wav.numpy(), sampling_rate=clvp.SAMPLE_RATE), repeat),
                                    "one clip")}
 

@@ -705,15 +705,13 @@ class DecoderBlock(nn.Module):
         self.fc = nn.Linear(dim, 4 * dim)
         self.proj = nn.Linear(4 * dim, dim)
 
-    def forward(self, x, layer=None, cache=None, start=0):  # x: [B, T, D]
+    def forward(self, x, layer=None, cache=None, start=0, mask=None):  # x: [B, T, D]
         q, k, v = split_heads(self.qkv(self.norm1(x)), self.heads)
-        mask = None
         if cache is not None:
             k, v = cache.update(layer, start, k, v)
-            mask = cache.mask(q.shape[2], k.shape[2])
         # Several new positions at once only happen from position 0 (the prompt, or teacher forcing),
         # where a plain causal mask is right; a single new token may see everything before it. Prompts
-        # of different lengths in one batch add the cache's padding mask to both.
+        # of different lengths in one batch bring the cache's padding mask instead.
         a = attention(q, k, v, causal=q.shape[2] > 1, mask=mask)
         x = x + self.out(merge_heads(a))
         return x + self.proj(F.gelu(self.fc(self.norm2(x)), approximate="tanh"))   # GPT-2's gelu_new
@@ -749,8 +747,9 @@ class Decoder(nn.Module):
         return self.speech_embedding(tokens) + self.speech_positions.weight[position]
 
     def forward(self, x, cache=None, start=0):              # x: [B, T, D] embeddings -> hidden [B, T, D]
+        mask = cache.mask(x.shape[1], start + x.shape[1]) if cache is not None else None   # same in every layer
         for i, block in enumerate(self.blocks):
-            x = block(x, i, cache, start)
+            x = block(x, i, cache, start, mask)
         return x
 
     def logits(self, h):                                     # [B, T, D] -> [B, T, 8194]
@@ -1119,7 +1118,7 @@ def decode_batch(decoder, cache, logits, prompt_len, options, generator, progres
         logits[:, c.start_token] = -math.inf                              # never start again
         token = next_tokens(logits, seen, options, generator).masked_fill(done, c.stop_token)
         tokens[:, k] = token
-        seen[torch.arange(B, device=device), token] = True
+        seen.scatter_(1, token[:, None], True)
         done |= token == c.stop_token
         if progress:
             progress.decode(k, B, int((~done).sum()))
