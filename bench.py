@@ -6,6 +6,7 @@
     python bench.py --compare --dtype float32 bfloat16 --tokens 400   # both dtypes, longer candidates
     python bench.py --sentences 8 --batch-size 64                     # 8 sentences together vs one at a time
     python bench.py --attention            # the decode step's attention four ways: why the CPU cache is fp32
+    python bench.py --speak --compare      # speak.py's audio stages against the original Tortoise code
 
 The whole job is timed (conditioning, prefill, decoding, reranking) on random weights with the stop
 token banned, so every candidate runs exactly --tokens steps. Forward hooks on the decoder timestamp
@@ -21,12 +22,15 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 import warnings
+from dataclasses import dataclass
 
 import torch
 
 import clvp
 import convert_weights
+import speak
 
 
 class PeakMemory:
@@ -129,8 +133,13 @@ def attention_choices(config, rows, device, contexts=(100, 500), repeat=3):
                 "bf16 cache, two bf16 matmuls": lambda: [(q16 @ k16[i].transpose(2, 3)).to(f32).mul(hd ** -0.5)
                                                          .softmax(-1).to(b16) @ v16[i] for i in layers]}
         table[n] = {way: best_ms(f, repeat, device) for way, f in ways.items()}
-        del k, v, k16, v16
     return table
+
+
+def attention_bytes(config, rows, contexts=(100, 500)):
+    """What attention_choices allocates at its longest context: the fp32 and bf16 caches, keys and values."""
+    c = config.decoder
+    return 2 * c.layers * max(contexts) * rows * c.dim * (4 + 2)
 
 
 def reference_model(model):
@@ -163,10 +172,21 @@ def texts_to_read(args, device):
     return [torch.randint(3, 200, (n,), device=device) for n in lengths]
 
 
+@dataclass
+class Run:
+    """One implementation to time: run(L) decodes L tokens per candidate."""
+    name: str
+    run: object               # L -> the generation
+    decoder: torch.nn.Module  # the module whose forward hook marks each step
+    model: clvp.CLVP = None   # ours, for the bytes read per step and the bare matrix products; None: transformers'
+    rows: int = 0             # rows decoded together
+    dtype: str = "float32"
+    way: str = "alone"        # "alone", "together" or "one at a time" (with --sentences)
+
+
 def runs_to_time(args, device):
-    """{name: (run, the decoder module to hook, our model or None, rows decoded together)}: clvp.py in each
-    --dtype (and, with --sentences, one sentence at a time as well as all together), and transformers in
-    fp32 with --compare."""
+    """[Run]: clvp.py in each --dtype (and, with --sentences, one sentence at a time as well as all together),
+    and transformers in fp32 with --compare."""
     torch.manual_seed(0)
     base = clvp.CLVP(clvp.tiny_config() if args.tiny else clvp.Config()).to(device).eval()
     c = base.config.decoder
@@ -175,37 +195,49 @@ def runs_to_time(args, device):
     N, L, texts = args.candidates, args.tokens, texts_to_read(args, device)
     wav = 0.1 * torch.randn(clvp.CONDITIONING_SAMPLES, device=device)
     mels = clvp.log_mel_spectrogram(wav)[None]
-    # Each run takes the number of tokens: the warm-up runs 2, the timed runs L.
-    options = lambda L: clvp.DecodingOptions(num_candidates=N, batch_size=args.batch_size or N * len(texts),
-                                             max_new_tokens=L, pad_to_max=False, seed=0)
-    runs, together = {}, min(options(1).batch_size, N * len(texts))
+
+    def options(L):                                          # the warm-up runs 2 tokens, the timed runs L
+        return clvp.DecodingOptions(num_candidates=N, batch_size=args.batch_size or N * len(texts),
+                                    max_new_tokens=L, pad_to_max=False, seed=0)
+    runs, together = [], options(1).rows(len(texts))
     for dtype in args.dtype:
         model = copy.deepcopy(base).to(getattr(torch, dtype))
         m = mels.to(model.logit_scale.dtype)
         if len(texts) == 1:
-            runs[f"clvp.py {dtype}"] = (lambda L, model=model, m=m: model.generate(texts[0], m, options(L)),
-                                        model.decoder, model, together)
+            runs.append(Run(f"clvp.py {dtype}", lambda L, model=model, m=m: model.generate(texts[0], m, options(L)),
+                            model.decoder, model, together, dtype))
             continue
-        runs[f"clvp.py {dtype}, {len(texts)} together"] = (lambda L, model=model, m=m: model.generate(
-            texts, m, options(L)), model.decoder, model, together)
-        runs[f"clvp.py {dtype}, one at a time"] = (lambda L, model=model, m=m: [
-            model.generate(t, m, options(L), batch_size=N) for t in texts], model.decoder, model, N)
+        runs.append(Run(f"clvp.py {dtype}, {len(texts)} together", lambda L, model=model, m=m: model.generate(
+            texts, m, options(L)), model.decoder, model, together, dtype, "together"))
+        runs.append(Run(f"clvp.py {dtype}, one at a time", lambda L, model=model, m=m: [
+            model.generate(t, m, options(L), batch_size=N) for t in texts], model.decoder, model, N, dtype,
+            "one at a time"))
     if args.compare:
         import transformers
         transformers.logging.set_verbosity_error()
         warnings.filterwarnings("ignore", module="transformers")
         # transformers 4.46's CLVP generate fails in bf16 on the CPU ("mat1 and mat2 must have the same dtype"),
         # so on the CPU it runs in fp32, its fastest working mode; on a GPU in the first --dtype.
-        ref = reference_model(base).to(getattr(torch, "float32" if device.type == "cpu" else args.dtype[0]))
-        o = options(L)
-        hf_generate = lambda L: [ref.generate(input_ids=t[None], input_features=mels.to(ref.dtype), do_sample=True,
-                                            temperature=o.temperature, top_p=o.top_p, num_return_sequences=N,
-                                            repetition_penalty=o.repetition_penalty, max_new_tokens=L,
-                                            pad_token_id=c.stop_token, eos_token_id=c.stop_token,
-                                            return_dict_in_generate=True) for t in texts]
-        runs[f"transformers {transformers.__version__} {ref.dtype}".replace("torch.", "")] = (
-            hf_generate, ref.speech_decoder_model, None, N)
+        dtype = "float32" if device.type == "cpu" else args.dtype[0]
+        ref, o = reference_model(base).to(getattr(torch, dtype)), options(L)
+
+        def hf_generate(L):
+            return [ref.generate(input_ids=t[None], input_features=mels.to(ref.dtype), do_sample=True,
+                                 temperature=o.temperature, top_p=o.top_p, num_return_sequences=N,
+                                 repetition_penalty=o.repetition_penalty, max_new_tokens=L, pad_token_id=c.stop_token,
+                                 eos_token_id=c.stop_token, return_dict_in_generate=True) for t in texts]
+        runs.append(Run(f"transformers {transformers.__version__} {dtype}", hf_generate, ref.speech_decoder_model,
+                        rows=N, dtype=dtype))
     return runs
+
+
+def ratio_pairs(runs):
+    """(slower, faster) runs to compare: transformers against each clvp.py run, one sentence at a time against
+    the same sentences decoded together, and clvp.py's first dtype against its others (one sentence)."""
+    ours, theirs = [r for r in runs if r.model is not None], [r for r in runs if r.model is None]
+    pairs = [(t, r) for t in theirs for r in ours]
+    pairs += [(a, b) for a in ours for b in ours if a.way == "one at a time" and b.way == "together" and a.dtype == b.dtype]
+    return pairs + [(ours[0], r) for r in ours[1:] if r.way == "alone"]
 
 
 def bytes_per_step(model, rows, context):
@@ -221,19 +253,19 @@ def bytes_per_step(model, rows, context):
 def benchmark(args, device):
     runs = runs_to_time(args, device)
     N, L, K = args.candidates, args.tokens, args.sentences
-    results = {name: [] for name in runs}
+    results = {r.name: [] for r in runs}
     context = 1 + args.text_tokens + 4 + L // 2                             # cached positions, on average
     with torch.inference_mode():
-        for run, *_ in runs.values():
-            run(2)                                                          # warm-up
+        for r in runs:
+            r.run(2)                                                        # warm-up
         for _ in range(args.repeat):
-            for name, (run, decoder, *_) in runs.items():
-                results[name].append(timed_run(lambda: run(L), decoder, device))
-        bare = {name: bare_matmul_ms(model, N, context, device) for name, (_, _, model, _) in runs.items()
-                if model is not None and K == 1}
+            for r in runs:
+                results[r.name].append(timed_run(lambda: r.run(L), r.decoder, device))
+        bare = {r.name: bare_matmul_ms(r.model, N, context, device) for r in runs if r.model is not None and K == 1}
     table = {}
-    for name, rs in results.items():
-        table[name] = row = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+    for r in runs:
+        name, rs = r.name, results[r.name]
+        table[name] = row = {k: statistics.median(x[k] for x in rs) for k in rs[0]}
         row["candidate-tokens/s"] = K * N * L / row["end to end s"]
         if K > 1:          # the hooks time steps of one batch; with several, end to end is what counts
             row = table[name] = {k: row[k] for k in ("end to end s", "peak memory MiB", "candidate-tokens/s")}
@@ -242,20 +274,14 @@ def benchmark(args, device):
         if name in bare:
             row["bare matmul ms/step"] = bare[name]
             row["decode / bare matmul"] = row["decode ms/step"] / bare[name]
-        _, _, model, rows = runs[name]
-        if model is not None:
-            row["weights MiB read/step"], row["KV cache MiB read/step"] = bytes_per_step(model, rows, context)
+        if r.model is not None:
+            row["weights MiB read/step"], row["KV cache MiB read/step"] = bytes_per_step(r.model, r.rows, context)
     report = dict(device=str(device), dtype=args.dtype, config="tiny" if args.tiny else "official",
                   candidates=N, tokens=L, text_tokens=args.text_tokens, sentences=K, batch_size=args.batch_size or N * K,
                   repeat=args.repeat, torch=torch.__version__, threads=torch.get_num_threads(), results=table)
-    # Speed-ups, slower / faster: transformers against each clvp.py run, one sentence at a time against
-    # the same sentences decoded together, and clvp.py's first dtype against its others.
-    ours = [n for n in table if n.startswith("clvp.py")]
-    pairs = [(t, n) for t in table if t.startswith("transformers") for n in ours]
-    pairs += [(n, n.replace("one at a time", f"{K} together")) for n in ours if n.endswith("one at a time")]
-    pairs += [(ours[0], n) for n in ours[1:] if K == 1]
-    report["ratios"] = {f"{slow} / {fast}": {k: table[slow][k] / table[fast][k] for k in RATIO_ROWS
-                                             if table[fast].get(k)} for slow, fast in pairs}
+    # Speed-ups, slower / faster.
+    report["ratios"] = {f"{slow.name} / {fast.name}": {k: table[slow.name][k] / table[fast.name][k] for k in RATIO_ROWS
+                                                       if table[fast.name].get(k)} for slow, fast in ratio_pairs(runs)}
     if args.compare:
         report["front ends"] = front_end_speed(device)
     return report
@@ -300,12 +326,8 @@ def front_end_speed(device, repeat=20):
     """Tokenizer and log-mel against transformers' ClvpTokenizer and ClvpFeatureExtractor (best of `repeat`)."""
     from transformers import ClvpFeatureExtractor, ClvpTokenizer
     tokenizer = clvp.Tokenizer.from_file(os.path.join(clvp.DATA, "tokenizer.json"))
-    source = os.environ.get("CLVP_TORTOISE_SRC") or os.path.expanduser("~/.cache/clvp-test/tortoise-tts-3.0.0")
-    try:
-        with open(os.path.join(source, "tortoise", "data", "got.txt"), encoding="utf-8") as f:
-            text, what = " ".join(f.read().split("\n")), "Tortoise's longest shipped text"
-    except OSError:
-        text, what = " ".join([clvp.__doc__] * 4), "clvp.py's docstring x 4 (Tortoise's texts not found)"
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"), encoding="utf-8") as f:
+        text, what = " ".join(f.read().split("\n")), "this project's README"
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "vocab.json"), "w") as f:
             json.dump(tokenizer.vocab, f)
@@ -320,6 +342,60 @@ def front_end_speed(device, repeat=20):
             "log-mel (6 s clip)": (best_ms(lambda: clvp.log_mel_spectrogram(wav.to(device)), repeat, device),
                                    best_ms(lambda: extractor(wav.numpy(), sampling_rate=clvp.SAMPLE_RATE), repeat),
                                    "one clip")}
+
+
+def original_audio_models(diffusion, vocoder):
+    """Tortoise's own DiffusionTts and UnivNetGenerator at the official size, holding exactly speak.py's
+    weights. They need the tortoise-tts 3.0.0 source ($CLVP_TORTOISE_SRC, or where the tests unpack it) and
+    einops; torchaudio, which arch_util imports but this path never calls, is stubbed."""
+    src = os.environ.get("CLVP_TORTOISE_SRC") or os.path.expanduser("~/.cache/clvp-test/tortoise-tts-3.0.0")
+    clvp.require([(os.path.isdir(os.path.join(src, "tortoise")), f"--speak --compare needs the tortoise-tts 3.0.0 "
+                   f"source in {src} (pip download --no-deps tortoise-tts==3.0.0, unpack, set CLVP_TORTOISE_SRC)")])
+    sys.modules.setdefault("torchaudio", types.ModuleType("torchaudio"))
+    sys.path.insert(0, src)
+    from tortoise.models.diffusion_decoder import DiffusionTts
+    from tortoise.models.vocoder import UnivNetGenerator
+    theirs = DiffusionTts(model_channels=1024, num_layers=10, in_channels=100, out_channels=200, in_latent_channels=1024,
+                          in_tokens=8193, dropout=0, use_fp16=False, num_heads=16, layer_drop=0, unconditioned_percentage=0)
+    unused = theirs.load_state_dict(diffusion.state_dict(), strict=False)       # code_embedding & co.: training only
+    clvp.require([(not unused.unexpected_keys, f"speak.py has tensors the original lacks: {unused.unexpected_keys[:3]}")])
+    univnet = UnivNetGenerator()
+    univnet.remove_weight_norm()
+    univnet.load_state_dict(vocoder.state_dict())
+    return theirs.eval(), univnet.eval()
+
+
+def audio_rows(args):
+    """{row: {"speak.py s": ..., "original s": ...}} at args.seconds of audio, best of --repeat, fp32 CPU: one
+    network pass, a guided step (speak.py: one batch of 2; the original: two calls), the samplers, the vocoder."""
+    torch.manual_seed(0)
+    diffusion, vocoder = speak.random_speak(speak.DiffusionConfig(), torch.device("cpu"))
+    theirs = original_audio_models(diffusion, vocoder) if args.compare else None
+    L = int(args.seconds * speak.SAMPLE_RATE / clvp.HOP)                          # mel frames
+    x, cond, t = torch.randn(1, 100, L), torch.randn(1, 1024, L), torch.tensor([1000])
+    mel, z = torch.rand(1, 100, L) * 2 - 1, torch.randn(1, 64, L + 10)
+    s80 = speak.Schedule(80)
+
+    def ms(f, repeat=args.repeat):                   # seconds, best of `repeat`; the models were made outside
+        with torch.inference_mode():                 # inference mode, as their position-bias cache needs
+            return best_ms(f, repeat) / 1e3
+    rows = {"one network pass": (ms(lambda: diffusion(x, t, cond)),
+                                 theirs and ms(lambda: theirs[0](x, t, precomputed_aligned_embeddings=cond))),
+            "guided step (conditioned + free)": (ms(lambda: speak.guided_eps(diffusion, s80, 40, x, cond, 2.0)),
+                                                 theirs and ms(lambda: (theirs[0](x, t, precomputed_aligned_embeddings=cond),
+                                                               theirs[0](x, t, precomputed_aligned_embeddings=cond, conditioning_free=True)))),
+            "vocoder": (ms(lambda: vocoder.inference(speak.denormalize(mel), z)),
+                        theirs and ms(lambda: theirs[1].inference(speak.denormalize(mel), z)))}
+    for name, steps, guidance, sampler in (("ultra_fast, 30 steps", 30, 0.0, "ddpm"), ("ddim, 20 steps", 20, 0.0, "ddim"),
+                                           ("ddim, 10 steps", 10, 0.0, "ddim")):
+        rows[name] = (ms(lambda: speak.sample_mel(diffusion, cond, steps, guidance, sampler=sampler), 1), None)
+    pass_s, total = rows["one network pass"][1], rows["ultra_fast, 30 steps"][0] + rows["vocoder"][0]
+    if pass_s:           # the original's sampler is its network pass N times; its step math costs next to nothing
+        rows["ultra_fast, 30 steps (original: 30 x one pass)"] = (rows.pop("ultra_fast, 30 steps")[0], 30 * pass_s)
+    table = {name: {"speak.py s": ours, **({"original s": orig, "speed-up": orig / ours} if orig else {})}
+             for name, (ours, orig) in rows.items()}
+    return dict(seconds_of_audio=args.seconds, frames=L, threads=torch.get_num_threads(), torch=torch.__version__,
+                rows=table, real_time_factor_ultra_fast=total / args.seconds)
 
 
 def build_parser():
@@ -338,6 +414,9 @@ def build_parser():
     p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "float16", "bfloat16"],
                    help="clvp.py's dtype(s), each timed in turn (default float32)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--speak", action="store_true", help="only time speak.py's audio stages (fp32, CPU; with --compare "
+                   "against the original's DiffusionTts and UnivNet), at --seconds of audio")
+    p.add_argument("--seconds", type=float, default=3.0, help="audio length for --speak (default 3)")
     p.add_argument("--attention", action="store_true", help="only time a decode step's attention in fp32 and bf16, "
                    "four ways, at 100 and 500 cached positions (ms, all layers, --candidates rows)")
     return p
@@ -349,12 +428,18 @@ def measure(args):
                   (len(set(args.dtype)) == len(args.dtype), "--dtype: each dtype once"),
                   clvp.within("--tokens", args.tokens, 2, 600),            # at least one decode step to time
                   clvp.within("--text-tokens", args.text_tokens, 1, 400), clvp.within("--repeat", args.repeat, 1, 100)])
-    try:
+    with clvp.prefixed("--device: "):
         device = clvp.resolve_device(args.device)
-    except ValueError as e:
-        raise clvp.UsageError(f"--device: {e}") from None
+    if args.speak:
+        clvp.require([(1 <= args.seconds <= 30, f"--seconds must be in 1..30, not {args.seconds}")])
+        report = audio_rows(args)
+        print(json.dumps(report, indent=None if args.json else 1))
+        return 0
     if args.attention:
-        config = clvp.tiny_config() if args.tiny else clvp.Config()
+        config, free = clvp.tiny_config() if args.tiny else clvp.Config(), clvp.free_memory(device)
+        need = attention_bytes(config, args.candidates)
+        clvp.require([(free is None or need <= 0.75 * free, f"--attention with --candidates {args.candidates} needs "
+                       f"{need / 2**30:.1f} GiB, more than 3/4 of the {(free or 0) / 2**30:.1f} GiB free")])
         report = {f"{n} positions": ways for n, ways in attention_choices(config, args.candidates, device).items()}
     else:
         report = benchmark(args, device)
@@ -366,7 +451,7 @@ def measure(args):
 
 
 def main(argv=None):
-    return clvp.run_command("bench.py", lambda: measure(build_parser().parse_args(argv)), (clvp.UsageError,))
+    return clvp.run_command("bench.py", lambda: measure(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

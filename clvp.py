@@ -13,15 +13,15 @@ last stages are outside this file.
         ids --Encoder(text)--> text features     candidates --Encoder(speech)--> speech features
         cosine similarity * exp(logit_scale) --> scores --> best candidates
 
-The file reads top to bottom in that order: configuration; text (cleaners, BPE tokenizer); audio
-(log-mel); the networks (attention, conditioning encoder, decoder with its KV cache, the CLVP encoders);
-the CLVP model; generation and reranking (prefill, decode_step, sampling, fix, rank); loading; and a
-small command line. Shapes are noted as [batch, ..., dim]. Numbers match the Hugging Face port
-(test_clvp.py) and the original Tortoise code (test_tortoise.py) on the same weights; where the two
-differ, the comments say which one this file follows. Converting official checkpoints and downloading
-them live in convert_weights.py, measuring in bench.py: this file imports neither.
+Part I, the lesson, follows that order: configuration, text, audio, the networks, the CLVP model,
+generation and reranking, loading. Part II, the boundaries, checks what a user hands in and writes files
+whole; a lesson function calls it in one line, so a piece of Part I copies out by deleting that line.
+Part III is the command line. Shapes are noted as [batch, ..., dim]. Numbers match the Hugging Face port
+(test_clvp.py) and the original Tortoise code (test_tortoise.py); where those differ, comments say which
+this file follows. convert_weights.py (checkpoints, downloads) and bench.py import this file, never back.
 """
 import argparse
+import contextlib
 import errno
 import functools
 import json
@@ -43,17 +43,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# ===================================================================================================
+# Part I: the lesson. What Tortoise computes, from text and a voice clip to ranked speech tokens.
+# ===================================================================================================
+
 # ---------------------------------------------------------------------------------------------------
-# Configuration, and the errors a user can cause
+# Configuration
 #
 # The official Tortoise sizes are the defaults. The token ids that the original hard-codes (text start
 # 255, text stop 0, speech start 8192, speech stop 8193) live here too, and the code below reads them
 # from the config rather than repeating the numbers.
-#
-# Every problem with what a user hands in (a file, a checkpoint, a command-line value, an argument of a
-# public function) is found where it enters, before any work, and raised as a ValueError whose message
-# names the input and the problem; the command line prints it as one line. The networks assume valid
-# tensors and check nothing.
 # ---------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -86,9 +85,6 @@ class DecoderConfig:
     conditioning_blocks: int = 6
 
 
-MAX_LAYERS, MAX_SIZE = 1024, 2**20    # far beyond any real CLVP; a hostile config cannot build a huge model
-
-
 @dataclass
 class Config:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
@@ -97,45 +93,12 @@ class Config:
 
     @classmethod
     def from_dict(cls, d):
-        """A checkpoint's config (what asdict writes) -> Config, or a ValueError naming the key: every key
-        present and known, every value an integer in range, the sizes consistent (see check)."""
-        parts = {"decoder": DecoderConfig, "text": EncoderConfig, "speech": EncoderConfig}
-        if not isinstance(d, dict) or set(d) != set(parts):
-            raise ValueError(f"config must be a dict of exactly {sorted(parts)}")
-        for part, kind in parts.items():
-            names = {f.name for f in fields(kind)}
-            if not isinstance(d[part], dict) or set(d[part]) != names:
-                given = set(d[part]) if isinstance(d[part], dict) else set()
-                raise ValueError(f"config.{part}: missing {sorted(names - given)}, unknown {sorted(given - names)}")
-            for name, value in d[part].items():
-                low, high = (0, MAX_SIZE) if name.endswith("token") else (1, MAX_LAYERS if "layers" in name
-                                                                             or "blocks" in name else MAX_SIZE)
-                if type(value) is not int or not low <= value <= high:
-                    raise ValueError(f"config.{part}.{name} must be an integer in {low}..{high}, not {value!r}")
-        config = cls(*(kind(**d[part]) for part, kind in parts.items()))
-        config.check()
-        return config
+        """A checkpoint's config (what asdict writes) -> Config: {"decoder": {...}, "text": ..., "speech": ...}."""
+        check_config_dict(d)
+        return cls(*(kind(**d[part]) for part, kind in CONFIG_PARTS.items()))
 
-    def check(self):
-        """Sizes that fit together, or a ValueError saying which do not."""
-        d, t, s = self.decoder, self.text, self.speech
-        rules = [(d.dim % d.heads == 0, "decoder.heads must divide decoder.dim"),
-                 (max(d.start_token, d.stop_token) < d.speech_vocab_size and d.start_token != d.stop_token,
-                  "decoder.start_token and stop_token must be two different ids below speech_vocab_size"),
-                 (max(d.text_start_token, d.text_stop_token) < min(d.text_vocab_size, t.vocab_size),
-                  "decoder.text_start_token and text_stop_token must be below both text vocab sizes"),
-                 (d.text_positions >= 4 and d.speech_positions >= 3, "the decoder needs at least 4 text and 3 "
-                  "speech positions"),
-                 (d.mel_channels == N_MELS, f"decoder.mel_channels must be {N_MELS}, the log-mel bands"),
-                 (min({d.start_token, d.stop_token}) >= s.vocab_size >= d.speech_vocab_size - 2 and
-                  s.vocab_size > max(FIX_STOP_CODE, *FIX_TAIL), "speech.vocab_size must cover every code the "
-                  "decoder emits but its start and stop tokens (its last two ids)"),
-                 (t.projection_dim == s.projection_dim, "text and speech projection_dim must be equal")]
-        for e, side in ((t, "text"), (s, "speech")):
-            rules += [(e.dim % e.heads == 0, f"{side}.heads must divide {side}.dim"),
-                      (e.rotary_dim % 2 == 0 and e.rotary_dim <= e.dim // e.heads,
-                       f"{side}.rotary_dim must be even and at most a head's width ({e.dim // max(e.heads, 1)})")]
-        require(rules, ValueError, "config: ")
+
+CONFIG_PARTS = {"decoder": DecoderConfig, "text": EncoderConfig, "speech": EncoderConfig}
 
 
 def tiny_config():
@@ -143,61 +106,6 @@ def tiny_config():
     small = dict(dim=64, layers=2, heads=2, ff_dim=128, rotary_dim=32, projection_dim=64)
     return Config(DecoderConfig(dim=64, layers=2, heads=4, conditioning_blocks=2),
                   EncoderConfig(**small), EncoderConfig(vocab_size=8192, **small))
-
-
-class UsageError(ValueError):
-    """A bad command-line value."""
-
-
-class AudioError(ValueError):
-    """A problem with the user's audio (bad file, bad values)."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used."""
-
-
-def require(rules, error=UsageError, prefix=""):
-    """Raise error(prefix + message) for the first (ok, message) rule that does not hold."""
-    for ok, message in rules:
-        if not ok:
-            raise error(prefix + message)
-
-
-def within(flag, value, low, high):
-    """A rule for require: low <= value <= high, said in the flag's words."""
-    return low <= value <= high, f"{flag} must be in {low}..{high}, not {value}"
-
-
-def first_line(error):
-    """An exception as a short, single line for an error message."""
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:300]
-
-
-def describe(x):
-    """How an argument looks, for an error message: 'a tensor [2, 80] of torch.float32' or 'a list'."""
-    return f"a tensor {list(x.shape)} of {x.dtype}" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
-
-
-def all_finite(t):
-    """No NaN and no infinity in t. The sum is a fast test that only an overflow can fail falsely."""
-    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
-
-
-def check_input_file(path, error=ValueError):
-    """A file a user names as input must be a regular file: a directory is named as one, and a FIFO or a
-    device (which could block forever, or never end) is refused before it is opened."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise error(f"{path}: no such file") from None
-    except (OSError, ValueError) as e:                       # a symlink loop, no permission, a NUL in the name
-        raise error(f"{path}: {getattr(e, 'strerror', None) or e}") from None
-    if stat.S_ISDIR(mode):
-        raise error(f"{path}: is a directory, not a file")
-    if not stat.S_ISREG(mode):
-        raise error(f"{path}: not a regular file (a FIFO, device or socket)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -376,21 +284,12 @@ def bpe(ids, ranks):
 _WORD_RE = re.compile(r'\w+|[^\w\s]+')
 
 
+
 class Tokenizer:
     """Tortoise's VoiceBpeTokenizer. vocab: {token: id}; merges: [(a, b), ...], lowest rank first."""
 
     def __init__(self, vocab, merges):
-        """Checks what it is given (a ValueError says what is wrong): ids are distinct integers >= 0, the
-        special tokens are there, and each merge joins two tokens of the vocabulary into a third."""
-        if not isinstance(vocab, dict) or not all(isinstance(t, str) and type(i) is int and i >= 0
-                                                  for t, i in vocab.items()):
-            raise ValueError("tokenizer: the vocabulary must map tokens to integer ids >= 0")
-        if len(set(vocab.values())) < len(vocab) or not {'[UNK]', '[SPACE]'} <= set(vocab):
-            raise ValueError("tokenizer: the vocabulary needs distinct ids and the tokens [UNK] and [SPACE]")
-        for m in merges if isinstance(merges, (list, tuple)) else [None]:
-            if not (isinstance(m, (list, tuple)) and len(m) == 2 and all(isinstance(t, str) for t in m)
-                    and {m[0], m[1], m[0] + m[1]} <= set(vocab)):
-                raise ValueError(f"tokenizer: merge {m!r} is not two tokens of the vocabulary that make a third")
+        check_tokenizer(vocab, merges)
         self.vocab = dict(vocab)
         self.merges = [tuple(m) for m in merges]
         self.tokens = {i: t for t, i in self.vocab.items()}
@@ -402,13 +301,7 @@ class Tokenizer:
     @classmethod
     def from_file(cls, path):
         """Tortoise's tokenizer.json (convert_weights.py also reads transformers' vocab.json + merges.txt)."""
-        check_input_file(path)
-        try:
-            with open(path, encoding='utf-8') as f:
-                model = json.load(f)['model']
-            return cls(model['vocab'], [m.split(' ') if isinstance(m, str) else m for m in model['merges']])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}: not a readable tokenizer.json ({first_line(e)})") from None
+        return cls(*read_tokenizer_json(path))
 
     def encode(self, text):
         """'Hello world' -> [62, 84, 28, 2, 179, 79]: 'he' 'll' 'o' [SPACE] 'wor' 'ld'."""
@@ -449,50 +342,19 @@ N_MELS = 80
 F_MIN, F_MAX = 0.0, 8000.0      # Hz covered by the mel bands
 CONDITIONING_SAMPLES = 6 * SAMPLE_RATE   # 6 s, 132300 samples -> 517 mel frames
 MIN_SAMPLES = N_FFT // 2 + 1    # centred STFT reflect-pads N_FFT // 2 samples; needs more than that
-SILENCE_PEAK = 1e-4             # about -80 dBFS, a few 16-bit steps: treat as silence
-RATES = (1000, 384000)          # Hz a real recording uses; a header outside them is lying
-MAX_CHANNELS = 64
-MARGIN = 0.1                    # s read past what is used: many times the resampling filter's reach
 
 
 def load_audio(path, sampling_rate=SAMPLE_RATE, seconds=None) -> torch.Tensor:
     """Read WAV/FLAC/OGG (MP3 if libsndfile has it) -> mono float32 [samples] in [-1, 1]: all of it, or only
     the first `seconds`. Memory follows what is read, never what the file's header claims."""
-    check_input_file(path, AudioError)
-    if not isinstance(sampling_rate, int) or not RATES[0] <= sampling_rate <= RATES[1]:
-        raise AudioError(f"sampling_rate must be an integer in {RATES[0]}..{RATES[1]} Hz, not {sampling_rate!r}")
-    try:  # float32 reads: soundfile scales int16/int32 PCM to [-1, 1)
-        with soundfile.SoundFile(path) as f:
-            sr, channels = f.samplerate, f.channels
-            if not RATES[0] <= sr <= RATES[1] or not 1 <= channels <= MAX_CHANNELS:
-                raise AudioError(f"{path}: {sr} Hz with {channels} channel(s); clvp.py reads {RATES[0]}.."
-                                 f"{RATES[1]} Hz with 1..{MAX_CHANNELS} channels")
-            left = math.ceil((seconds + MARGIN) * sr) if seconds is not None else math.inf
-            blocks = []
-            while left > 0:              # about 1M samples at a time, each block averaged to mono at once
-                block = f.read(int(min(left, 2**20 // channels)), dtype="float32", always_2d=True)
-                if not len(block):
-                    break
-                blocks.append(block.mean(axis=1))    # average every channel (stereo, 5.1, ...) to mono
-                left -= len(block)
-    except (soundfile.SoundFileError, RuntimeError) as e:
-        raise AudioError(f"{path}: not a readable audio file ({first_line(getattr(e, 'error_string', e))})") from None
-    if not blocks:
-        raise AudioError(f"{path}: audio file is empty (0 samples)")
-    wav = np.concatenate(blocks)
-    if not np.isfinite(wav).all():
-        raise AudioError(f"{path}: audio contains NaN or Inf samples")
+    wav, sr = read_audio(path, sampling_rate, seconds)       # [samples] float32, averaged to mono
     if sr != sampling_rate:  # polyphase resampling by the reduced ratio, e.g. 48000 -> 22050 is *147/320
         g = math.gcd(sr, sampling_rate)
         wav = scipy.signal.resample_poly(wav, sampling_rate // g, sr // g).astype(np.float32)
     if seconds is not None:
         wav = wav[:math.ceil(seconds * sampling_rate)]
-    if len(wav) < MIN_SAMPLES:
-        raise AudioError(f"{path}: too short (only {len(wav)} samples at {sampling_rate} Hz; need at least {MIN_SAMPLES})")
     wav = np.clip(wav, -1.0, 1.0)  # float files and resampling ringing can overshoot full scale
-    if np.abs(wav).max() < SILENCE_PEAK:
-        warnings.warn(f"{path}: audio is silent; conditioning on silence is meaningless")
-    return torch.from_numpy(np.ascontiguousarray(wav))
+    return check_clip(path, torch.from_numpy(np.ascontiguousarray(wav)), sampling_rate)
 
 
 def format_conditioning(wav: torch.Tensor) -> torch.Tensor:
@@ -523,12 +385,7 @@ def mel_filterbank(device=torch.device("cpu"), dtype=torch.float32) -> torch.Ten
 def log_mel_spectrogram(wav: torch.Tensor, mel_norms: torch.Tensor | None = None) -> torch.Tensor:
     """[samples] -> [80, frames] or [B, samples] -> [B, 80, frames]; frames = 1 + samples // HOP.
     Runs on wav's device/dtype. mel_norms: [80] per-band divisors (tortoise/data/mel_norms.pth)."""
-    if not isinstance(wav, torch.Tensor) or not wav.is_floating_point() or wav.dim() not in (1, 2):
-        raise AudioError(f"wav must be floats [samples] or [batch, samples], not {describe(wav)}")
-    if wav.shape[-1] < MIN_SAMPLES:
-        raise AudioError(f"audio too short for the STFT: {wav.shape[-1]} samples, need at least {MIN_SAMPLES}")
-    if mel_norms is not None and (not isinstance(mel_norms, torch.Tensor) or mel_norms.shape != (N_MELS,)):
-        raise AudioError(f"mel_norms must be a tensor [{N_MELS}], not {describe(mel_norms)}")
+    check_wav(wav, mel_norms)
     window = torch.hann_window(WIN, periodic=True, device=wav.device, dtype=wav.dtype)  # torchaudio's default
     spec = torch.stft(wav, N_FFT, HOP, WIN, window, center=True, pad_mode="reflect",
                       return_complex=True)                          # [(B,) 513, frames] complex
@@ -684,14 +541,13 @@ class KVCache:
         return self.visible[..., :end] & causal | torch.eye(queries, end, dtype=torch.bool, device=self.pads.device)
 
     def copy_prompts(self, prompts, rows):
-        """Give row i the prompt of text rows[i] (rows: a CPU tensor, text by text), copied from `prompts`, a
-        cache of one prefilled row per text."""
-        P, first = prompts.k.shape[1], 0
-        for text, n in zip(*(t.tolist() for t in torch.unique_consecutive(rows, return_counts=True))):
-            self.k[:, :P, first:first + n] = prompts.k[:, :, text:text + 1]
-            self.v[:, :P, first:first + n] = prompts.v[:, :, text:text + 1]
-            first += n
-        self.pad(prompts.pads[rows.to(prompts.pads.device)])
+        """Give row i the prompt of text rows[i], gathered from `prompts`, a cache of one prefilled row per
+        text; layer by layer, so the gathered copy is one layer's."""
+        P, rows = prompts.k.shape[1], rows.to(prompts.pads.device)
+        for layer in range(len(self.k)):
+            self.k[layer, :P, :len(rows)] = prompts.k[layer][:, rows]
+            self.v[layer, :P, :len(rows)] = prompts.v[layer][:, rows]
+        self.pad(prompts.pads[rows])
 
 
 class DecoderBlock(nn.Module):
@@ -836,30 +692,10 @@ class Encoder(nn.Module):
 # The CLVP model: its four networks (conditioning encoder, decoder, text and speech encoders) and what a
 # user asks of them
 #
-# Code that imports clvp is a boundary too: each public method first checks its arguments with the two
-# helpers here, so ids outside a vocabulary or mels of the wrong shape are a ValueError that names the
+# Code that imports clvp is a boundary too: each public method checks its arguments in its first line
+# (Part II), so ids outside a vocabulary or mels of the wrong shape are a ValueError that names the
 # argument and the allowed range, not an IndexError from deep inside torch.
 # ---------------------------------------------------------------------------------------------------
-
-def checked_ids(ids, name, vocab_size, device, max_len=None, min_len=1):
-    """Token ids [B, T] with min_len <= T <= max_len, each in 0..vocab_size-1 -> long ids on `device`."""
-    if (not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool
-            or ids.dim() != 2 or ids.shape[0] < 1 or not min_len <= ids.shape[1] <= (max_len or math.inf)):
-        raise ValueError(f"{name} must be integer ids [batch, {min_len}..{max_len or 'any'} tokens], not {describe(ids)}")
-    if ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
-        raise ValueError(f"{name} must be ids in 0..{vocab_size - 1}, not {int(ids.min())}..{int(ids.max())}")
-    return ids.to(device=device, dtype=torch.long)
-
-
-def checked_mels(mels, channels, like):
-    """Log-mel spectrograms [clips, channels, frames] of finite floats -> on the device and dtype of `like`."""
-    if not isinstance(mels, torch.Tensor) or not mels.is_floating_point() or mels.dim() != 3 or \
-            mels.shape[1] != channels or 0 in mels.shape:
-        raise ValueError(f"mels must be floats [clips, {channels}, frames], not {describe(mels)}")
-    if not all_finite(mels):
-        raise ValueError("mels hold NaN or infinite values")
-    return mels.to(like)
-
 
 class CLVP(nn.Module):
     def __init__(self, config: Config = None):
@@ -871,20 +707,16 @@ class CLVP(nn.Module):
         self.speech_encoder = Encoder(config.speech)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))   # learned, used as exp()
         self.tokenizer = None
-        self.mel_norms = None
+        # [80] per-band divisors of the log-mel; a buffer, so .to() moves it, but not a weight to save.
+        self.register_buffer("mel_norms", None, persistent=False)
 
     def conditioning_latent(self, mels):
         """mels [C, 80, frames], one reference clip per row -> latents [C, D]."""
-        return self.conditioning(checked_mels(mels, self.config.decoder.mel_channels, self.logit_scale))
+        return self.conditioning(checked_mels(mels, self))
 
     def voice_latent(self, mels):
         """Several clips of one voice, mels [C, 80, frames] -> one latent [D]: Tortoise averages them."""
         return self.conditioning_latent(mels).mean(dim=0)
-
-    def decoder_text(self, text_ids):
-        """Raw text ids [B, T] checked against the decoder's text table, with room for [start] ... [stop, stop]."""
-        c = self.config.decoder
-        return checked_ids(text_ids, "text_ids", c.text_vocab_size, self.logit_scale.device, c.text_positions - 3)
 
     def speech_logits(self, mels, text_ids, speech_ids):
         """Teacher-forced next-token logits, using the inference positions.
@@ -893,11 +725,9 @@ class CLVP(nn.Module):
         tokens after the start token. Returns [B, S + 1, 8194]: row s predicts token s + 1 (row 0 is what
         the prompt predicts).
         """
-        c = self.config.decoder
-        speech_ids = checked_ids(speech_ids, "speech_ids", c.speech_vocab_size, self.logit_scale.device,
-                                 max_len=c.speech_positions - 2, min_len=0)   # the last one sits at position max
+        text_ids, speech_ids = checked_teacher_forcing(self, text_ids, speech_ids)
         B, S = speech_ids.shape
-        prompt = self.decoder.prompt(self.voice_latent(mels).expand(B, -1), self.decoder_text(text_ids).expand(B, -1))
+        prompt = self.decoder.prompt(self.voice_latent(mels).expand(B, -1), text_ids.expand(B, -1))
         positions = speech_position(torch.arange(1, S + 1, device=speech_ids.device))
         speech = self.decoder.speech_embedding(speech_ids) + self.decoder.speech_positions(positions)
         h = self.decoder(torch.cat([prompt, speech], dim=1))
@@ -929,24 +759,11 @@ class CLVP(nn.Module):
         together in batches of options.batch_size rows) -> a list of Generations, one per text. options: a
         DecodingOptions, whose fields keywords override: generate(ids, mels, num_candidates=4, seed=0).
         A request that does not fit in memory is refused."""
-        options = replace(options or DecodingOptions(), **overrides)
-        problems = options.problems(self.config)
-        if problems:
-            raise ValueError("; ".join(f"{name} {why}" for name, why in problems))
-        several = isinstance(text_ids, (list, tuple))
-        if several and not (text_ids and all(isinstance(t, torch.Tensor) for t in text_ids)):
-            raise ValueError(f"text_ids must be integer ids [T] or [1, T], or a non-empty list of them, "
-                             f"not {text_ids!r:.60}")
-        texts = [self.decoder_text(t[None] if isinstance(t, torch.Tensor) and t.dim() == 1 else t)
-                 for t in (text_ids if several else [text_ids])]
-        if any(t.shape[0] != 1 for t in texts):
-            raise ValueError("generate takes one text per tensor, [T] or [1, T]: give several texts as a list")
-        check_memory(self, max(t.shape[1] for t in texts), options, len(texts))
-        mels = checked_mels(mels, self.config.decoder.mel_channels, self.logit_scale)
-        generations = generate_and_rank(self, [t[0] for t in texts], mels, options, progress)
+        ids, mels, options = checked_generate_args(self, text_ids, mels, options, overrides)   # ids: a list
+        generations = generate_and_rank(self, ids, mels, options, progress)
         # Tensors made in inference mode cannot enter autograd later; hand back ordinary copies.
         generations = [Generation(**{name: t.clone() for name, t in vars(g).items()}) for g in generations]
-        return generations if several else generations[0]
+        return generations if isinstance(text_ids, (list, tuple)) else generations[0]
 
     def contrastive_loss(self, text_ids, speech_ids):
         """CLIP's symmetric cross-entropy over a batch of matching (text, speech) rows."""
@@ -987,31 +804,14 @@ class DecodingOptions:
     top_p: float = 0.8
     repetition_penalty: float = 2.0
     typical_mass: float | None = None  # typical sampling, off unless set
-    top_k: int = 1                     # how many of the best candidates to keep
+    top_k: int = 1                     # how many ranked candidates to keep (not a sampling filter, as
+                                       # top_k is in nanoGPT and gpt-fast: sampling uses top_p)
     seed: int | None = None
     pad_to_max: bool = True            # stop-pad candidates to max_new_tokens before scoring (Tortoise)
 
-    def problems(self, config):
-        """[(field, what is wrong)] for each value that generation cannot work with on this config."""
-        def number(x, low=0.0, high=math.inf):
-            return isinstance(x, (int, float)) and not isinstance(x, bool) and low <= x <= high and math.isfinite(x)
-
-        def integer(x, low, high):
-            return isinstance(x, int) and not isinstance(x, bool) and low <= x <= high
-        longest = config.decoder.speech_positions - 1        # the last token fed back sits at position max
-        rules = [("num_candidates", integer(self.num_candidates, 1, MAX_SIZE), f"an integer in 1..{MAX_SIZE}"),
-                 ("batch_size", integer(self.batch_size, 1, MAX_SIZE), f"an integer in 1..{MAX_SIZE}"),
-                 ("max_new_tokens", integer(self.max_new_tokens, 1, longest), f"an integer in 1..{longest}"),
-                 ("temperature", number(self.temperature), "0 (greedy) or a finite positive number"),
-                 ("top_p", number(self.top_p, 0.0, 1.0) and self.top_p > 0, "in (0, 1]"),
-                 ("repetition_penalty", number(self.repetition_penalty) and self.repetition_penalty > 0,
-                  "a finite positive number"),
-                 ("typical_mass", self.typical_mass is None or number(self.typical_mass, 0.0, 1.0) and
-                  self.typical_mass > 0, "None (off) or in (0, 1]"),
-                 ("top_k", integer(self.top_k, 1, MAX_SIZE), f"an integer in 1..{MAX_SIZE}"),
-                 ("seed", self.seed is None or integer(self.seed, 0, 2**64 - 1), "None or an integer in 0..2**64-1"),
-                 ("pad_to_max", isinstance(self.pad_to_max, bool), "True or False")]
-        return [(name, f"must be {allowed}, not {getattr(self, name)!r}") for name, ok, allowed in rules if not ok]
+    def rows(self, texts=1):
+        """How many rows decode together for `texts` texts: one batch, or all their candidates if fewer."""
+        return min(self.batch_size, self.num_candidates * texts)
 
 
 @dataclass
@@ -1021,35 +821,6 @@ class Generation:
     scores: torch.Tensor       # [N] CLVP score of each candidate against the text
     order: torch.Tensor        # [N] candidate indices, best first
     best: torch.Tensor         # [top_k, T] the top candidates, best first
-
-
-def free_memory(device):
-    """Bytes that can still be allocated on `device` (None where this system does not say)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
-
-
-def check_memory(model, text_len, options, texts=1):
-    """Refuse, before allocating anything, a generation that will not fit: the KV caches (one batch, and
-    each text's prompt), plus the candidates' tokens, which live in several copies (batches, joined,
-    padded, fixed, returned). text_len: the longest text's."""
-    c, o = model.config.decoder, options
-    rows, prompt = min(o.batch_size, o.num_candidates * texts), model.decoder.prompt_length(text_len)
-    dtype = attention_dtype(model.logit_scale.device, model.logit_scale.dtype)
-    positions = (prompt + o.max_new_tokens) * rows + prompt * texts           # the batch's cache, the prompts'
-    cache = 2 * c.layers * positions * c.dim * torch.finfo(dtype).bits // 8
-    tokens = 6 * o.num_candidates * texts * o.max_new_tokens * 8 + 8 * rows * c.speech_vocab_size * 4
-    free = free_memory(model.logit_scale.device)
-    each = f" for each of {texts} texts" if texts > 1 else ""
-    if free is not None and cache + tokens > 0.75 * free:    # the rest: activations, the model, the system
-        raise ValueError(f"{o.num_candidates} candidates{each} of up to {o.max_new_tokens} tokens in batches of {rows} "
-                         f"need about {(cache + tokens) / 2**30:.1f} GiB (KV cache {cache / 2**30:.1f} GiB), more than "
-                         f"3/4 of the {free / 2**30:.1f} GiB free: ask for fewer candidates, a smaller batch or fewer tokens")
 
 
 def prefill(decoder, prompt, cache):
@@ -1131,7 +902,8 @@ def decode_batch(decoder, cache, logits, prompt_len, options, generator, progres
 def fix_candidates(tokens, stop_token, pad_to=None):
     """Tortoise's fix_autoregressive_output on [N, T]: from the first stop token on, codes become 83 and
     the last three 45, 45, 248; a candidate that never stopped is left alone. With pad_to, candidates are
-    first stop-padded to that length, as Tortoise's api.py does (so every candidate gets the fix)."""
+    first stop-padded to that length, as Tortoise's api.py does: that changes which codes the 45, 45, 248
+    tail overwrites (it lands at the end of the padded length), not which candidates are fixed."""
     if pad_to is not None:
         tokens = F.pad(tokens, (0, pad_to - tokens.shape[1]), value=stop_token)
     N, T = tokens.shape
@@ -1152,25 +924,25 @@ def trim(tokens, stop_token):
 
 
 @torch.inference_mode()
-def generate_and_rank(model, texts, mels, options, progress=None):
+def generate_and_rank(model, text_ids, mels, options, progress=None):
     """Sample options.num_candidates speech-token sequences for each text, in one voice, and rank each
     text's own candidates by CLVP -> [Generation], one per text.
 
-    texts: raw tokenizer ids, one [T] tensor per text; mels: [C, 80, frames], one row per reference clip.
+    text_ids: raw tokenizer ids, one [T] tensor per text; mels: [C, 80, frames], one row per reference clip.
     Rows of all texts, text by text, decode together in batches of up to options.batch_size rows.
     progress: None, or an object with decode(step, batch_size, running) and rerank(done, total).
     """
     dec, c, o = model.decoder, model.config.decoder, options
     N, device = o.num_candidates, mels.device
     latent = model.voice_latent(mels)[None]                                  # [1, D]
-    prompts = [dec.prompt(latent, ids[None])[0] for ids in texts]            # [P_i, D] each
+    prompts = [dec.prompt(latent, ids[None])[0] for ids in text_ids]         # [P_i, D] each
     P = max(len(p) for p in prompts)
     dtype = attention_dtype(device, latent.dtype)
-    shared = KVCache(c, len(texts), P, device, dtype)                        # each prompt, once
+    shared = KVCache(c, len(text_ids), P, device, dtype)                     # each prompt, once
     shared.pad(torch.tensor([P - len(p) for p in prompts], device=device))
     first_logits = prefill(dec, torch.stack([F.pad(p, (0, 0, P - len(p), 0)) for p in prompts]), shared)
-    rows = torch.arange(len(texts)).repeat_interleave(N)                     # the text of each row
-    cache = KVCache(c, min(o.batch_size, len(rows)), P + o.max_new_tokens, device, dtype)
+    rows = torch.arange(len(text_ids)).repeat_interleave(N)                  # the text of each row
+    cache = KVCache(c, o.rows(len(text_ids)), P + o.max_new_tokens, device, dtype)
     generator = torch.Generator(device).manual_seed(o.seed) if o.seed is not None else None
     batches = []
     for first in range(0, len(rows), o.batch_size):
@@ -1180,7 +952,7 @@ def generate_and_rank(model, texts, mels, options, progress=None):
     longest = max(b.shape[1] for b in batches)
     tokens = torch.cat([F.pad(b, (0, longest - b.shape[1]), value=c.stop_token) for b in batches])
     return [rank(model, ids, trim(tokens[i * N:(i + 1) * N], c.stop_token), o, progress)
-            for i, ids in enumerate(texts)]
+            for i, ids in enumerate(text_ids)]
 
 
 def rank(model, text_ids, tokens, options, progress=None):
@@ -1202,8 +974,9 @@ def rank(model, text_ids, tokens, options, progress=None):
 # ---------------------------------------------------------------------------------------------------
 # Loading: one file holds config, weights, tokenizer and mel norms
 #
-# convert_weights.py writes it from official checkpoints. It is read with torch.load(weights_only=True),
-# which refuses anything but tensors and plain containers, so a checkpoint can never run code.
+# convert_weights.py writes it from official checkpoints (save_checkpoint, in Part II). It is read with
+# torch.load(weights_only=True), which refuses anything but tensors and plain containers, so a checkpoint
+# can never run code, and it is validated whole before the model is built.
 # ---------------------------------------------------------------------------------------------------
 
 FORMAT_VERSION = 1
@@ -1214,18 +987,381 @@ def default_checkpoint():
     return os.path.join(os.environ.get("CLVP_CACHE") or os.path.expanduser("~/.cache/clvp"), "clvp.pt")
 
 
+def load_model(path, device=None):
+    """Read a converted checkpoint -> CLVP in eval mode, fp32, on `device` (CUDA when present)."""
+    device, (config, weights, tokenizer, mel_norms) = resolve_device(device), read_tensors(path)
+    with torch.device("meta"):                               # no memory, no random init: weights come next
+        model = CLVP(config)
+    model.load_state_dict(weights, assign=True)
+    model.tokenizer, model.mel_norms = tokenizer, mel_norms
+    return model.to(device=device, dtype=torch.float32).eval()
+
+
+# ===================================================================================================
+# Part II: the boundaries. Everything a user hands in (command-line values, files, checkpoints, the
+# arguments of the public functions) is checked here, completely, before any work and before any
+# allocation whose size it sets; and every file is written whole or not at all. Part I calls into this
+# part in one line where input enters; the networks assume valid tensors and check nothing.
+# ===================================================================================================
+
+# ---------------------------------------------------------------------------------------------------
+# Errors, limits, and the one way to write a check
+#
+# Every mistake a user can make is an InputError (a ValueError, so code that imports clvp can catch
+# either) whose message names the input and the problem; the command lines print it as one line with
+# exit code 2. A check is a list of (ok, message) rules for require. Where a message needs the name the
+# user knows (a flag, a file), the caller adds it with `prefixed`, rather than catching and rewording.
+# ---------------------------------------------------------------------------------------------------
+
+class InputError(ValueError):
+    """Something a user handed in cannot be used; the message names it."""
+
+
+class UsageError(InputError):
+    """A bad command-line value."""
+
+
+class AudioError(InputError):
+    """A problem with the user's audio (bad file, bad values)."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint file that cannot be used."""
+
+
+@contextlib.contextmanager
+def prefixed(prefix, kind=None):
+    """An InputError raised inside the block gets `prefix` before its message, and becomes `kind` if given:
+    with prefixed(f"{path}: ", CheckpointError): check_checkpoint(blob)."""
+    try:
+        yield
+    except InputError as e:
+        raise (kind or type(e))(prefix + str(e)) from None
+
+
+def require(rules, error=InputError, prefix=""):
+    """Raise error(prefix + message) for the first (ok, message) rule that does not hold."""
+    for ok, message in rules:
+        if not ok:
+            raise error(prefix + message)
+
+
+def within(flag, value, low, high):
+    """A rule for require: low <= value <= high, said in the flag's words."""
+    return low <= value <= high, f"{flag} must be in {low}..{high}, not {value}"
+
+
+def first_line(error):
+    """An exception as a short, single line for an error message."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:300]
+
+
+def describe(x):
+    """How an argument looks, for an error message: 'a tensor [2, 80] of torch.float32' or 'a list'."""
+    return f"a tensor {list(x.shape)} of {x.dtype}" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
+
+
+def all_finite(t):
+    """No NaN and no infinity in t. The sum is a fast test that only an overflow can fail falsely."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
+
+
+MAX_LAYERS, MAX_SIZE = 1024, 2**20   # far beyond any real CLVP; a hostile config cannot build a huge model
+MAX_TEXT_BYTES = 2**20               # --text-file: a book chapter; more is a mistake
+MAX_JSON_BYTES = 16 * 2**20          # a config or tokenizer file; Tortoise's tokenizer.json is 6 KiB
+RATES = (1000, 384000)               # Hz a real recording uses; a header outside them is lying
+MAX_CHANNELS = 64
+MARGIN = 0.1                         # s of audio read past what is used: many times the resampler's reach
+SILENCE_PEAK = 1e-4                  # about -80 dBFS, a few 16-bit steps: treat as silence
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configuration, tokenizer, mel norms
+# ---------------------------------------------------------------------------------------------------
+
+def check_config_dict(d):
+    """A config as asdict writes it: every key present and known, every value an integer in range, and the
+    sizes consistent (check_config)."""
+    require([(isinstance(d, dict) and set(d) == set(CONFIG_PARTS), f"config must be a dict of exactly {sorted(CONFIG_PARTS)}")])
+    for part, kind in CONFIG_PARTS.items():
+        names, given = {f.name for f in fields(kind)}, set(d[part]) if isinstance(d[part], dict) else set()
+        require([(isinstance(d[part], dict) and given == names,
+                  f"config.{part}: missing {sorted(names - given)}, unknown {sorted(given - names)}")])
+        for name, value in d[part].items():
+            low, high = (0, MAX_SIZE) if name.endswith("token") else (1, MAX_LAYERS if "layers" in name
+                                                                         or "blocks" in name else MAX_SIZE)
+            require([(type(value) is int and low <= value <= high,
+                      f"config.{part}.{name} must be an integer in {low}..{high}, not {value!r}")])
+    check_config(Config(*(kind(**d[part]) for part, kind in CONFIG_PARTS.items())))
+
+
+def check_config(config):
+    """Sizes that fit together -> config, or an InputError saying which do not."""
+    d, t, s = config.decoder, config.text, config.speech
+    rules = [(d.dim % d.heads == 0, "decoder.heads must divide decoder.dim"),
+             (max(d.start_token, d.stop_token) < d.speech_vocab_size and d.start_token != d.stop_token,
+              "decoder.start_token and stop_token must be two different ids below speech_vocab_size"),
+             (max(d.text_start_token, d.text_stop_token) < min(d.text_vocab_size, t.vocab_size),
+              "decoder.text_start_token and text_stop_token must be below both text vocab sizes"),
+             (d.text_positions >= 4 and d.speech_positions >= 3, "the decoder needs at least 4 text and 3 "
+              "speech positions"),
+             (d.mel_channels == N_MELS, f"decoder.mel_channels must be {N_MELS}, the log-mel bands"),
+             (min({d.start_token, d.stop_token}) >= s.vocab_size >= d.speech_vocab_size - 2 and
+              s.vocab_size > max(FIX_STOP_CODE, *FIX_TAIL), "speech.vocab_size must cover every code the "
+              "decoder emits but its start and stop tokens (its last two ids)"),
+             (t.projection_dim == s.projection_dim, "text and speech projection_dim must be equal")]
+    for e, side in ((t, "text"), (s, "speech")):
+        rules += [(e.dim % e.heads == 0, f"{side}.heads must divide {side}.dim"),
+                  (e.rotary_dim % 2 == 0 and e.rotary_dim <= e.dim // e.heads,
+                   f"{side}.rotary_dim must be even and at most a head's width ({e.dim // max(e.heads, 1)})")]
+    require(rules, prefix="config: ")
+    return config
+
+
+def check_tokenizer(vocab, merges):
+    """Ids are distinct integers >= 0, the special tokens are there, and each merge joins two tokens of the
+    vocabulary into a third."""
+    require([(isinstance(vocab, dict) and all(isinstance(t, str) and type(i) is int and i >= 0 for t, i in vocab.items()),
+              "tokenizer: the vocabulary must map tokens to integer ids >= 0")])
+    require([(len(set(vocab.values())) == len(vocab) and {'[UNK]', '[SPACE]'} <= set(vocab),
+              "tokenizer: the vocabulary needs distinct ids and the tokens [UNK] and [SPACE]")])
+    for m in merges if isinstance(merges, (list, tuple)) else [None]:
+        require([(isinstance(m, (list, tuple)) and len(m) == 2 and all(isinstance(t, str) for t in m)
+                  and {m[0], m[1], m[0] + m[1]} <= vocab.keys(),
+                  f"tokenizer: merge {m!r:.80} is not two tokens of the vocabulary that make a third")])
+
+
+def check_mel_norms(norms, name="mel_norms"):
+    """The log-mel's per-band divisors: a tensor of N_MELS finite, non-zero floats."""
+    require([(isinstance(norms, torch.Tensor) and norms.shape == (N_MELS,) and norms.is_floating_point() and
+              all_finite(norms) and bool((norms != 0).all()),
+              f"{name} must be {N_MELS} finite non-zero divisors, not {describe(norms)}")])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Input files: only regular files, read with a bound
+# ---------------------------------------------------------------------------------------------------
+
+def check_input_file(path, error=InputError):
+    """A file a user names as input must be a regular file: a directory is named as one, and a FIFO or a
+    device (which could block forever, or never end) is refused before it is opened."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except (OSError, ValueError) as e:                       # a symlink loop, no permission, a NUL in the name
+        raise error(f"{path}: {getattr(e, 'strerror', None) or e}") from None
+    require([(not stat.S_ISDIR(mode), f"{path}: is a directory, not a file"),
+             (stat.S_ISREG(mode), f"{path}: not a regular file (a FIFO, device or socket)")], error)
+
+
+def read_json(path, error=InputError):
+    """A JSON object from a file a user named: a regular file of at most MAX_JSON_BYTES, or an error naming it."""
+    check_input_file(path, error)
+    with open(path, "rb") as f:
+        data = f.read(MAX_JSON_BYTES + 1)
+    require([(len(data) <= MAX_JSON_BYTES, f"{path}: more than {MAX_JSON_BYTES // 2**20} MiB, too big for JSON here")],
+            error)
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError) as e:                # not JSON, not UTF-8, or nested too deeply
+        raise error(f"{path}: not readable JSON ({first_line(e)})") from None
+    require([(isinstance(value, dict), f"{path}: not a JSON object")], error)
+    return value
+
+
+def read_tokenizer_json(path):
+    """Tortoise's tokenizer.json -> (vocab, merges), checked."""
+    model = read_json(path).get("model")
+    with prefixed(f"{path}: not a readable tokenizer.json: "):
+        require([(isinstance(model, dict) and isinstance(model.get("merges"), list), "no model.vocab and model.merges")])
+        merges = [m.split(' ') if isinstance(m, str) else m for m in model['merges']]
+        check_tokenizer(model.get('vocab'), merges)
+    return model['vocab'], merges
+
+
+def read_audio(path, sampling_rate, seconds):
+    """load_audio's reader: -> (mono float32 samples [n], the file's rate). Only the first `seconds` (plus
+    MARGIN for the resampler) are read, block by block, so memory follows what is read, never the header."""
+    check_input_file(path, AudioError)
+    require([(isinstance(sampling_rate, int) and RATES[0] <= sampling_rate <= RATES[1],
+              f"sampling_rate must be an integer in {RATES[0]}..{RATES[1]} Hz, not {sampling_rate!r}"),
+             (seconds is None or isinstance(seconds, (int, float)) and 0 < seconds < 2**31 / RATES[1],
+              f"seconds must be None or a positive number of seconds, not {seconds!r}")], AudioError)
+    try:  # float32 reads: soundfile scales int16/int32 PCM to [-1, 1)
+        with soundfile.SoundFile(path) as f:
+            sr, channels = f.samplerate, f.channels
+            require([(RATES[0] <= sr <= RATES[1] and 1 <= channels <= MAX_CHANNELS,
+                      f"{path}: {sr} Hz with {channels} channel(s); clvp.py reads {RATES[0]}..{RATES[1]} Hz with "
+                      f"1..{MAX_CHANNELS} channels")], AudioError)
+            left = math.ceil((seconds + MARGIN) * sr) if seconds is not None else math.inf
+            blocks = []
+            while left > 0:              # about 1M samples at a time, each block averaged to mono at once
+                block = f.read(int(min(left, 2**20 // channels)), dtype="float32", always_2d=True)
+                if not len(block):
+                    break
+                blocks.append(block.mean(axis=1))    # average every channel (stereo, 5.1, ...) to mono
+                left -= len(block)
+    except (soundfile.SoundFileError, RuntimeError) as e:
+        raise AudioError(f"{path}: not a readable audio file ({first_line(getattr(e, 'error_string', e))})") from None
+    require([(blocks, f"{path}: audio file is empty (0 samples)")], AudioError)
+    wav = np.concatenate(blocks)
+    require([(np.isfinite(wav).all(), f"{path}: audio contains NaN or Inf samples")], AudioError)
+    return wav, sr
+
+
+def check_clip(path, wav, sampling_rate):
+    """A clip as load_audio returns it: long enough for the STFT; a silent one is worth a warning -> wav."""
+    require([(len(wav) >= MIN_SAMPLES, f"{path}: too short (only {len(wav)} samples at {sampling_rate} Hz; need at "
+              f"least {MIN_SAMPLES})")], AudioError)
+    if wav.abs().max() < SILENCE_PEAK:
+        warnings.warn(f"{path}: audio is silent; conditioning on silence is meaningless")
+    return wav
+
+
+def check_wav(wav, mel_norms):
+    """log_mel_spectrogram's arguments: fp32/fp64 samples (what torch.stft takes), long enough, and mel norms."""
+    require([(isinstance(wav, torch.Tensor) and wav.dtype in (torch.float32, torch.float64) and wav.dim() in (1, 2)
+              and wav.shape[0] > 0, f"wav must be floats [samples] or [batch, samples], float32 or float64, not {describe(wav)}"),
+             (wav.shape[-1] >= MIN_SAMPLES, f"audio too short for the STFT: {wav.shape[-1]} samples, need at least "
+              f"{MIN_SAMPLES}")], AudioError)
+    if mel_norms is not None:
+        check_mel_norms(mel_norms)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tensors, decoding options, memory and devices: the model's methods' arguments
+# ---------------------------------------------------------------------------------------------------
+
+def checked_ids(ids, name, vocab_size, device, max_len=None, min_len=1):
+    """Token ids [B, T] with min_len <= T <= max_len, each in 0..vocab_size-1 -> long ids on `device`."""
+    require([(isinstance(ids, torch.Tensor) and not (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool)
+              and ids.dim() == 2 and ids.shape[0] >= 1 and min_len <= ids.shape[1] <= (max_len or math.inf),
+              f"{name} must be integer ids [batch, {min_len}..{max_len or 'any'} tokens], not {describe(ids)}")])
+    low, high = (int(ids.min()), int(ids.max())) if ids.numel() else (0, 0)   # as ints: uint8 cannot hold 256
+    require([(0 <= low and high < vocab_size, f"{name} must be ids in 0..{vocab_size - 1}, not {low}..{high}")])
+    return ids.to(device=device, dtype=torch.long)
+
+
+def checked_mels(mels, model):
+    """Log-mel spectrograms [clips, 80, frames] of finite floats -> on the model's device and dtype."""
+    channels = model.config.decoder.mel_channels
+    require([(isinstance(mels, torch.Tensor) and mels.is_floating_point() and mels.dim() == 3 and
+              mels.shape[1] == channels and 0 not in mels.shape,
+              f"mels must be floats [clips, {channels}, frames], not {describe(mels)}")])
+    require([(all_finite(mels), "mels hold NaN or infinite values")])
+    return mels.to(model.logit_scale)
+
+
+def decoder_text_ids(model, text_ids):
+    """Raw text ids [B, T] checked against the decoder's text table, with room for [start] ... [stop, stop]."""
+    c = model.config.decoder
+    return checked_ids(text_ids, "text_ids", c.text_vocab_size, model.logit_scale.device, c.text_positions - 3)
+
+
+def checked_teacher_forcing(model, text_ids, speech_ids):
+    """speech_logits' ids -> (text ids [1 or B, T], speech ids [B, S]) on the model's device."""
+    c = model.config.decoder
+    speech_ids = checked_ids(speech_ids, "speech_ids", c.speech_vocab_size, model.logit_scale.device,
+                             max_len=c.speech_positions - 2, min_len=0)   # the last one sits at position max
+    text_ids = decoder_text_ids(model, text_ids)
+    require([(len(text_ids) in (1, len(speech_ids)), f"text_ids has {len(text_ids)} rows and speech_ids "
+              f"{len(speech_ids)}: give one text row, or one per speech row")])
+    return text_ids, speech_ids
+
+
+def decoding_problems(o, config):
+    """[(field, what is wrong)] for each DecodingOptions value that generation cannot work with on this config."""
+    def number(x, low=0.0, high=math.inf):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and low <= x <= high and math.isfinite(x)
+
+    def integer(x, low, high):
+        return isinstance(x, int) and not isinstance(x, bool) and low <= x <= high
+    longest = config.decoder.speech_positions - 1        # the last token fed back sits at position max
+    rules = [("num_candidates", integer(o.num_candidates, 1, MAX_SIZE), f"an integer in 1..{MAX_SIZE}"),
+             ("batch_size", integer(o.batch_size, 1, MAX_SIZE), f"an integer in 1..{MAX_SIZE}"),
+             ("max_new_tokens", integer(o.max_new_tokens, 1, longest), f"an integer in 1..{longest}"),
+             ("temperature", number(o.temperature), "0 (greedy) or a finite positive number"),
+             ("top_p", number(o.top_p, 0.0, 1.0) and o.top_p > 0, "in (0, 1]"),
+             ("repetition_penalty", number(o.repetition_penalty) and o.repetition_penalty > 0, "a finite positive number"),
+             ("typical_mass", o.typical_mass is None or number(o.typical_mass, 0.0, 1.0) and o.typical_mass > 0,
+              "None (off) or in (0, 1]"),
+             ("top_k", integer(o.top_k, 1, MAX_SIZE), f"an integer in 1..{MAX_SIZE}"),
+             ("seed", o.seed is None or integer(o.seed, 0, 2**64 - 1), "None or an integer in 0..2**64-1"),
+             ("pad_to_max", isinstance(o.pad_to_max, bool), "True or False")]
+    return [(name, f"must be {allowed}, not {getattr(o, name)!r}") for name, ok, allowed in rules if not ok]
+
+
+def check_options(options, config, name=lambda field: field):
+    """Every problem of the options in one InputError; name(field) says a field in the caller's words."""
+    problems = decoding_problems(options, config)
+    require([(not problems, "; ".join(f"{name(field)} {why}" for field, why in problems))])
+
+
+def checked_generate_args(model, text_ids, mels, options, overrides):
+    """CLVP.generate's arguments -> (raw ids [T] of each text, mels, options), or an InputError; a request
+    that does not fit in memory is refused before anything is allocated."""
+    names = {f.name for f in fields(DecodingOptions)}
+    require([(options is None or isinstance(options, DecodingOptions), f"options must be a DecodingOptions, not "
+              f"{describe(options)}"), (set(overrides) <= names, f"unknown options {sorted(set(overrides) - names)}")])
+    options = replace(options or DecodingOptions(), **overrides)
+    check_options(options, model.config)
+    several = isinstance(text_ids, (list, tuple))
+    require([(not several or text_ids and all(isinstance(t, torch.Tensor) for t in text_ids),
+              f"text_ids must be integer ids [T] or [1, T], or a non-empty list of them, not {text_ids!r:.60}")])
+    ids = [decoder_text_ids(model, t[None] if isinstance(t, torch.Tensor) and t.dim() == 1 else t)
+           for t in (text_ids if several else [text_ids])]
+    require([(all(len(t) == 1 for t in ids), "generate takes one text per tensor, [T] or [1, T]: give several texts "
+              "as a list")])
+    check_memory(model, max(t.shape[1] for t in ids), options, len(ids))
+    return [t[0] for t in ids], checked_mels(mels, model), options
+
+
+def free_memory(device):
+    """Bytes that can still be allocated on `device` (None where this system does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_memory(model, text_len, options, texts=1):
+    """Refuse, before allocating anything, a generation that will not fit: the KV caches (one batch, and
+    each text's prompt), plus the candidates' tokens, which live in several copies (batches, joined,
+    padded, fixed, returned). text_len: the longest text's."""
+    c, o = model.config.decoder, options
+    rows, prompt = o.rows(texts), model.decoder.prompt_length(text_len)
+    dtype = attention_dtype(model.logit_scale.device, model.logit_scale.dtype)
+    positions = (prompt + o.max_new_tokens) * rows + prompt * texts           # the batch's cache, the prompts'
+    cache = 2 * c.layers * positions * c.dim * torch.finfo(dtype).bits // 8
+    tokens = 6 * o.num_candidates * texts * o.max_new_tokens * 8 + 8 * rows * c.speech_vocab_size * 4
+    free = free_memory(model.logit_scale.device)
+    each = f" for each of {texts} texts" if texts > 1 else ""
+    require([(free is None or cache + tokens <= 0.75 * free,      # the rest: activations, the model, the system
+              f"{o.num_candidates} candidates{each} of up to {o.max_new_tokens} tokens in batches of {rows} need about "
+              f"{(cache + tokens) / 2**30:.1f} GiB (KV cache {cache / 2**30:.1f} GiB), more than 3/4 of the "
+              f"{(free or 0) / 2**30:.1f} GiB free: ask for fewer candidates, a smaller batch or fewer tokens")])
+
+
 def resolve_device(name=None):
-    """'cpu', 'cuda', 'cuda:1' or None (CUDA when present) -> torch.device, or a ValueError that says why not."""
+    """'cpu', 'cuda', 'cuda:1' or None (CUDA when present) -> torch.device, or an InputError that says why not."""
     try:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r} (use cpu or cuda)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {name!r} (use cpu or cuda)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for, but this torch sees no CUDA GPU")
+        raise InputError(f"unknown device {name!r} (use cpu or cuda)") from None
+    require([(device.type in ("cpu", "cuda"), f"unsupported device {name!r} (use cpu or cuda)"),
+             (device.type != "cuda" or torch.cuda.is_available(),
+              f"device {name!r} was asked for, but this torch sees no CUDA GPU")])
     return device
 
+
+# ---------------------------------------------------------------------------------------------------
+# Weights and checkpoints
+# ---------------------------------------------------------------------------------------------------
 
 def expected_shapes(config):
     """{name: shape} of every weight of a CLVP with this config, built on the meta device (no memory)."""
@@ -1243,38 +1379,81 @@ def check_weights(expected, weights, source, note=""):
     problems = [f"{len(missing)} tensor(s) missing: " + ", ".join(missing)] if missing else []
     problems += [f"{len(unexpected)} unexpected tensor(s): " + ", ".join(unexpected)] if unexpected else []
     problems += [f"{len(misfits)} tensor(s) of the wrong shape{note}: " + "; ".join(misfits)] if misfits else []
-    if problems:
-        raise CheckpointError(f"{source}: " + "; ".join(problems))
+    require([(not problems, f"{source}: " + "; ".join(problems))], CheckpointError)
 
+
+def check_checkpoint(blob):
+    """Everything load_model relies on, checked before anything is built: -> (config, weights, tokenizer or
+    None, mel norms or None), or an InputError that names the key and the problem."""
+    require([(isinstance(blob, dict) and blob.get("format") == "clvp",
+              "not a clvp checkpoint (convert official weights with convert_weights.py)")])
+    require([(type(blob.get("version")) is int and blob["version"] == FORMAT_VERSION,
+              f"checkpoint format version {blob.get('version')!r}; this clvp.py reads version {FORMAT_VERSION}")])
+    config = Config.from_dict(blob.get("config"))
+    weights = blob.get("weights")
+    require([(isinstance(weights, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in weights.items()), "weights: not a dict of named tensors")])
+    check_weights(expected_shapes(config), weights, "weights")
+    for name, t in weights.items():
+        require([(t.is_floating_point() and all_finite(t), f"weights: {name} must hold finite floating-point numbers, "
+                  f"not {t.dtype}" + (" with NaN or infinities" if t.is_floating_point() else ""))])
+    tokenizer, norms = blob.get("tokenizer"), blob.get("mel_norms")
+    if tokenizer is not None:
+        require([(isinstance(tokenizer, dict) and set(tokenizer) == {"vocab", "merges"},
+                  "tokenizer: not a dict of vocab and merges")])
+        tokenizer = Tokenizer(tokenizer["vocab"], tokenizer["merges"])
+        top = min(config.decoder.text_vocab_size, config.text.vocab_size)
+        require([(max(tokenizer.vocab.values()) < top,
+                  f"tokenizer: ids up to {max(tokenizer.vocab.values())}, but the text tables hold {top}")])
+    if norms is not None:
+        check_mel_norms(norms)
+    return config, weights, tokenizer, norms
+
+
+def read_tensors(path, what="a readable clvp checkpoint", check=check_checkpoint):
+    """A file of tensors a user names -> check(its contents), a CheckpointError naming the file. torch.load with
+    weights_only=True unpickles tensors and plain containers only, never code."""
+    check_input_file(path, CheckpointError)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not {what} ({first_line(e)})") from None
+    with prefixed(f"{path}: ", CheckpointError):
+        return check(blob)
+
+
+def read_mel_norms(path):
+    """A mel_norms.pth file -> its [80] divisors, checked."""
+    return read_tensors(path, "a mel_norms.pth of plain tensors", lambda norms: check_mel_norms(norms) or norms)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Outputs: checked before any work, written whole
+# ---------------------------------------------------------------------------------------------------
 
 def check_output(path, inputs=()):
     """Before any work: `path` can be written (a file name in a directory that exists and is writable, and
     not a directory, device or anything but a regular file) and is none of the `inputs`, compared both as
-    resolved paths and as files (hard links). A ValueError says why not."""
+    resolved paths and as files (hard links). An InputError says why not."""
     path = os.fspath(path)
-    if not path or path.endswith(("/", os.sep)):
-        raise ValueError(f"{path!r}: not a file name")
+    require([(path and not path.endswith(("/", os.sep)), f"{path!r}: not a file name")])
     parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise ValueError(f"{path}: directory {parent} does not exist")
-    if os.path.isdir(path):
-        raise ValueError(f"{path}: is a directory")
-    if os.path.lexists(path) and not os.path.isfile(path):
-        raise ValueError(f"{path}: exists and is not a regular file; refusing to replace it")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{path}: directory {parent} is not writable")
-    if len(os.fsencode(os.path.basename(path))) > os.pathconf(parent, "PC_NAME_MAX"):
-        raise ValueError(f"{path[:60]}...: file name too long")
+    require([(os.path.isdir(parent), f"{path}: directory {parent} does not exist"),
+             (not os.path.isdir(path), f"{path}: is a directory"),
+             (not os.path.lexists(path) or os.path.isfile(path), f"{path}: exists and is not a regular file; refusing "
+              "to replace it"),
+             (os.access(parent, os.W_OK | os.X_OK), f"{path}: directory {parent} is not writable")])
+    require([(len(os.fsencode(os.path.basename(path))) <= os.pathconf(parent, "PC_NAME_MAX"),
+              f"{path[:60]}...: file name too long")])
     for source in inputs:
-        if os.path.exists(source) and (os.path.realpath(source) == os.path.realpath(path) or
-                                       os.path.exists(path) and os.path.samefile(source, path)):
-            raise ValueError(f"{path}: is also an input ({source}); refusing to write over it")
+        require([(not (os.path.exists(source) and (os.path.realpath(source) == os.path.realpath(path) or
+                                                   os.path.exists(path) and os.path.samefile(source, path))),
+                  f"{path}: is also an input ({source}); refusing to write over it")])
 
 
 class RecordingFile:
     """A binary file that remembers why a write failed: torch.save reports a full disk only as an 'unexpected
     pos' RuntimeError, and numpy as 'requested and written'; this keeps the OSError that says why."""
-
     def __init__(self, f):
         self.f, self.error = f, None
 
@@ -1314,36 +1493,6 @@ def write_atomically(path, write):
         raise
 
 
-def check_checkpoint(blob):
-    """Everything load_model relies on, checked before anything is built: -> (config, weights, tokenizer or
-    None, mel norms or None), or a ValueError that names the key and the problem."""
-    if not isinstance(blob, dict) or blob.get("format") != "clvp":
-        raise ValueError("not a clvp checkpoint (convert official weights with convert_weights.py)")
-    if type(blob.get("version")) is not int or blob["version"] != FORMAT_VERSION:
-        raise ValueError(f"checkpoint format version {blob.get('version')!r}; this clvp.py reads version {FORMAT_VERSION}")
-    config = Config.from_dict(blob.get("config"))
-    weights = blob.get("weights")
-    if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                for k, v in weights.items()):
-        raise ValueError("weights: not a dict of named tensors")
-    check_weights(expected_shapes(config), weights, "weights")
-    for name, t in weights.items():
-        if not t.is_floating_point() or not all_finite(t):
-            raise ValueError(f"weights: {name} must hold finite floating-point numbers, not {t.dtype}"
-                             + (" with NaN or infinities" if t.is_floating_point() else ""))
-    tokenizer, norms = blob.get("tokenizer"), blob.get("mel_norms")
-    if tokenizer is not None:
-        if not isinstance(tokenizer, dict) or set(tokenizer) != {"vocab", "merges"}:
-            raise ValueError("tokenizer: not a dict of vocab and merges")
-        tokenizer = Tokenizer(tokenizer["vocab"], tokenizer["merges"])
-        top = min(config.decoder.text_vocab_size, config.text.vocab_size)
-        if max(tokenizer.vocab.values()) >= top:
-            raise ValueError(f"tokenizer: ids up to {max(tokenizer.vocab.values())}, but the text tables hold {top}")
-    if norms is not None and not (isinstance(norms, torch.Tensor) and norms.shape == (N_MELS,) and
-                                  norms.is_floating_point() and all_finite(norms) and bool((norms != 0).all())):
-        raise ValueError(f"mel_norms must be {N_MELS} finite non-zero divisors, not {describe(norms)}")
-    return config, weights, tokenizer, norms
-
 
 def save_checkpoint(path, config, weights, tokenizer=None, mel_norms=None, dtype=None):
     """Write config, weights (optionally cast to dtype), tokenizer and mel norms as one file, after the
@@ -1352,42 +1501,22 @@ def save_checkpoint(path, config, weights, tokenizer=None, mel_norms=None, dtype
     blob = {"format": "clvp", "version": FORMAT_VERSION, "config": asdict(config), "weights": weights,
             "tokenizer": None if tokenizer is None else {"vocab": tokenizer.vocab, "merges": tokenizer.merges},
             "mel_norms": None if mel_norms is None else torch.as_tensor(mel_norms, dtype=torch.float32)}
-    try:
+    with prefixed("not written: ", CheckpointError):
         check_checkpoint(blob)
-    except ValueError as e:
-        raise CheckpointError(f"not written: {e}") from None
     write_atomically(path, lambda f: torch.save(blob, f))
 
 
-def load_model(path, device=None):
-    """Read a converted checkpoint -> CLVP in eval mode, fp32, on `device` (CUDA when present)."""
-    device = resolve_device(device)
-    check_input_file(path, CheckpointError)
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable clvp checkpoint ({first_line(e)})") from None
-    try:
-        config, weights, model_tokenizer, mel_norms = check_checkpoint(blob)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    with torch.device("meta"):                               # no memory, no random init: weights come next
-        model = CLVP(config)
-    model.load_state_dict(weights, assign=True)
-    model.tokenizer = model_tokenizer
-    model.mel_norms = None if mel_norms is None else mel_norms.to(device)
-    return model.to(device=device, dtype=torch.float32).eval()
-
-
-# ---------------------------------------------------------------------------------------------------
-# Command line: python clvp.py --text "..." --audio voice.wav
+# ===================================================================================================
+# Part III: the command line. python clvp.py --text "..." --audio voice.wav
 #
-# Everything a user can get wrong is checked here, at the boundary, and reported as one line on stderr
-# with exit code 2; the model code above assumes valid input. Outputs are written atomically at the
-# end, so an error or Ctrl-C never leaves a half-written file.
-# ---------------------------------------------------------------------------------------------------
+# The arguments are checked first (Part II's checks, in the flags' words), then the files, the model and
+# every text, all before the first decoding step; each mistake is one line on stderr with exit code 2.
+# Each output is written whole as soon as its text is ranked (with --text-file, group by group), so an
+# error or Ctrl-C never leaves a half-written file.
+# ===================================================================================================
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")   # Tortoise's tokenizer.json, mel_norms.pth
+SHIPPED = [os.path.join(DATA, "tokenizer.json"), os.path.join(DATA, "mel_norms.pth")]
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1397,7 +1526,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
 class Progress:
     """Generation's progress, rewritten in place on one line of stderr; silent when disabled."""
-
     def __init__(self, enabled):
         self.enabled, self.start, self.tokens = enabled, time.perf_counter(), 0
 
@@ -1425,7 +1553,7 @@ def build_parser():
     p.add_argument("--random-init", action="store_true", help="random weights: watch the pipeline, ignore the scores")
     p.add_argument("--tiny", action="store_true", help="with --random-init: a small model instead of the official size")
     g = p.add_argument_group("sampling")
-    g.add_argument("--candidates", type=int, default=16, help="how many candidates to sample for each sentence (default 16)")
+    g.add_argument("--candidates", dest="num_candidates", type=int, default=16, help="how many candidates to sample for each sentence (default 16)")
     g.add_argument("--batch-size", type=int, default=16, help="rows decoded together (default 16); more than "
                    "--candidates decodes several --text-file lines at once")
     g.add_argument("--top-k", type=int, default=1, help="how many of the best candidates to keep (default 1)")
@@ -1434,8 +1562,8 @@ def build_parser():
     g.add_argument("--top-p", type=float, default=0.8, help="nucleus sampling mass (default 0.8)")
     g.add_argument("--repetition-penalty", type=float, default=2.0, help="default 2.0")
     g.add_argument("--typical-mass", type=float, help="typical sampling mass (off by default)")
-    g.add_argument("--max-tokens", type=int, default=500, help="speech tokens per candidate at most (default 500)")
-    g.add_argument("--no-pad", action="store_true", help="score candidates unpadded (transformers) rather than "
+    g.add_argument("--max-tokens", dest="max_new_tokens", type=int, default=500, help="speech tokens per candidate at most (default 500)")
+    g.add_argument("--no-pad", dest="pad_to_max", action="store_false", help="score candidates unpadded (transformers) rather than "
                    "stop-padded to --max-tokens (Tortoise)")
     o = p.add_argument_group("running and output")
     o.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -1447,29 +1575,20 @@ def build_parser():
     return p
 
 
-# The flag that sets each DecodingOptions field, so a bad value is reported in the user's words.
-FLAGS = {"num_candidates": "--candidates", "batch_size": "--batch-size", "max_new_tokens": "--max-tokens",
-         "temperature": "--temperature", "top_p": "--top-p", "repetition_penalty": "--repetition-penalty",
-         "typical_mass": "--typical-mass", "top_k": "--top-k", "seed": "--seed"}
-MAX_TEXT_BYTES = 2**20                                       # --text-file: a book chapter; more is a mistake
-
-
-def check_options(options, config):
-    require((False, f"{FLAGS.get(name, name)} {why}") for name, why in options.problems(config))
+def flag(field):
+    """The flag that sets a DecodingOptions field (each flag's argparse destination is the field's name)."""
+    return next((a.option_strings[0] for a in build_parser()._actions if a.dest == field), field)
 
 
 def check_args(args):
     """Every mistake in the arguments themselves, named in one line before any work -> (device, options)."""
     require([((args.text is None) != (args.text_file is None), "give the text with exactly one of --text or --text-file"),
              (bool(args.audio), "give at least one reference clip with --audio"),
-             (not args.tiny or args.random_init, "--tiny only applies with --random-init")])
-    options = DecodingOptions(args.candidates, args.batch_size, args.max_tokens, args.temperature, args.top_p,
-                              args.repetition_penalty, args.typical_mass, args.top_k, args.seed, not args.no_pad)
-    check_options(options, tiny_config() if args.tiny else Config())   # a checkpoint's own config: in run
-    try:
+             (not args.tiny or args.random_init, "--tiny only applies with --random-init")], UsageError)
+    options = DecodingOptions(**{f.name: getattr(args, f.name) for f in fields(DecodingOptions)})
+    check_options(options, tiny_config() if args.tiny else Config(), flag)   # a checkpoint's own config: in run
+    with prefixed("--device: "):
         return resolve_device(args.device), options
-    except ValueError as e:
-        raise UsageError(f"--device: {e}") from None
 
 
 def prepare_model(args, device):
@@ -1484,11 +1603,16 @@ def prepare_model(args, device):
                              "convert the official weights, or pass --checkpoint PATH (--random-init --tiny runs "
                              "without weights)")
         model = load_model(path, device)
+    return add_front_end(model).to(device=device, dtype=getattr(torch, args.dtype))
+
+
+def add_front_end(model):
+    """The shipped tokenizer and mel norms (Tortoise's own), for a model whose checkpoint holds none."""
     if model.tokenizer is None:
-        model.tokenizer = Tokenizer.from_file(os.path.join(DATA, "tokenizer.json"))
+        model.tokenizer = Tokenizer.from_file(SHIPPED[0])
     if model.mel_norms is None:
-        model.mel_norms = torch.load(os.path.join(DATA, "mel_norms.pth"), weights_only=True).to(device)
-    return model.to(getattr(torch, args.dtype))
+        model.mel_norms = read_mel_norms(SHIPPED[1])
+    return model
 
 
 def read_texts(args):
@@ -1498,35 +1622,31 @@ def read_texts(args):
     check_input_file(args.text_file, UsageError)
     with open(args.text_file, "rb") as f:
         data = f.read(MAX_TEXT_BYTES + 1)
-    if len(data) > MAX_TEXT_BYTES:
-        raise UsageError(f"{args.text_file}: more than {MAX_TEXT_BYTES // 2**20} MiB of text; split it into files")
+    require([(len(data) <= MAX_TEXT_BYTES, f"{args.text_file}: more than {MAX_TEXT_BYTES // 2**20} MiB of text; "
+              "split it into files")])
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UsageError(f"{args.text_file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     lines = [line.strip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n") if line.strip()]
-    if not lines:
-        raise UsageError(f"{args.text_file}: no text in it")
+    require([(lines, f"{args.text_file}: no text in it")])
     return lines
 
 
 def encode_text(model, text):
     """A sentence -> raw ids [T], or a UsageError that says what is wrong with it. The length is bounded
     from the cleaned text before the BPE runs, so a huge 'word' is refused at once."""
-    if not text.strip():
-        raise UsageError("the text is empty")
+    require([(text.strip(), "the text is empty")])
     try:
         cleaned = clean_text(text)
     except ValueError as e:                                  # a number of over 36 digits, or '$,5'
         raise UsageError(f"cannot read the text {text[:40]!r}: {first_line(e)}") from None
-    if not cleaned.strip():
-        raise UsageError(f"the text {text[:40]!r} is empty after cleaning")
+    require([(cleaned.strip(), f"the text {text[:40]!r} is empty after cleaning")])
     limit = model.config.decoder.text_positions - 3           # room for the text start and two stops
     fewest = math.ceil(len(cleaned) / max(map(len, model.tokenizer.vocab)))   # a token spans this many at most
     ids = model.tokenizer.encode(text) if fewest <= limit else []
-    if fewest > limit or len(ids) > limit:
-        raise UsageError(f"the text is {len(ids) or f'at least {fewest}'} tokens long; the model reads at most "
-                         f"{limit} (split it into sentences, one per line, with --text-file)")
+    require([(fewest <= limit and len(ids) <= limit, f"the text is {len(ids) or f'at least {fewest}'} tokens long; "
+              f"the model reads at most {limit} (split it into sentences, one per line, with --text-file)")])
     return torch.tensor(ids, device=model.logit_scale.device)
 
 
@@ -1538,10 +1658,8 @@ def voice_mels(model, paths):
 
 
 def output_paths(out, n):
-    if n == 1:
-        return [out]
     stem, ext = os.path.splitext(out)
-    return [f"{stem}-{i + 1}{ext or '.npy'}" for i in range(n)]
+    return [out] if n == 1 else [f"{stem}-{i + 1}{ext or '.npy'}" for i in range(n)]
 
 
 @torch.inference_mode()
@@ -1551,7 +1669,7 @@ def explain_prompt(say, model, text, ids, mels, o, group):
     c = model.config.decoder
     latents = model.conditioning_latent(mels)
     prompt = model.decoder.prompt(latents.mean(dim=0)[None], ids[None])
-    batch, longest = min(o.batch_size, o.num_candidates * len(group)), max(map(len, group))
+    batch, longest = o.rows(len(group)), max(map(len, group))
     cache = KVCache(c, batch, model.decoder.prompt_length(longest) + o.max_new_tokens, "meta",
                     attention_dtype(ids.device, prompt.dtype))
     say(f"[text]     {text!r}\n           cleaned: {clean_text(text)!r}\n"
@@ -1586,7 +1704,7 @@ def explain_result(say, model, ids, gen, o):
         f"{list(gen.scores.shape)}, best first -> keep the top {len(gen.best)}")
 
 
-def texts_per_batch(options):
+def texts_together(options):
     """How many --text-file lines decode together: as many as fill one batch with their candidates."""
     return max(1, options.batch_size // options.num_candidates)
 
@@ -1599,19 +1717,14 @@ def prepare_run(args, device, options):
     outs = output_paths(args.out, len(texts))
     inputs = [*args.audio, args.text_file or "", "" if args.random_init else args.checkpoint or default_checkpoint()]
     for out in outs:
-        try:
+        with prefixed("--out "):
             check_output(out, [i for i in inputs if i])
-        except ValueError as e:
-            raise UsageError(f"--out {e}") from None
     for path in args.audio:
         check_input_file(path, AudioError)
     model = prepare_model(args, device)
-    check_options(options, model.config)
+    check_options(options, model.config, flag)
     ids_list = [encode_text(model, t) for t in texts]
-    try:
-        check_memory(model, max(len(ids) for ids in ids_list), options, min(texts_per_batch(options), len(texts)))
-    except ValueError as e:
-        raise UsageError(first_line(e)) from None
+    check_memory(model, max(len(ids) for ids in ids_list), options, min(texts_together(options), len(texts)))
     return model, texts, ids_list, voice_mels(model, args.audio), outs
 
 
@@ -1625,7 +1738,7 @@ def run(args, device, options):
     if args.random_init and not args.json:
         print("NOTE: --random-init: the weights are random, so the candidates and scores are meaningless; "
               "this run only shows every stage working.")
-    results, group = [], texts_per_batch(options)
+    results, group = [], texts_together(options)
     for first in range(0, len(texts), group):
         lines = range(first, min(first + group, len(texts)))
         for i in lines if say else ():
@@ -1666,15 +1779,16 @@ def print_table(text, gen, out, seconds, together=1, rows=10):
     print(f"best {len(gen.best)} candidate(s), tokens {list(gen.best.shape)}, written to {out}")
 
 
-def run_command(prog, work, errors):
-    """How every command of this project ends: work() -> its exit code. One of `errors`, or an OSError (a
-    full disk, a file gone), is one line on stderr and exit code 2; warnings are shown only after a run that
-    succeeds, so an error stays one line; Ctrl-C is exit code 130. Outputs are written whole or not at all."""
+def run_command(prog, work):
+    """How every command of this project ends: work() -> its exit code. An InputError (the user's mistake) or
+    an OSError (a full disk, a file gone) is one line on stderr and exit code 2; anything else is a bug in
+    this program: one line naming it, exit code 1, and CLVP_TRACEBACK=1 shows where. Warnings are shown only
+    after a run that succeeds, so an error stays one line; Ctrl-C is exit code 130."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         try:
             code = work()
-        except errors as e:
+        except InputError as e:
             print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
             return 2
         except OSError as e:
@@ -1684,6 +1798,12 @@ def run_command(prog, work, errors):
         except KeyboardInterrupt:
             print(f"\n{prog}: interrupted; nothing half-written is left", file=sys.stderr)
             return 130
+        except Exception as e:
+            if os.environ.get("CLVP_TRACEBACK"):
+                raise
+            print(f"{prog}: internal error (a bug, please report it): {type(e).__name__}: {first_line(e)}; "
+                  "rerun with CLVP_TRACEBACK=1 to see where", file=sys.stderr)
+            return 1
     for message in dict.fromkeys(str(w.message) for w in caught):
         print(f"{prog}: warning: {message}", file=sys.stderr)
     return code
@@ -1693,7 +1813,7 @@ def main(argv=None):
     def work():
         args = build_parser().parse_args(argv)
         return run(args, *check_args(args))
-    return run_command("clvp.py", work, (UsageError, CheckpointError, AudioError))
+    return run_command("clvp.py", work)
 
 
 if __name__ == "__main__":

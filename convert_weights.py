@@ -33,9 +33,10 @@ from dataclasses import asdict
 import torch
 
 import clvp
+import speak
 
 
-class ConversionError(ValueError):
+class ConversionError(clvp.InputError):
     """Input that cannot be converted; the message names the file or tensor."""
 
 
@@ -49,43 +50,45 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 
 def read_json(path):
     """A JSON object from a file the user named, or a ConversionError naming the file."""
-    clvp.check_input_file(path, ConversionError)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except ValueError as e:                                  # not JSON, or not UTF-8
-        raise ConversionError(f"{path}: not readable JSON ({clvp.first_line(e)})") from None
-    if not isinstance(data, dict):
-        raise ConversionError(f"{path}: not a JSON object")
-    return data
+    return clvp.read_json(path, ConversionError)
 
 
 def read_safetensors(path):
     """A .safetensors file is an 8-byte header length, a JSON header, then raw little-endian bytes. Every
-    tensor's dtype and shape must fill exactly its byte range, and the ranges lie in the file, in order."""
+    tensor's dtype and shape must fill exactly its byte range, and the ranges lie in the file, in order.
+    The header is checked whole before any tensor is read; then each tensor is read on its own into its
+    own buffer, so the peak is the tensors themselves plus nothing the size of the file."""
     clvp.check_input_file(path, ConversionError)
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        n = int.from_bytes(data[:8], "little")
-        if len(data) < 8 or n > len(data) - 8:
-            raise ValueError(f"a header of {n} bytes in a file of {len(data)}")
-        header = json.loads(data[8:8 + n])
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-        body, tensors, end_of_last = memoryview(data)[8 + n:], {}, 0
-        entries = sorted((info["data_offsets"], name, info) for name, info in header.items() if name != "__metadata__")
-        for (start, end), name, info in entries:
-            dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
-            if not (all(type(x) is int and x >= 0 for x in (start, end, *shape)) and end_of_last <= start <= end
-                    <= len(body) and end - start == math.prod(shape) * dtype.itemsize):
-                raise ValueError(f"tensor {name}: {info['dtype']} {shape} does not fit bytes {start}..{end}")
-            end_of_last, raw = end, bytearray(body[start:end])
-            t = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-            tensors[name] = t.reshape(shape)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f, clvp.prefixed(f"{path}: not a readable safetensors file: ", ConversionError):
+        n = int.from_bytes(f.read(8), "little")
+        clvp.require([(size >= 8 and n <= min(size - 8, 10**8), f"a header of {n} bytes in a file of {size}")])
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, RecursionError) as e:
+            raise clvp.InputError(f"its header is not JSON ({clvp.first_line(e)})") from None
+        clvp.require([(isinstance(header, dict), "the header is not a JSON object")])
+        entries, end_of_last = [], 0
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            clvp.require([(isinstance(info, dict) and info.get("dtype") in SAFETENSORS_DTYPES and
+                           isinstance(info.get("shape"), list) and isinstance(info.get("data_offsets"), list) and
+                           len(info["data_offsets"]) == 2, f"tensor {name}: not a dtype, shape and data_offsets")])
+            entries.append((info["data_offsets"], name, SAFETENSORS_DTYPES[info["dtype"]], info["shape"]))
+        for (start, end), name, dtype, shape in sorted(entries, key=lambda e: e[0]):
+            clvp.require([(all(type(x) is int and x >= 0 for x in (start, end, *shape)) and end_of_last <= start
+                           <= end <= size - 8 - n and end - start == math.prod(shape) * dtype.itemsize,
+                           f"tensor {name}: {dtype} {shape} does not fit bytes {start}..{end}")])
+            end_of_last = end
+        tensors = {}
+        for (start, end), name, dtype, shape in entries:
+            f.seek(8 + n + start)
+            t = torch.empty(shape, dtype=dtype)
+            clvp.require([(f.readinto(t.reshape(-1).view(torch.uint8).numpy()) == end - start,
+                           f"tensor {name}: the file ends early")])
+            tensors[name] = t
         return tensors
-    except (ValueError, KeyError, TypeError, RuntimeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path}: not a readable safetensors file ({clvp.first_line(e)})") from None
 
 
 def load_plain(path):
@@ -185,10 +188,8 @@ def source_shapes(weight_map, config):
 
 def check_source(wanted, state, path, note=""):
     """clvp's one check for missing, unexpected and mis-shaped tensors, on the source file's names."""
-    try:
+    with clvp.prefixed("", ConversionError):
         clvp.check_weights(wanted, state, path, note)
-    except clvp.CheckpointError as e:
-        raise ConversionError(str(e)) from None
 
 
 def apply_weight_map(weight_map, state, heads=None):
@@ -291,20 +292,21 @@ def read_hf_tokenizer(directory):
     """transformers' ClvpTokenizer files: vocab.json ({token: id}) and merges.txt ('a b' per line)."""
     vocab, merges_path = read_json(os.path.join(directory, "vocab.json")), os.path.join(directory, "merges.txt")
     clvp.check_input_file(merges_path, ConversionError)
-    try:
-        with open(merges_path, encoding="utf-8") as f:
-            merges = [line.split(" ") for line in f.read().splitlines() if line and not line.startswith("#version")]
-        return clvp.Tokenizer(vocab, merges)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConversionError(f"{directory}: not a readable tokenizer ({type(e).__name__}: {e})") from None
+    with open(merges_path, "rb") as f:
+        data = f.read(clvp.MAX_JSON_BYTES + 1)
+    with clvp.prefixed(f"{directory}: not a readable tokenizer: ", ConversionError):
+        clvp.require([(len(data) <= clvp.MAX_JSON_BYTES, f"merges.txt is over {clvp.MAX_JSON_BYTES // 2**20} MiB")])
+        try:
+            lines = data.decode("utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise clvp.InputError(f"merges.txt is not UTF-8 ({e.reason} at byte {e.start})") from None
+        return clvp.Tokenizer(vocab, [line.split(" ") for line in lines if line and not line.startswith("#version")])
 
 
 def checked_config(config, path):
     """clvp's own check of a config (sizes in range and consistent) before anything is built from it."""
-    try:
+    with clvp.prefixed(f"{path}: ", ConversionError):
         return clvp.Config.from_dict(asdict(config))
-    except ValueError as e:
-        raise ConversionError(f"{path}: {e}") from None
 
 
 def convert_hf(directory):
@@ -327,10 +329,10 @@ def convert_hf(directory):
     mel_norms = None
     pre = os.path.join(directory, "preprocessor_config.json")
     if os.path.exists(pre):
+        mel_norms = read_json(pre).get("mel_norms")
         try:
-            mel_norms = read_json(pre).get("mel_norms")
             mel_norms = None if mel_norms is None else torch.tensor(mel_norms, dtype=torch.float32)
-        except (TypeError, ValueError, RuntimeError) as e:
+        except (TypeError, ValueError, RuntimeError) as e:      # torch's own complaint about the list
             raise ConversionError(f"{pre}: mel_norms is not a list of numbers ({clvp.first_line(e)})") from None
     return config, weights, tokenizer, mel_norms
 
@@ -686,18 +688,13 @@ def shipped(name):
 
 
 def read_mel_norms(path):
-    clvp.check_input_file(path, ConversionError)
-    norms = load_plain(path)
-    if not isinstance(norms, torch.Tensor) or norms.shape != (80,):
-        raise ConversionError(f"{path}: not mel norms (80 numbers)")
-    return norms
+    with clvp.prefixed("", ConversionError):
+        return clvp.read_mel_norms(path)
 
 
 def read_tokenizer(path):
-    try:
+    with clvp.prefixed("", ConversionError):                 # the message names the file
         return clvp.Tokenizer.from_file(path)
-    except ValueError as e:                                  # the message names the file
-        raise ConversionError(str(e)) from None
 
 
 def fetch_and_convert(directory=None, progress=True):
@@ -710,6 +707,31 @@ def fetch_and_convert(directory=None, progress=True):
     return out
 
 
+# ---------------------------------------------------------------------------------------------------
+# The audio stages' weights (speak.py): Tortoise's diffusion_decoder.pth and vocoder.pth -> speak.pt
+# ---------------------------------------------------------------------------------------------------
+
+DIFFUSION_UNUSED = ("code_embedding.", "code_converter.", "mel_head.")    # DiffusionTts tensors only training uses
+
+
+def convert_tortoise_audio(diffusion_path, vocoder_path):
+    """-> (speak.pt's contents, names skipped). diffusion_decoder.pth is a plain state dict; vocoder.pth holds
+    UnivNet's under model_g, with weight norm, which is kept (speak.py folds it when loading). Checked as
+    speak.load_speak checks it, before anything is written."""
+    diffusion = read_torch(diffusion_path)
+    clvp.check_input_file(vocoder_path, ConversionError)
+    vocoder = load_plain(vocoder_path)
+    vocoder = vocoder.get("model_g") if isinstance(vocoder, dict) else None
+    if not isinstance(vocoder, dict) or not all(isinstance(v, torch.Tensor) for v in vocoder.values()):
+        raise ConversionError(f"{vocoder_path}: not Tortoise's vocoder.pth (a state dict of tensors under model_g)")
+    skipped = [k for k in diffusion if k.startswith(DIFFUSION_UNUSED)]
+    blob = {"format": speak.SPEAK_FORMAT, "version": speak.SPEAK_VERSION, "vocoder": vocoder,
+            "diffusion": {k: v for k, v in diffusion.items() if not k.startswith(DIFFUSION_UNUSED)}}
+    with clvp.prefixed(f"{diffusion_path}, {vocoder_path}: ", ConversionError):
+        speak.check_speak_checkpoint(blob, None)
+    return blob, skipped
+
+
 def build_parser():
     p = clvp.ArgumentParser(prog="convert_weights.py", description="Convert official CLVP weights into the one "
                             "file clvp.py loads. Give one source: --hf, --tortoise-ar with --tortoise-clvp, or "
@@ -719,6 +741,9 @@ def build_parser():
     p.add_argument("--tortoise-clvp", metavar="PATH", help="Tortoise's clvp2.pth")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json for --tortoise-* (default: data/tokenizer.json)")
     p.add_argument("--mel-norms", metavar="PATH", help="mel_norms.pth for --tortoise-* (default: data/mel_norms.pth)")
+    p.add_argument("--tortoise-diffusion", metavar="PATH", help="Tortoise's diffusion_decoder.pth (with "
+                   "--tortoise-vocoder: writes speak.py's speak.pt)")
+    p.add_argument("--tortoise-vocoder", metavar="PATH", help="Tortoise's vocoder.pth")
     p.add_argument("--download", action="store_true", help="fetch the official Tortoise files and convert them")
     p.add_argument("--cache", metavar="DIR", help="where --download keeps the files (default: $CLVP_CACHE or "
                    "~/.cache/clvp); clvp.pt is written there")
@@ -734,6 +759,8 @@ def convert(args):
     if args.download:
         print(f"wrote {fetch_and_convert(args.cache, progress=True)}")
         return 0
+    if args.tortoise_diffusion or args.tortoise_vocoder:
+        return convert_audio(args)
     if bool(args.hf) == bool(args.tortoise_ar or args.tortoise_clvp):
         raise ConversionError("give one source: --hf DIR, or --tortoise-ar with --tortoise-clvp, or --download")
     if not args.output:
@@ -742,10 +769,8 @@ def convert(args):
         raise ConversionError("the Tortoise layout needs both --tortoise-ar and --tortoise-clvp")
     tokenizer_path, norms_path = args.tokenizer or shipped("tokenizer.json"), args.mel_norms or shipped("mel_norms.pth")
     inputs = hf_inputs(args.hf) if args.hf else [args.tortoise_ar, args.tortoise_clvp, tokenizer_path, norms_path]
-    try:
+    with clvp.prefixed("-o ", ConversionError):
         clvp.check_output(args.output, inputs)
-    except ValueError as e:
-        raise ConversionError(f"-o {e}") from None
     skipped = []
     if args.hf:
         config, weights, tokenizer, mel_norms = convert_hf(args.hf)
@@ -760,9 +785,27 @@ def convert(args):
     return 0
 
 
+def convert_audio(args):
+    """--tortoise-diffusion and --tortoise-vocoder -> speak.pt."""
+    clvp.require([(not (args.hf or args.tortoise_ar or args.tortoise_clvp or args.download),
+                   "convert the audio files on their own: --tortoise-diffusion and --tortoise-vocoder with -o"),
+                  (bool(args.tortoise_diffusion and args.tortoise_vocoder),
+                   "the audio stages need both --tortoise-diffusion and --tortoise-vocoder"),
+                  (bool(args.output), "say where to write the checkpoint with -o PATH (e.g. speak.pt)")], ConversionError)
+    with clvp.prefixed("-o ", ConversionError):
+        clvp.check_output(args.output, [args.tortoise_diffusion, args.tortoise_vocoder])
+    blob, skipped = convert_tortoise_audio(args.tortoise_diffusion, args.tortoise_vocoder)
+    clvp.write_atomically(args.output, lambda f: torch.save(blob, f))
+    for name in skipped if args.verbose else []:
+        print(f"skipped {name}")
+    n = sum(v.numel() for part in ("diffusion", "vocoder") for v in blob[part].values())
+    print(f"wrote {args.output} ({os.path.getsize(args.output) / 2**20:.1f} MiB, {n / 1e6:.1f} M parameters; "
+          f"{len(skipped)} training-only tensors skipped)")
+    return 0
+
+
 def main(argv=None):
-    return clvp.run_command("convert_weights.py", lambda: convert(build_parser().parse_args(argv)),
-                            (ConversionError, clvp.CheckpointError, clvp.UsageError))
+    return clvp.run_command("convert_weights.py", lambda: convert(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -518,59 +518,8 @@ def test_loads_shipped_voice_clip(voice_clips):
 
 
 # ---------------------------------------------------------------------------
-# (d) bad input -> one-line AudioError naming the file; silence -> warning
+# (d) a silent clip warns, a quiet one does not (bad audio files: test_hostile.py)
 # ---------------------------------------------------------------------------
-def expect_audio_error(path, *words):
-    with pytest.raises(AudioError) as info:
-        load_audio(str(path))
-    msg = str(info.value)
-    assert str(path) in msg and "\n" not in msg, msg
-    for w in words:
-        assert w in msg, msg
-    return msg
-
-
-def test_missing_file(tmp_path):
-    expect_audio_error(tmp_path / "nope.wav", "no such file")
-
-
-def test_not_audio(tmp_path):
-    path = tmp_path / "notes.wav"
-    path.write_text("this is a text file, not a RIFF/WAVE stream\n")
-    expect_audio_error(path, "not a readable audio file")
-
-
-def test_directory_is_not_a_file(tmp_path):
-    expect_audio_error(tmp_path, "is a directory")
-
-
-def test_empty_file(tmp_path):
-    path = tmp_path / "empty.wav"
-    soundfile.write(path, np.zeros(0, np.float32), SAMPLE_RATE)
-    expect_audio_error(path, "empty")
-
-
-def test_one_sample_file(tmp_path):
-    path = tmp_path / "one.wav"
-    soundfile.write(path, np.array([0.5], np.float32), SAMPLE_RATE)
-    expect_audio_error(path, "too short", str(MIN_SAMPLES))
-
-
-def test_short_after_resampling(tmp_path):
-    path = tmp_path / "short48k.wav"  # 1000 samples at 48 kHz -> 460 at 22050: below the minimum
-    soundfile.write(path, sine(440, 48000, 1000 / 48000), 48000)
-    expect_audio_error(path, "too short", "460")
-
-
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_non_finite_samples(tmp_path, bad):
-    x = sine(440, SAMPLE_RATE)
-    x[100] = bad
-    path = tmp_path / "bad.wav"
-    soundfile.write(path, x, SAMPLE_RATE, subtype="FLOAT")
-    expect_audio_error(path, "NaN or Inf")
-
-
 def test_silent_file_warns_but_loads(tmp_path):
     path = tmp_path / "silence.wav"
     soundfile.write(path, np.zeros(SAMPLE_RATE, np.int16), SAMPLE_RATE, subtype="PCM_16")
@@ -896,31 +845,6 @@ def test_processors_match_transformers():
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_load_model_bad_files(tiny_checkpoint, tmp_path):
-    good = tmp_path / "good.pt"
-    good.write_bytes(open(tiny_checkpoint, "rb").read())
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(good.read_bytes()[:10000])
-    text = tmp_path / "notes.pt"
-    text.write_text("hello")
-    other = tmp_path / "other.pt"
-    torch.save({"a": torch.zeros(1)}, other)
-    blob = torch.load(good, weights_only=True)
-    del blob["weights"]["decoder.head.bias"]
-    blob["weights"]["logit_scale"] = torch.zeros(3)
-    broken = tmp_path / "broken.pt"
-    torch.save(blob, broken)
-    cases = [(truncated, "not a readable"), (text, "not a readable"), (other, "not a clvp checkpoint"),
-             (tmp_path / "missing.pt", "no such file"), (tmp_path, "directory")]
-    for path, words in cases:
-        with pytest.raises(clvp.CheckpointError, match=words):
-            clvp.load_model(path, "cpu")
-    with pytest.raises(clvp.CheckpointError) as e:
-        clvp.load_model(broken, "cpu")
-    assert "missing: decoder.head.bias" in str(e.value) and "logit_scale is [3], expected []" in str(e.value)
-    assert clvp.load_model(good, "cpu").tokenizer.encode("Hello world") == [62, 84, 28, 2, 179, 79]
-
-
 # ---------------------------------------------------------------------------------------------------
 # Command line: python clvp.py --text "..." --audio voice.wav
 # ---------------------------------------------------------------------------------------------------
@@ -1000,43 +924,6 @@ def run_main(capsys, *args):
     code = clvp.main([str(a) for a in args])
     captured = capsys.readouterr()
     return code, captured.err.strip().splitlines()
-
-
-@pytest.mark.parametrize("args, words", [
-    (["--text", "", "--audio", VOICE], "text is empty"),
-    (["--text", "   ", "--audio", VOICE], "text is empty"),
-    (["--text", "\"\"", "--audio", VOICE], "empty after cleaning"),
-    (["--text", "word " * 300, "--audio", VOICE], "at most 401"),
-    (["--text", "1" * 40, "--audio", VOICE], "cannot read the text"),
-    (["--text", "Hi.", "--audio", "missing.wav"], "missing.wav: no such file"),
-    (["--text", "Hi.", "--audio", __file__], "not a readable audio file"),
-    (["--text", "Hi.", "--audio", VOICE, "--candidates", 0], "--candidates"),
-    (["--text", "Hi.", "--audio", VOICE, "--batch-size", 0], "--batch-size"),
-    (["--text", "Hi.", "--audio", VOICE, "--batch-size", -3], "--batch-size"),
-    (["--text", "Hi.", "--audio", VOICE, "--top-p", 0], "--top-p"),
-    (["--text", "Hi.", "--audio", VOICE, "--top-p", 1.5], "--top-p"),
-    (["--text", "Hi.", "--audio", VOICE, "--temperature", -1], "--temperature"),
-    (["--text", "Hi.", "--audio", VOICE, "--device", "tpu9"], "device"),
-    (["--text", "Hi.", "--audio", VOICE, "--device", "cuda"], "CUDA"),
-    (["--text", "Hi.", "--audio", VOICE, "--max-tokens", 5000], "--max-tokens"),
-    (["--text", "Hi.", "--audio", VOICE, "--candidates", "many"], "invalid int"),
-    (["--text", "Hi."], "--audio"),
-    (["--audio", VOICE], "--text"),
-])
-def test_cli_bad_input(tiny_checkpoint, tmp_path, capsys, monkeypatch, args, words):
-    monkeypatch.chdir(tmp_path)
-    code, err = run_main(capsys, "--checkpoint", tiny_checkpoint, "--max-tokens", 8, "--candidates", 1, *args)
-    assert code == 2 and len(err) == 1 and words in err[0], err
-    assert os.listdir(tmp_path) == []                            # no output file, no temporary left
-
-
-def test_cli_bad_checkpoint(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint")
-    code, err = run_main(capsys, "--text", "Hi.", "--audio", VOICE, "--checkpoint", bad)
-    assert code == 2 and len(err) == 1 and "bad.pt: not a readable clvp checkpoint" in err[0]
-    assert sorted(os.listdir(tmp_path)) == ["bad.pt"]
 
 
 def test_cli_ctrl_c_leaves_no_output(tiny_checkpoint, tmp_path):

@@ -567,7 +567,7 @@ MELS = torch.zeros(1, 80, 40)
      "speech_ids must be integer ids [batch, 0..606"),
     (lambda m: clvp.log_mel_spectrogram(torch.zeros(5000, dtype=torch.long)), "wav must be floats"),
     (lambda m: clvp.log_mel_spectrogram(torch.zeros(1, 1, 5000)), "wav must be floats"),
-    (lambda m: clvp.log_mel_spectrogram(torch.zeros(5000), torch.ones(3)), "mel_norms must be a tensor [80]"),
+    (lambda m: clvp.log_mel_spectrogram(torch.zeros(5000), torch.ones(3)), "mel_norms must be 80 finite non-zero divisors"),
     (lambda m: clvp.resolve_device("tpu9"), "unknown device 'tpu9'"),
     (lambda m: clvp.load_audio(os.path.join(HERE, "examples", "voice.wav"), sampling_rate=0), "sampling_rate must be"),
     (lambda m: clvp.resolve_device("meta"), "unsupported device 'meta'"),
@@ -638,3 +638,134 @@ def test_converter_writes_beside_its_inputs(work, tiny_hf_dir):
     accepted(work, "--hf", "hf", "-o", "hf/clvp.pt", script="convert_weights.py")
     accepted(work, "--hf", "hf", "-o", "hf/clvp.pt", script="convert_weights.py")    # again: not one of its inputs
     assert clvp.load_model(d / "clvp.pt", "cpu").config.decoder.dim == 64
+
+
+# ---------------------------------------------------------------------------------------------------
+# Moved from test_clvp.py: bad audio files, bad checkpoints and bad arguments, through the API and main()
+# ---------------------------------------------------------------------------------------------------
+
+VOICE = os.path.join(HERE, "examples", "voice.wav")
+
+
+def sine(freq, sr, seconds=1.0, amp=0.5):
+    t = np.arange(int(sr * seconds)) / sr
+    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def run_main(capsys, *args):
+    code = clvp.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.err.strip().splitlines()
+
+
+def expect_audio_error(path, *words):
+    with pytest.raises(clvp.AudioError) as info:
+        clvp.load_audio(str(path))
+    msg = str(info.value)
+    assert str(path) in msg and "\n" not in msg, msg
+    for w in words:
+        assert w in msg, msg
+    return msg
+
+
+def test_missing_file(tmp_path):
+    expect_audio_error(tmp_path / "nope.wav", "no such file")
+
+
+def test_not_audio(tmp_path):
+    path = tmp_path / "notes.wav"
+    path.write_text("this is a text file, not a RIFF/WAVE stream\n")
+    expect_audio_error(path, "not a readable audio file")
+
+
+def test_directory_is_not_a_file(tmp_path):
+    expect_audio_error(tmp_path, "is a directory")
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.wav"
+    soundfile.write(path, np.zeros(0, np.float32), clvp.SAMPLE_RATE)
+    expect_audio_error(path, "empty")
+
+
+def test_one_sample_file(tmp_path):
+    path = tmp_path / "one.wav"
+    soundfile.write(path, np.array([0.5], np.float32), clvp.SAMPLE_RATE)
+    expect_audio_error(path, "too short", str(clvp.MIN_SAMPLES))
+
+
+def test_short_after_resampling(tmp_path):
+    path = tmp_path / "short48k.wav"  # 1000 samples at 48 kHz -> 460 at 22050: below the minimum
+    soundfile.write(path, sine(440, 48000, 1000 / 48000), 48000)
+    expect_audio_error(path, "too short", "460")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_samples(tmp_path, bad):
+    x = sine(440, clvp.SAMPLE_RATE)
+    x[100] = bad
+    path = tmp_path / "bad.wav"
+    soundfile.write(path, x, clvp.SAMPLE_RATE, subtype="FLOAT")
+    expect_audio_error(path, "NaN or Inf")
+
+
+def test_load_model_bad_files(tiny_checkpoint, tmp_path):
+    good = tmp_path / "good.pt"
+    good.write_bytes(open(tiny_checkpoint, "rb").read())
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:10000])
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    other = tmp_path / "other.pt"
+    torch.save({"a": torch.zeros(1)}, other)
+    blob = torch.load(good, weights_only=True)
+    del blob["weights"]["decoder.head.bias"]
+    blob["weights"]["logit_scale"] = torch.zeros(3)
+    broken = tmp_path / "broken.pt"
+    torch.save(blob, broken)
+    cases = [(truncated, "not a readable"), (text, "not a readable"), (other, "not a clvp checkpoint"),
+             (tmp_path / "missing.pt", "no such file"), (tmp_path, "directory")]
+    for path, words in cases:
+        with pytest.raises(clvp.CheckpointError, match=words):
+            clvp.load_model(path, "cpu")
+    with pytest.raises(clvp.CheckpointError) as e:
+        clvp.load_model(broken, "cpu")
+    assert "missing: decoder.head.bias" in str(e.value) and "logit_scale is [3], expected []" in str(e.value)
+    assert clvp.load_model(good, "cpu").tokenizer.encode("Hello world") == [62, 84, 28, 2, 179, 79]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--text", "", "--audio", VOICE], "text is empty"),
+    (["--text", "   ", "--audio", VOICE], "text is empty"),
+    (["--text", "\"\"", "--audio", VOICE], "empty after cleaning"),
+    (["--text", "word " * 300, "--audio", VOICE], "at most 401"),
+    (["--text", "1" * 40, "--audio", VOICE], "cannot read the text"),
+    (["--text", "Hi.", "--audio", "missing.wav"], "missing.wav: no such file"),
+    (["--text", "Hi.", "--audio", __file__], "not a readable audio file"),
+    (["--text", "Hi.", "--audio", VOICE, "--candidates", 0], "--candidates"),
+    (["--text", "Hi.", "--audio", VOICE, "--batch-size", 0], "--batch-size"),
+    (["--text", "Hi.", "--audio", VOICE, "--batch-size", -3], "--batch-size"),
+    (["--text", "Hi.", "--audio", VOICE, "--top-p", 0], "--top-p"),
+    (["--text", "Hi.", "--audio", VOICE, "--top-p", 1.5], "--top-p"),
+    (["--text", "Hi.", "--audio", VOICE, "--temperature", -1], "--temperature"),
+    (["--text", "Hi.", "--audio", VOICE, "--device", "tpu9"], "device"),
+    (["--text", "Hi.", "--audio", VOICE, "--device", "cuda"], "CUDA"),
+    (["--text", "Hi.", "--audio", VOICE, "--max-tokens", 5000], "--max-tokens"),
+    (["--text", "Hi.", "--audio", VOICE, "--candidates", "many"], "invalid int"),
+    (["--text", "Hi."], "--audio"),
+    (["--audio", VOICE], "--text"),
+])
+def test_cli_bad_input(tiny_checkpoint, tmp_path, capsys, monkeypatch, args, words):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(capsys, "--checkpoint", tiny_checkpoint, "--max-tokens", 8, "--candidates", 1, *args)
+    assert code == 2 and len(err) == 1 and words in err[0], err
+    assert os.listdir(tmp_path) == []                            # no output file, no temporary left
+
+
+def test_cli_bad_checkpoint(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    code, err = run_main(capsys, "--text", "Hi.", "--audio", VOICE, "--checkpoint", bad)
+    assert code == 2 and len(err) == 1 and "bad.pt: not a readable clvp checkpoint" in err[0]
+    assert sorted(os.listdir(tmp_path)) == ["bad.pt"]

@@ -27,14 +27,18 @@ HERE = Path(__file__).resolve().parent
 TOL = 1e-4
 START, STOP = 8192, 8193
 
-# What the original UnifiedVoice and CLVP import, at versions that install from wheels (no compiler).
-# transformers goes in with --no-deps: its tokenizers<0.14 would need a Rust build on newer Pythons,
-# and these two models never tokenize. torchaudio (imported by arch_util for a mel spectrogram the
-# models do not use) is stubbed by oracle.py. torch is the local CPU build.
+# What the original UnifiedVoice, CLVP, DiffusionTts, UnivNet and their audio utilities import, at versions
+# that install from wheels (no compiler). transformers goes in with --no-deps: its tokenizers<0.14 would
+# need a Rust build on newer Pythons, and these models never tokenize. librosa (its mel filterbank is part
+# of the diffusion front end) goes in with --no-deps and the few packages it imports. PyPI's torchaudio is
+# a CUDA build whose native libraries do not load under the CPU torch; they are deleted after installing,
+# and the pure-Python rest (resample, MelSpectrogram) works. torch is the local CPU build.
 VENV_PACKAGES = ["torch==2.13.0", "numpy==1.26.4", "einops==0.8.2", "rotary-embedding-torch==0.9.1",
                  "huggingface-hub==0.16.4", "safetensors==0.4.5", "regex==2026.11.19", "requests==2.34.2",
-                 "packaging==26.3", "filelock==4.2.12", "pyyaml==6.0.4", "tqdm==4.70.1"]
-VENV_NO_DEPS = ["transformers==4.31.0"]
+                 "packaging==26.3", "filelock==4.2.12", "pyyaml==6.0.4", "tqdm==4.70.1", "scipy==1.17.1",
+                 "numba==0.68.1", "llvmlite==0.50.0", "lazy-loader==0.6", "joblib==1.6.0", "decorator==5.3.1",
+                 "typing-extensions==4.16.0", "msgpack==1.2.4", "pooch==1.9.0", "platformdirs==4.14.9"]
+VENV_NO_DEPS = ["transformers==4.31.0", "librosa==0.11.0", "torchaudio==2.11.1"]
 CACHE = Path.home() / ".cache" / "clvp-test"
 TIMINGS, DIFFS = {}, {}
 
@@ -60,19 +64,21 @@ def tortoise_python() -> Path:
         proc = subprocess.run(pip + args, capture_output=True, text=True)
         if proc.returncode:
             pytest.fail(f"making {venv} failed: pip install {' '.join(args)}:\n{proc.stderr[-4000:]}")
+    for native in venv.glob("lib/python*/site-packages/torchaudio/lib/*.so"):
+        native.unlink()
     record.write_text(wanted)                # last: a venv cut short is made again next time
     TIMINGS["venv"] = time.perf_counter() - t0
     return python
 
 
-def run_oracle(python, src, out, size, seed):
+def run_oracle(python, src, out, size, seed, *more):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     t0 = time.perf_counter()
     proc = subprocess.run([str(python), str(HERE / "tortoise_oracle.py"), "--src", str(src), "--out", str(out),
-                           "--size", size, "--seed", str(seed)], capture_output=True, text=True, env=env)
+                           "--size", size, "--seed", str(seed), *more], capture_output=True, text=True, env=env)
     if proc.returncode:
-        pytest.fail(f"oracle.py --size {size} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}")
-    TIMINGS[f"oracle {size}"] = time.perf_counter() - t0
+        pytest.fail(f"oracle.py --size {size} {' '.join(more[:1])} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}")
+    TIMINGS[f"oracle {size}{' audio' * bool(more)}"] = time.perf_counter() - t0
     return out
 
 
@@ -100,10 +106,11 @@ def tiny(tortoise_python, tortoise_src, tmp_path_factory):
 def official(tortoise_python, tortoise_src, tmp_path_factory):
     d = run_oracle(tortoise_python, tortoise_src, tmp_path_factory.mktemp("tortoise-official"), "official", 1)
     model, config, skipped = convert_and_load(d)
-    for name in ("autoregressive.pth", "clvp2.pth", "clvp.pt"):   # 5 GB that nothing reads again
+    (d / "clvp2.pth").unlink()
+    yield dict(dir=d, model=model, config=config, skipped=skipped,
+               expected=torch.load(d / "expected.pt", weights_only=True))
+    for name in ("autoregressive.pth", "clvp.pt"):     # 3 GB that the audio oracle and speak.py read
         (d / name).unlink()
-    return dict(dir=d, model=model, config=config, skipped=skipped,
-                expected=torch.load(d / "expected.pt", weights_only=True))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -436,3 +443,153 @@ def test_full_disk_leaves_nothing(tiny, tmp_path, monkeypatch, capsys):
     code = convert_weights.main(["--tortoise-ar", str(tiny["dir"] / "autoregressive.pth"),
                                  "--tortoise-clvp", str(tiny["dir"] / "clvp2.pth"), "-o", str(tmp_path / "no" / "x.pt")])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# The audio stages (speak.py) against the original DiffusionTts, sampler and UnivNet, at the official size
+# ---------------------------------------------------------------------------------------------------
+
+import numpy as np          # noqa: E402  (the audio section's own imports)
+import soundfile            # noqa: E402
+
+import speak                # noqa: E402
+
+CHAIN_TEXT = "Hello there, how are you today?"
+CHAINS = {"unguided": (30, 0.0, 1.0), "guided": (24, 2.0, 0.8)}     # steps, guidance k, diffusion temperature
+WAV_TOL = 1e-2              # a whole chain on random weights amplifies rounding; see the issue's figures
+
+
+@pytest.fixture(scope="session")
+def audio(tortoise_python, tortoise_src, official, tmp_path_factory):
+    """One oracle run: the original's audio pieces and two chains from codes to a WAV, on random official-size
+    DiffusionTts and UnivNet and the official-size decoder of the `official` run; then speak.pt converted."""
+    d = tmp_path_factory.mktemp("tortoise-audio")
+    wav, sr = soundfile.read(HERE / "examples" / "voice.wav", dtype="float32")
+    voices = [d / "v1.wav", d / "v2.wav"]            # under 6 s, so the original's random 6 s cut never runs
+    soundfile.write(voices[0], wav[:5 * sr], sr, subtype="FLOAT")
+    soundfile.write(voices[1], 0.5 * wav[::-1][:4 * sr], sr, subtype="FLOAT")
+    ids = clvp.Tokenizer.from_file(HERE / "data" / "tokenizer.json").encode(CHAIN_TEXT)
+    run_oracle(tortoise_python, tortoise_src, d, "official", 3, "--audio", "--ar", str(official["dir"]),
+               "--voice", *map(str, voices), "--text-ids", ",".join(map(str, ids)))
+    t0 = time.perf_counter()
+    _, skipped = convert_weights.convert_tortoise_audio(d / "diffusion_decoder.pth", d / "vocoder.pth")
+    assert convert_weights.main(["--tortoise-diffusion", str(d / "diffusion_decoder.pth"), "--tortoise-vocoder",
+                                 str(d / "vocoder.pth"), "-o", str(d / "speak.pt")]) == 0
+    (d / "diffusion_decoder.pth").unlink()
+    diffusion, vocoder = speak.load_speak(d / "speak.pt", "cpu", 1024)
+    TIMINGS["convert+load speak.pt"] = time.perf_counter() - t0
+    yield dict(dir=d, voices=voices, diffusion=diffusion, vocoder=vocoder, skipped=skipped,
+               expected=torch.load(d / "expected_audio.pt", weights_only=True), ar=official)
+    (d / "speak.pt").unlink()
+
+
+def test_audio_skipped_and_sizes(audio):
+    assert speak.diffusion_config(audio["diffusion"].state_dict()) == speak.DiffusionConfig()
+    assert {k.split(".")[0] for k in audio["skipped"]} == {"code_embedding", "code_converter", "mel_head"}
+
+
+def test_resample_and_univnet_mel(audio):
+    e = audio["expected"]
+    wav = clvp.load_audio(audio["voices"][0])                       # 22.05 kHz, as the original loads it
+    ours = speak.resample(wav)
+    assert ours.shape == e["resampled"].shape
+    assert_close("resample 22.05 -> 24 kHz", ours, e["resampled"])
+    mel = speak.voice_mels(audio["voices"][:1], "cpu")
+    assert mel.shape == (1, 100, 401)
+    assert_close("univnet log-mel", mel, e["voice_mel"])
+
+
+def test_voice_latents(audio):
+    e, model = audio["expected"], audio["ar"]["model"]
+    norms = clvp.read_mel_norms(HERE / "data" / "mel_norms.pth")
+    mels = torch.stack([clvp.log_mel_spectrogram(clvp.format_conditioning(clvp.load_audio(p)), norms) for p in audio["voices"]])
+    with torch.no_grad():
+        voice = audio["diffusion"].voice_latent(speak.voice_mels(audio["voices"], "cpu"))
+        auto = model.voice_latent(mels)
+    assert voice.shape == (1, 2048)
+    assert_close("diffusion voice latent", voice, e["voice_latent"])
+    assert_close("AR voice latent (Tortoise's torchaudio mel)", auto, e["auto_latent"][0])
+
+
+def test_timestep_independent(audio):
+    e = audio["expected"]
+    with torch.no_grad():
+        ours = audio["diffusion"].timestep_independent(e["piece_latents"], e["voice_latent"], e["x"].shape[-1])
+    assert_close("timestep_independent", ours, e["conditioning"])
+
+
+@pytest.mark.parametrize("t", [0, 1000, 3999])
+def test_network_forward(audio, t):
+    e, model = audio["expected"], audio["diffusion"]
+    free = model.unconditioned_embedding.expand(1, -1, e["x"].shape[-1])
+    with torch.no_grad():
+        ours = model(e["x"], torch.tensor([t]), e["conditioning"])
+        ours_free = model(e["x"], torch.tensor([t]), free)
+        both = model(e["x"].expand(2, -1, -1), torch.tensor([t, t]), torch.cat([e["conditioning"], free]))
+    assert_close("network forward", ours, e[f"forward {t}"])
+    assert_close("network forward, conditioning-free", ours_free, e[f"forward {t} free"])
+    assert_close("network forward, the guided pair batched", both, torch.cat([e[f"forward {t}"], e[f"forward {t} free"]]))
+
+
+@pytest.mark.parametrize("name", ["unguided", "guided"])
+def test_sampler_steps(audio, name):
+    """Given the same x_t and network outputs: the respaced timesteps, each step's mean, log-variance and
+    x0 (p_mean_variance), and DDIM's step (ddim_sample at eta 0)."""
+    e = audio["expected"]
+    steps, k, _ = CHAINS[name]
+    s = speak.Schedule(steps)
+    x, eps_c, eps_u, var = (e[f"{name} {key}"] for key in ("x", "eps", "eps_free", "var"))
+    done = [steps - 1, steps // 2, 0]
+    # each step's fake network is called by p_mean_variance and again by ddim_sample, twice each when guided
+    expected_t = [int(s.timesteps[i]) for i in done for _ in range(4 if k else 2)]
+    assert e[f"{name} timesteps"].tolist() == expected_t
+    for i in done:
+        weight = k * (1 - i / steps)
+        eps = (1 + weight) * eps_c - weight * eps_u if k else eps_c
+        _, mean, log_variance, x0 = speak.ddpm_step(s, i, x, eps, var, torch.zeros_like(x))
+        inside = (x0.abs() < 1).float().mean().item()     # the noisiest step clamps ~99.6% of x0, as the original does
+        assert inside > (0 if i == steps - 1 else 0.01), f"x0 clamped everywhere at step {i}: the comparison would mean little"
+        assert_close(f"{name} step mean", mean, e[f"{name} {i} mean"])
+        assert_close(f"{name} step log-variance", log_variance, e[f"{name} {i} log_variance"])
+        assert_close(f"{name} step x0", x0, e[f"{name} {i} pred_xstart"])
+        assert_close(f"{name} DDIM step", speak.ddim_step(s, i, x, eps, var, None)[0], e[f"{name} {i} ddim"])
+
+
+def test_univnet_with_explicit_z(audio):
+    e = audio["expected"]
+    with torch.no_grad():
+        ours = audio["vocoder"].inference(e["vocoder_mel"], e["vocoder_z"])
+    assert ours.shape == e["vocoder_wav"].shape == (1, 1, 256 * 40)
+    assert 0.01 < (ours.abs() < 1).float().mean().item()           # not all clamped
+    assert_close("UnivNet, weight norm folded", ours, e["vocoder_wav"])
+
+
+def test_ar_latents_and_trim(audio):
+    e, model = audio["expected"], audio["ar"]["model"]
+    with torch.no_grad():
+        ours = speak.speech_latents(model, e["auto_latent"], e["text_ids"], e["codes"])
+    assert ours.shape == e["ar_latents"].shape == (2, 500, 1024)
+    assert_close("AR latents (training positions)", ours, e["ar_latents"])
+    assert [speak.calm_length(c) for c in e["codes"]] == e["kept"].tolist() == [48, 500]
+
+
+@pytest.mark.parametrize("name", ["unguided", "guided"])
+def test_chain_through_command_line(audio, name, tmp_path, capsys):
+    """speak.py --codes with a seed against the original's manual_seed + do_spectrogram_diffusion +
+    vocoder.inference, from the same converted files."""
+    e = audio["expected"]
+    steps, k, temperature = CHAINS[name]
+    np.save(tmp_path / "codes.npy", e["codes"][:1].numpy())
+    out = tmp_path / "speech.wav"
+    code = speak.main(["--text", CHAIN_TEXT, "--audio", *map(str, audio["voices"]), "--codes", str(tmp_path / "codes.npy"),
+                       "--checkpoint", str(audio["ar"]["dir"] / "clvp.pt"), "--speak-checkpoint", str(audio["dir"] / "speak.pt"),
+                       "--seed", str(e["seed"]), "--diffusion-steps", str(steps), "--guidance", str(k),
+                       "--diffusion-temperature", str(temperature), "--device", "cpu", "--out", str(out), "--json"])
+    assert code == 0, capsys.readouterr().err
+    ours, sr = soundfile.read(out, dtype="float32")
+    theirs = e[f"{name} wav"]
+    assert sr == 24000 and ours.shape == theirs.shape == (256 * (48 * 4 * 24000 // 22050),)
+    diff = float(np.abs(ours - theirs.numpy()).max())
+    DIFFS[f"{name} chain WAV"] = diff
+    assert diff <= WAV_TOL, f"{name}: WAV max |difference| {diff:.2e} > {WAV_TOL}"
+    assert float(np.abs(theirs.numpy()).max()) > 0.05               # not silence on both sides

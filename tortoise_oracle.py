@@ -19,6 +19,7 @@ included), and mel_head's bias for the start token 8192 is set to -1e4 so greedy
 it. Nothing here is compared; test_tortoise.py does that against clvp.py.
 """
 import argparse
+import importlib
 import ast
 import os
 import sys
@@ -55,7 +56,7 @@ def import_tortoise(src):
     """The two model modules, from the unpacked sdist. arch_util imports torchaudio for its mel
     spectrogram, which these models never call: a stub stands in (after transformers is imported, whose
     package probe would choke on a stub)."""
-    import transformers  # noqa: F401
+    importlib.import_module("transformers")                 # first: see the docstring
     sys.modules.setdefault("torchaudio", types.ModuleType("torchaudio"))
     sys.path.insert(0, os.path.abspath(src))
     from tortoise.models.autoregressive import UnifiedVoice
@@ -63,14 +64,17 @@ def import_tortoise(src):
     return UnifiedVoice, CLVP
 
 
-def api_function(src, name):
-    """One function of tortoise/api.py, compiled on its own: api.py itself imports the diffusion model,
-    the vocoder, librosa, torchaudio, ... none of which the function needs."""
+def api_function(src, name, **names):
+    """One function (or TextToSpeech method) of tortoise/api.py, compiled on its own with `names` as its
+    globals: api.py itself imports the classifier, CVVP, wav2vec alignment, progressbar, ... none of which
+    the function needs."""
     path = os.path.join(src, "tortoise", "api.py")
     with open(path, encoding="utf-8") as f:
         tree = ast.parse(f.read(), path)
-    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
-    namespace = {"torch": torch}
+    bodies = tree.body + [n for c in tree.body if isinstance(c, ast.ClassDef) for n in c.body]
+    node = next(n for n in bodies if isinstance(n, ast.FunctionDef) and n.name == name)
+    node.decorator_list = []
+    namespace = {"torch": torch, "F": F, **names}
     exec(compile(ast.Module([node], []), path, "exec"), namespace)
     return namespace[name]
 
@@ -130,15 +134,152 @@ def stop_halfway(ar, cond, text_tokens):
     return k
 
 
+# ---------------------------------------------------------------------------------------------------
+# --audio: the diffusion decoder, the sampler and UnivNet (official sizes), and the chain from codes to a WAV
+# ---------------------------------------------------------------------------------------------------
+
+AUDIO_T = (0, 1000, 3999)           # original timesteps of the network forwards compared
+AUDIO_LATENTS = 48                  # AR latents of the piece tests -> L = 208 mel frames
+CHAINS = {"unguided": (30, False, 0.0, 1.0), "guided": (24, True, 2.0, 0.8)}   # steps, cond_free, k, temperature
+STOP_AT = 40                        # the chain's candidate stops here: 48 latents survive the calm trim
+
+
+def import_audio(src):
+    """The audio modules, with the real torchaudio (pure Python: its native libraries removed by
+    test_tortoise.py) and librosa."""
+    importlib.import_module("transformers")                 # first: see the docstring
+    sys.path.insert(0, os.path.abspath(src))
+    import torchaudio
+    from tortoise.models.arch_util import TorchMelSpectrogram
+    from tortoise.models.autoregressive import UnifiedVoice
+    from tortoise.models.diffusion_decoder import DiffusionTts
+    from tortoise.models.vocoder import UnivNetGenerator
+    from tortoise.utils import audio, diffusion
+    return torchaudio, TorchMelSpectrogram, UnifiedVoice, DiffusionTts, UnivNetGenerator, audio, diffusion
+
+
+def sampler_steps(diffuser, name, L, g, out):
+    """p_mean_variance and ddim_sample at three respaced steps, on a fake network whose outputs are fixed
+    tensors (conditioned and conditioning-free), so only the step math is compared."""
+    x = torch.randn(1, 100, L, generator=g)
+    eps_c, eps_u = torch.randn(1, 100, L, generator=g), torch.randn(1, 100, L, generator=g)
+    var = torch.rand(1, 100, L, generator=g) * 2 - 1
+    seen = []
+
+    def fake(x_, t_, conditioning_free=False, **kwargs):
+        seen.append(int(t_[0]))
+        return torch.cat([eps_u if conditioning_free else eps_c, var], dim=1)
+    fake.parameters = lambda: iter([x])
+    out[f"{name} x"], out[f"{name} eps"], out[f"{name} eps_free"], out[f"{name} var"] = x, eps_c, eps_u, var
+    n = diffuser.num_timesteps
+    for i in (n - 1, n // 2, 0):
+        t = torch.tensor([i])
+        r = diffuser.p_mean_variance(fake, x, t)
+        for key in ("mean", "log_variance", "pred_xstart"):
+            out[f"{name} {i} {key}"] = r[key]
+        out[f"{name} {i} ddim"] = diffuser.ddim_sample(fake, x, t)["sample"]
+    out[f"{name} timesteps"] = torch.tensor(seen)
+
+
+def audio_main(args):
+    torchaudio, TorchMelSpectrogram, UnifiedVoice, DiffusionTts, UnivNetGenerator, audio, diffusion = import_audio(args.src)
+    names = dict(torchaudio=torchaudio, TorchMelSpectrogram=TorchMelSpectrogram, random=__import__("random"),
+                 wav_to_univnet_mel=audio.wav_to_univnet_mel, denormalize_tacotron_mel=audio.denormalize_tacotron_mel,
+                 SpacedDiffusion=diffusion.SpacedDiffusion, space_timesteps=diffusion.space_timesteps,
+                 get_named_beta_schedule=diffusion.get_named_beta_schedule)
+    for name in ("pad_or_truncate", "format_conditioning", "fix_autoregressive_output",
+                 "load_discrete_vocoder_diffuser", "do_spectrogram_diffusion", "get_conditioning_latents"):
+        names[name] = api_function(args.src, name, **names)
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    model = DiffusionTts(model_channels=1024, num_layers=10, in_channels=100, out_channels=200,     # api.py:220
+                         in_latent_channels=1024, in_tokens=8193, dropout=0, use_fp16=False, num_heads=16,
+                         layer_drop=0, unconditioned_percentage=0).eval()
+    randomize(model)
+    torch.save(model.state_dict(), os.path.join(args.out, "diffusion_decoder.pth"))
+    vocoder = UnivNetGenerator()
+    randomize(vocoder)                         # weight_g too: g is no longer |v|, so folding is exercised
+    torch.save({"model_g": vocoder.state_dict()}, os.path.join(args.out, "vocoder.pth"))
+    vocoder.eval(inference=True)               # api.py:235: removes weight norm
+    ar = UnifiedVoice(**SIZES["official"][0], **AR_COMMON).eval()
+    ar.load_state_dict(torch.load(os.path.join(args.ar, "autoregressive.pth")), strict=False)
+    t_build = time.perf_counter() - t0
+
+    g = torch.Generator().manual_seed(args.seed + 1)
+    out = {}
+    with torch.no_grad():
+        clips = [audio.load_audio(p, 22050) for p in args.voice]            # [1, samples] each
+        out["resampled"] = torchaudio.functional.resample(clips[0][0], 22050, 24000)
+        out["voice_mel"] = audio.wav_to_univnet_mel(names["pad_or_truncate"](out["resampled"][None], 102400),
+                                                    do_normalization=False, device="cpu")
+        tts = types.SimpleNamespace(device="cpu", autoregressive=ar, diffusion=model)
+        auto_latent, voice = names["get_conditioning_latents"](tts, clips)
+        out["auto_latent"], out["voice_latent"] = auto_latent, voice
+        # The pieces: timestep_independent, the network at three timesteps, both ways.
+        latents = torch.randn(1, AUDIO_LATENTS, 1024, generator=g)
+        L = AUDIO_LATENTS * 4 * 24000 // 22050
+        emb = model.timestep_independent(latents, voice, L, False)
+        x = torch.randn(1, 100, L, generator=g)
+        out.update(piece_latents=latents, conditioning=emb, x=x)
+        for t in AUDIO_T:
+            out[f"forward {t}"] = model(x, torch.tensor([t]), precomputed_aligned_embeddings=emb)
+            out[f"forward {t} free"] = model(x, torch.tensor([t]), precomputed_aligned_embeddings=emb, conditioning_free=True)
+        for name, (steps, free, k, _) in CHAINS.items():
+            sampler_steps(names["load_discrete_vocoder_diffuser"](desired_diffusion_steps=steps, cond_free=free,
+                                                                  cond_free_k=k), name, L, g, out)
+        mel = audio.denormalize_tacotron_mel(torch.rand(1, 100, 40, generator=g) * 2 - 1)
+        z = torch.randn(1, 64, 50, generator=g)
+        out.update(vocoder_mel=mel, vocoder_z=z, vocoder_wav=vocoder.inference(mel, z))
+        t_pieces = time.perf_counter() - t0 - t_build
+
+        # The AR latents of two candidates (api.py:501-513): one stops at STOP_AT, one never does.
+        text_ids = torch.tensor([[int(i) for i in args.text_ids.split(",")]])
+        text_tokens = F.pad(text_ids, (0, 1))
+        codes = torch.randint(0, 8192, (2, 500), generator=g)
+        codes[0, STOP_AT:] = ar.stop_mel_token
+        codes[0] = names["fix_autoregressive_output"](codes[0], ar.stop_mel_token, complain=False)
+        best_latents = ar(auto_latent.repeat(2, 1), text_tokens.repeat(2, 1), torch.tensor([text_tokens.shape[-1]]),
+                          codes, torch.tensor([codes.shape[-1] * ar.mel_length_compression]), return_latent=True,
+                          clip_inputs=False)
+        kept = []
+        for b in range(2):          # api.py:536-545, the calm-token trim, as written there
+            ctokens, keep = 0, codes.shape[-1]
+            for k in range(codes.shape[-1]):
+                ctokens = ctokens + 1 if codes[b, k] == 83 else 0
+                if ctokens > 8:
+                    keep = k
+                    break
+            kept.append(keep)
+        out.update(text_ids=text_ids, codes=codes, ar_latents=best_latents, kept=torch.tensor(kept))
+        # The chain: seed, do_spectrogram_diffusion, vocoder.inference (api.py:548-550).
+        for name, (steps, free, k, temperature) in CHAINS.items():
+            torch.manual_seed(args.seed)
+            diffuser = names["load_discrete_vocoder_diffuser"](desired_diffusion_steps=steps, cond_free=free, cond_free_k=k)
+            mel = names["do_spectrogram_diffusion"](model, diffuser, best_latents[:1, :kept[0]], voice,
+                                                    temperature=temperature, verbose=False)
+            out[f"{name} wav"] = vocoder.inference(mel)[0, 0]
+    out["seed"] = args.seed
+    torch.save(out, os.path.join(args.out, "expected_audio.pt"))
+    print(f"oracle --audio: build {t_build:.1f} s, pieces {t_pieces:.1f} s, "
+          f"total {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--src", required=True, help="the unpacked tortoise-tts 3.0.0 source package")
     p.add_argument("--out", required=True, help="directory for autoregressive.pth, clvp2.pth, expected.pt")
     p.add_argument("--size", choices=sorted(SIZES), default="tiny")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--audio", action="store_true", help="the audio stages instead (official size)")
+    p.add_argument("--ar", help="--audio: the directory of an official-size run's autoregressive.pth")
+    p.add_argument("--voice", nargs="+", help="--audio: reference clips (22.05 kHz WAV, at most 6 s)")
+    p.add_argument("--text-ids", help="--audio: the chain's raw text ids, comma-separated")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     os.makedirs(args.out, exist_ok=True)
+    if args.audio:
+        return audio_main(args)
     t0 = time.perf_counter()
     UnifiedVoice, CLVP = import_tortoise(args.src)
     fix_autoregressive_output = api_function(args.src, "fix_autoregressive_output")

@@ -8,8 +8,9 @@ small CLVP on a toy speaker: a fixed, seeded process that "speaks" a sentence as
 speech tokens behave (a run of codes per letter, a speaking rate, pauses, a few wrong codes), and a toy
 recognizer that reads tokens back to letters.
 
-Stage 1 trains the two CLVP encoders with CLIP's contrastive loss (model.contrastive_loss), as CLVP was
-trained, and measures retrieval and Tortoise's typical failures on held-out sentences. Stage 2 trains a
+Stage 1 trains the two CLVP encoders with CLIP's contrastive loss, as CLVP was trained, plus hard negatives
+(each text also meets a rendering of itself with a word dropped, repeated or swapped), and measures retrieval
+and those typical failures on held-out sentences. Stage 2 trains a
 small decoder to speak like the toy speaker (teacher forcing through model.speech_logits), then runs the
 real model.generate: 16 candidates per held-out sentence, ranked by the stage-1 encoders. The toy
 recognizer's character error rate (CER) of a random candidate, of CLVP's choice and of the best of the 16
@@ -131,9 +132,10 @@ class Data:
         longest = max(len(c) for v in self.cleaned.values() for c in v)
         self.max_speech = 2 * longest + 16                # more than the slowest rendering
 
-    def speech(self, text, stop):
-        """A rendering of cleaned text, stop token added, capped so it fits the model's positions."""
-        return speak(text, self.rng)[:self.max_speech - 1] + [stop]
+    def speech(self, text, stop, rng=None):
+        """A rendering of cleaned text, stop token added, capped so it fits the model's positions. rng: the
+        training stream by default; evaluation brings its own, so training longer draws the same held-out rows."""
+        return speak(text, rng or self.rng)[:self.max_speech - 1] + [stop]
 
 
 def pad(rows, value):
@@ -212,21 +214,21 @@ def variants(words, rng):
 
 
 @torch.no_grad()
-def evaluate_encoders(model, data, count=200, pool=16):
+def evaluate_encoders(model, data, rng, count=200, pool=16):
     """Held-out top-1 retrieval of the true rendering among `pool` (the rest are other sentences'), and
     how often the true rendering beats each failure. Swapped words are where order matters: rotary
     attention can see them, a bag of tokens cannot (both orders hold the same codes)."""
     stop, texts, hits = model.config.decoder.stop_token, data.cleaned["held_out"][:count], 0
     wins = {"dropped": 0, "repeated": 0, "swapped": 0}
-    true = speech_batch(model, [data.speech(t, stop) for t in texts])
+    true = speech_batch(model, [data.speech(t, stop, rng) for t in texts])
     features = model.speech_features(true)
     for k, text in enumerate(texts):
         t = model.text_features(torch.tensor([data.ids["held_out"][k]]))
-        others = [j for j in data.rng.permutation(len(texts)) if j != k][:pool - 1]
+        others = [j for j in rng.permutation(len(texts)) if j != k][:pool - 1]
         scores = model.score(t, features[[k] + others])[0]
         hits += int(scores.argmax() == 0)
-        bad = variants(text.split(" "), data.rng)
-        rows = speech_batch(model, [data.speech(" ".join(words), stop) for words in bad.values()])
+        bad = variants(text.split(" "), rng)
+        rows = speech_batch(model, [data.speech(" ".join(words), stop, rng) for words in bad.values()])
         worse = model.score(t, model.speech_features(rows))[0]
         for name, s in zip(bad, worse):
             wins[name] += int(scores[0] > s)
@@ -238,11 +240,7 @@ def evaluate_encoders(model, data, count=200, pool=16):
 # generate-and-rank, scored by the toy recognizer
 # ---------------------------------------------------------------------------------------------------
 
-def voice(model):
-    """The fixed voice: examples/voice.wav as the conditioning encoder reads it -> mels [1, 80, frames]."""
-    wav = clvp.format_conditioning(clvp.load_audio(os.path.join(HERE, "examples", "voice.wav"),
-                                                   seconds=clvp.CONDITIONING_SAMPLES / clvp.SAMPLE_RATE))
-    return clvp.log_mel_spectrogram(wav, model.mel_norms)[None]
+VOICE = os.path.join(HERE, "examples", "voice.wav")          # the one fixed voice
 
 
 def train_decoder(model, data, mels, steps, batch, log):
@@ -308,10 +306,8 @@ def train(args):
                   clvp.within("--decoder-steps", args.decoder_steps, 1, 100_000),
                   clvp.within("--batch", args.batch, 2, 512), clvp.within("--eval", args.eval, 1, 200),
                   clvp.within("--seed", args.seed, 0, 2**32 - 1)])
-    try:
-        clvp.check_output(args.out)
-    except ValueError as e:
-        raise clvp.UsageError(f"--out {e}") from None
+    with clvp.prefixed("--out "):
+        clvp.check_output(args.out, [VOICE, *clvp.SHIPPED])
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
     start = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -319,14 +315,14 @@ def train(args):
     data = Data(tokenizer, args.seed)
     model = clvp.CLVP(toy_config(data.max_text, data.max_speech))
     model.tokenizer = tokenizer
-    model.mel_norms = torch.load(os.path.join(clvp.DATA, "mel_norms.pth"), weights_only=True)
+    clvp.add_front_end(model)                                # the shipped mel norms
     log(f"{len(data.texts['train'])} training and {len(data.texts['held_out'])} held-out sentences, e.g. "
         f"{data.texts['train'][0]!r} -> {data.speech(data.cleaned['train'][0], CODES + 1)[:12]} ...")
     loss1 = train_encoders(model.train(), data, args.encoder_steps, args.batch, log)
-    retrieval, hard = evaluate_encoders(model.eval(), data)
+    retrieval, hard = evaluate_encoders(model.eval(), data, np.random.default_rng([args.seed, 1]))
     log(f"held out: top-1 retrieval among 16 {retrieval:.3f} (chance 0.062); true above dropped word "
         f"{hard['dropped']:.3f}, repeated {hard['repeated']:.3f}, swapped {hard['swapped']:.3f}")
-    mels = voice(model)
+    mels = clvp.voice_mels(model, [VOICE])                  # [1, 80, frames]
     loss2 = train_decoder(model.train(), data, mels, args.decoder_steps, args.batch, log)
     cer_random, cer_best, cer_oracle = evaluate_reranking(model.eval(), data, mels, args.eval, args.seed)
     log(f"CER over {args.eval} held-out sentences, 16 candidates each: random candidate {cer_random:.3f}, "
@@ -343,7 +339,7 @@ def train(args):
 
 
 def main(argv=None):
-    return clvp.run_command("train.py", lambda: train(build_parser().parse_args(argv)), (clvp.UsageError,))
+    return clvp.run_command("train.py", lambda: train(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,337 @@
+"""Tests of speak.py: the command line on random weights, bad input, and the audio stages' own consistency.
+Parity with the original Tortoise code is in test_tortoise.py."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+import torch.nn.functional as F
+
+import clvp
+import speak
+
+HERE = Path(__file__).resolve().parent
+VOICE = HERE / "examples" / "voice.wav"
+FAST = ["--random-init", "--tiny", "--candidates", "2", "--max-tokens", "12", "--diffusion-steps", "3", "--quiet"]
+WEIGHTS = FAST[2:]                                   # the same, with --checkpoint and --speak-checkpoint given
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, str(HERE / "speak.py"), *map(str, args)], capture_output=True, text=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_random_init_tiny_writes_a_24khz_wav(tmp_path):
+    out = tmp_path / "hello.wav"
+    proc = cli("--random-init", "--tiny", "--text", "Hello there.", "--audio", VOICE, "--out", out, "--seed", "0",
+               "--max-tokens", "40", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "meaningless" in proc.stdout or "noise" in proc.stdout
+    info = soundfile.info(out)
+    assert (info.samplerate, info.channels, info.subtype) == (24000, 1, "FLOAT")
+    wav, _ = soundfile.read(out, dtype="float32")
+    assert len(wav) % 256 == 0 and len(wav) > 0 and np.isfinite(wav).all() and np.abs(wav).max() <= 1
+
+
+def test_json_pcm16_and_seeded_repeats(tmp_path):
+    a, b = tmp_path / "a.wav", tmp_path / "b.wav"
+    for out in (a, b):
+        proc = cli(*FAST, "--text", "Hi.", "--audio", VOICE, "--out", out, "--seed", "7", "--json", "--pcm16")
+        assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["sample_rate"] == 24000 and report["out"] == str(b)
+    assert set(report["stages"]) == {"decoding", "latents", "diffusion", "vocoder"}
+    assert soundfile.info(a).subtype == "PCM_16"
+    assert a.read_bytes() == b.read_bytes()
+    assert math.isclose(report["seconds"], soundfile.info(b).frames / 24000, abs_tol=1e-3)
+
+
+def test_codes_and_text_file_lines_join(tmp_path):
+    codes = tmp_path / "best.npy"
+    row = np.random.default_rng(0).integers(0, 8192, (2, 30))
+    row[0, 10:] = 8193                                       # stops at 10: 18 latents survive the trim
+    np.save(codes, row)
+    one, two = tmp_path / "one.wav", tmp_path / "two.wav"
+    lines = tmp_path / "lines.txt"
+    lines.write_text("First line.\nSecond line.\n")
+    assert cli(*FAST, "--text", "First line.", "--audio", VOICE, "--codes", codes, "--out", one).returncode == 0
+    proc = cli(*FAST, "--text-file", lines, "--audio", VOICE, "--codes", codes, "--out", two)
+    assert proc.returncode == 0, proc.stderr
+    n = soundfile.info(one).frames
+    assert n == 256 * (18 * 4 * 24000 // 22050)
+    assert soundfile.info(two).frames == 2 * n
+
+
+def test_ddim_and_guidance_run(tmp_path):
+    out = tmp_path / "x.wav"
+    proc = cli(*FAST, "--text", "Hi.", "--audio", VOICE, "--out", out, "--sampler", "ddim", "--guidance", "2", "--seed", "1")
+    assert proc.returncode == 0, proc.stderr and soundfile.info(out).samplerate == 24000
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit 2, no WAV, no input changed
+# ---------------------------------------------------------------------------------------------------
+
+
+def refused(tmp_path, *args, inputs=(), base=FAST):
+    before = {p: Path(p).read_bytes() for p in inputs}
+    out = tmp_path / "never.wav"
+    proc = cli(*base, "--text", "Hi.", "--audio", VOICE, "--out", out, *args)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert not out.exists() and not list(tmp_path.glob(".clvp-*"))
+    for p, data in before.items():
+        assert Path(p).read_bytes() == data
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--diffusion-steps", "0"], "--diffusion-steps must be in 1..4000"),
+    (["--diffusion-steps", "4001"], "--diffusion-steps must be in 1..4000"),
+    (["--guidance", "-1"], "--guidance must be in 0..100"),
+    (["--guidance", "nan"], "--guidance must be in 0..100"),
+    (["--diffusion-temperature", "inf"], "--diffusion-temperature must be in 0..100"),
+    (["--top-k", "2"], "speaks the best candidate only"),
+    (["--no-pad"], "pads candidates as Tortoise does"),
+    (["--sampler", "euler"], "invalid choice"),
+    (["--preset", "slow"], "invalid choice"),
+])
+def test_bad_options(tmp_path, args, says):
+    assert says in refused(tmp_path, *args)
+
+
+def test_bad_codes(tmp_path):
+    text = tmp_path / "codes.npy"
+    text.write_text("not numpy")
+    assert "not a .npy array" in refused(tmp_path, "--codes", text, inputs=[text])
+    for name, array, says in [("flat", np.zeros(5, dtype=np.int64), "[k, 1..500]"),
+                              ("long", np.zeros((1, 501), dtype=np.int64), "[k, 1..500]"),
+                              ("float", np.zeros((1, 5)), "integer tokens"),
+                              ("range", np.full((1, 5), 9000), "tokens must be in 0..8193")]:
+        path = tmp_path / f"{name}.npy"
+        np.save(path, array)
+        assert says in refused(tmp_path, "--codes", path, inputs=[path])
+    assert "no such file" in refused(tmp_path, "--codes", tmp_path / "absent.npy")
+
+
+def test_out_naming_an_input(tmp_path):
+    voice = tmp_path / "voice.wav"
+    voice.write_bytes(VOICE.read_bytes())
+    proc = cli(*FAST, "--text", "Hi.", "--audio", voice, "--out", voice)
+    assert proc.returncode == 2 and "is also an input" in proc.stderr
+    assert voice.read_bytes() == VOICE.read_bytes()
+
+
+def tiny_speak_file(path, edit=lambda blob: None):
+    """A tiny random speak.pt in the converted layout, the vocoder with weight norm (g = |v| rows)."""
+    diffusion, vocoder = speak.random_speak(speak.DiffusionConfig(64, 2, 2, 64), "cpu")
+    voc = {}
+    for k, v in vocoder.state_dict().items():
+        if k.endswith(".weight") and v.dim() == 3:
+            voc[k + "_v"], voc[k + "_g"] = v, v.flatten(1).norm(dim=1).view(-1, 1, 1)
+        else:
+            voc[k] = v
+    blob = {"format": "speak", "version": 1, "diffusion": diffusion.state_dict(), "vocoder": voc}
+    edit(blob)
+    torch.save(blob, path)
+    return diffusion, vocoder
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda b: b.update(format="other"), "not a speak checkpoint"),
+    (lambda b: b.update(version=2), "version 2"),
+    (lambda b: b["diffusion"].pop("out.2.bias"), "missing: out.2.bias"),
+    (lambda b: b["diffusion"].update({"inp_block.weight": torch.zeros(64, 100, 5)}), "inp_block.weight is [64, 100, 5]"),
+    (lambda b: b["diffusion"]["time_embed.0.weight"].fill_(float("nan")), "finite"),
+    (lambda b: b["vocoder"].update({"conv_pre.weight_g": torch.ones(3)}), "conv_pre.weight_g must be [32, 1, 1]"),
+    (lambda b: b["diffusion"].update({"latent_conditioner.0.weight": torch.zeros(64, 32, 3)}), "reads 32-wide AR latents"),
+])
+def test_bad_speak_checkpoint(tmp_path, tiny_checkpoint, edit, says):
+    path = tmp_path / "speak.pt"
+    tiny_speak_file(path, edit)
+    line = refused(tmp_path, "--checkpoint", tiny_checkpoint, "--speak-checkpoint", path, inputs=[path], base=WEIGHTS)
+    assert says in line and str(path) in line
+
+
+def test_speak_checkpoint_loads_and_folds(tmp_path, tiny_checkpoint):
+    path = tmp_path / "speak.pt"
+    diffusion, vocoder = tiny_speak_file(path)
+    loaded, folded = speak.load_speak(path, "cpu", 64)
+    for k, v in diffusion.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    for k, v in vocoder.state_dict().items():
+        assert (folded.state_dict()[k] - v).abs().max() <= 1e-6, k
+    out = tmp_path / "real.wav"
+    proc = subprocess.run([sys.executable, str(HERE / "speak.py"), "--checkpoint", tiny_checkpoint, "--speak-checkpoint",
+                           str(path), "--text", "Hi.", "--audio", str(VOICE), "--out", str(out), "--candidates", "2",
+                           "--max-tokens", "12", "--diffusion-steps", "2", "--quiet"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr and soundfile.info(out).samplerate == 24000
+    missing = refused(tmp_path, "--checkpoint", tiny_checkpoint, "--speak-checkpoint", tmp_path / "none.pt", base=WEIGHTS)
+    assert "no such file" in missing
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pieces, checked against what they must be
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_resample_keeps_a_tone():
+    t = torch.arange(22050, dtype=torch.float64) / 22050
+    ours = speak.resample(torch.sin(2 * math.pi * 440 * t))
+    assert ours.shape == (24000,) and ours.dtype == torch.float64
+    exact = torch.sin(2 * math.pi * 440 * torch.arange(24000, dtype=torch.float64) / 24000)
+    assert (ours - exact)[100:-100].abs().max() < 1e-3             # away from the zero-padded edges
+
+
+def test_slaney_filters():
+    fb = speak.slaney_mel_filters().double()
+    hz = np.fft.rfftfreq(1024, 1 / 24000)
+    assert fb.shape == (100, 513) and (fb >= 0).all() and (fb.sum(1) > 0).all()
+    peaks = hz[fb.argmax(1).numpy()]
+    assert (np.diff(peaks) >= 0).all() and peaks[0] < 150 and peaks[-1] > 10000
+    # Slaney's scale is linear below 1 kHz: the bands there are equally spaced (200/3 Hz apart).
+    low = peaks[peaks < 900]
+    assert np.ptp(np.diff(low)) <= 2 * 24000 / 1024
+    # Slaney's norm: each triangle has unit area over frequency (to the bin spacing's resolution).
+    area = (fb.numpy() * (hz[1] - hz[0])).sum(1)
+    assert np.allclose(area[30:], 1.0, atol=0.1) and abs(area[30:].mean() - 1) < 0.01   # (low bands: few bins)
+
+
+def test_univnet_mel_of_a_tone():
+    wav = torch.sin(2 * math.pi * 1000 * torch.arange(24000) / 24000)[None] * 0.5
+    mel = speak.univnet_mel(wav, speak.slaney_mel_filters(), speak.dft_basis())
+    assert mel.shape == (1, 100, 1 + 24000 // 256)
+    band = speak.slaney_mel_filters()[:, 1000 * 1024 // 24000 + 1].argmax()
+    assert int(mel[0, :, 40].argmax()) in (int(band) - 1, int(band), int(band) + 1)
+    assert float(mel.min()) >= math.log(1e-5) - 1e-6
+
+
+def test_respaced_timesteps_and_schedule():
+    assert speak.respaced_timesteps(4) == [0, 1333, 2666, 3999]
+    t30 = speak.respaced_timesteps(30)
+    assert len(t30) == 30 and t30[:3] == [0, 138, 276] and t30[-2:] == [3861, 3999]
+    full = speak.Schedule(4000)
+    betas = np.linspace(0.25e-4, 0.25 * 0.02, 4000)
+    assert torch.allclose(full.max_log, torch.from_numpy(np.log(betas)).float())
+    s = speak.Schedule(30)
+    assert s.a.shape == (30,) and (s.a[1:] < s.a[:-1]).all() and s.a_prev[0] == 1
+
+
+def test_steps_recover_a_known_x0():
+    """x_t made from a known x0 (inside the clamp) and its true noise: both samplers find x0, DDIM lands on
+    the point of the same x0 and noise one level down, and DDPM's mean is the posterior mean."""
+    s = speak.Schedule(30)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.rand(1, 100, 20, generator=g) * 1.8 - 0.9, torch.randn(1, 100, 20, generator=g)
+    i = 20
+    x = s.a[i].sqrt() * x0 + (1 - s.a[i]).sqrt() * eps
+    x_prev, found = speak.ddim_step(s, i, x, eps, None, None)
+    assert (found - x0).abs().max() < 1e-4
+    assert (x_prev - (s.a_prev[i].sqrt() * x0 + (1 - s.a_prev[i]).sqrt() * eps)).abs().max() < 1e-4
+    sample, mean, log_variance, found = speak.ddpm_step(s, i, x, eps, torch.ones_like(x), torch.zeros_like(x))
+    assert torch.equal(sample, mean) and (found - x0).abs().max() < 1e-4
+    assert torch.allclose(log_variance, s.max_log[i].expand_as(x))         # v = 1: beta's variance
+    zero_noise, *_ = speak.ddpm_step(s, 0, x, eps, torch.zeros_like(x), torch.ones_like(x))
+    assert torch.equal(zero_noise, speak.ddpm_step(s, 0, x, eps, torch.zeros_like(x), torch.zeros_like(x))[0])
+
+
+def test_guided_pair_batched_equals_two_calls():
+    model, _ = speak.random_speak(speak.DiffusionConfig(64, 2, 2, 64), "cpu")
+    s = speak.Schedule(10)
+    g = torch.Generator().manual_seed(1)
+    x, cond = torch.randn(1, 100, 30, generator=g), torch.randn(1, 64, 30, generator=g)
+    with torch.no_grad():
+        eps, v = speak.guided_eps(model, s, 7, x, cond, 2.0)
+        t = s.timesteps[7:8]
+        c, u = model(x, t, cond), model(x, t, model.unconditioned_embedding.expand(1, -1, 30))
+    k = 2.0 * (1 - 7 / 10)
+    assert (eps - ((1 + k) * c[:, :100] - k * u[:, :100])).abs().max() < 1e-5
+    assert (v - c[:, 100:]).abs().max() < 1e-5
+
+
+def test_relative_buckets():
+    b = speak.relative_buckets(200, torch.device("cpu"))
+    assert b[5, 5] == 0 and b[5, 6] == 17 and b[6, 5] == 1            # key after the query: the upper half
+    assert b[0, 7] == 16 + 7 and b[0, 8] == 16 + 8 and b[0, 199] == 31 and b[199, 0] == 15
+    assert (b[0, 8:] >= b[0, 7]).all() and (b[0, 9:].diff() >= 0).all()
+
+
+def test_location_variable_conv_with_one_kernel_is_a_conv():
+    g = torch.Generator().manual_seed(2)
+    x, w, bias = torch.randn(1, 4, 5 * 8, generator=g), torch.randn(6, 4, 3, generator=g), torch.randn(6, generator=g)
+    kernel = w.permute(1, 0, 2)[None, ..., None].expand(1, 4, 6, 3, 5)
+    ours = speak.location_variable_conv(x, kernel, bias[None, :, None].expand(1, 6, 5), 8)
+    assert (ours - F.conv1d(x, w, bias, padding=1)).abs().max() < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")        # the original's (old-style) weight norm
+def test_fold_weight_norm_matches_torch():
+    for module in (torch.nn.Conv1d(3, 5, 7), torch.nn.ConvTranspose1d(4, 4, 16, stride=8)):
+        normed = torch.nn.utils.weight_norm(module)
+        with torch.no_grad():
+            normed.weight_g.mul_(1.5)
+            normed(torch.zeros(1, module.in_channels, 16))             # recomputes .weight from g and v
+        folded = speak.fold_weight_norm({k: v.detach() for k, v in normed.state_dict().items()})
+        assert set(folded) == {"weight", "bias"}
+        assert (folded["weight"] - normed.weight).abs().max() < 1e-6
+
+
+def test_calm_trim():
+    codes = torch.randint(0, 80, (500,))
+    assert speak.calm_length(codes) == 500
+    fixed = clvp.fix_candidates(codes[None, :100], 8193, 500)[0][0]
+    assert speak.calm_length(fixed) == 108
+    codes[50:58] = 83                                                  # a run of 8 is not enough
+    assert speak.calm_length(codes) == 500
+
+
+def test_speech_latents_are_causal(tiny_checkpoint):
+    model = clvp.load_model(tiny_checkpoint, "cpu")
+    g = torch.Generator().manual_seed(3)
+    latent, text = torch.randn(1, model.config.decoder.dim, generator=g), torch.randint(3, 200, (1, 6), generator=g)
+    codes = torch.randint(0, 8192, (1, 20), generator=g)
+    changed = codes.clone()
+    changed[0, 10] = (codes[0, 10] + 1) % 8192
+    with torch.no_grad():
+        a, b = speak.speech_latents(model, latent, text, codes), speak.speech_latents(model, latent, text, changed)
+    assert a.shape == (1, 20, model.config.decoder.dim)
+    assert torch.equal(a[:, :11], b[:, :11]) and (a[:, 11:] - b[:, 11:]).abs().max() > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------
+# Conversion: Tortoise's two files -> speak.pt (convert_weights.py)
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_convert_tortoise_audio_files(tmp_path):
+    blob_path = tmp_path / "blob.pt"
+    diffusion, vocoder = tiny_speak_file(blob_path)
+    blob = torch.load(blob_path, weights_only=True)
+    state = dict(blob["diffusion"], **{"code_embedding.weight": torch.zeros(8193, 64), "mel_head.bias": torch.zeros(100)})
+    torch.save(state, tmp_path / "diffusion_decoder.pth")
+    torch.save({"model_g": blob["vocoder"], "optim_g": {}}, tmp_path / "vocoder.pth")
+    args = ["--tortoise-diffusion", tmp_path / "diffusion_decoder.pth", "--tortoise-vocoder", tmp_path / "vocoder.pth"]
+    proc = subprocess.run([sys.executable, str(HERE / "convert_weights.py"), *map(str, args), "-o",
+                           str(tmp_path / "speak.pt"), "--verbose"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped code_embedding.weight" in proc.stdout and "skipped mel_head.bias" in proc.stdout
+    loaded, _ = speak.load_speak(tmp_path / "speak.pt", "cpu", 64)
+    for k, v in diffusion.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    torch.save(blob["vocoder"], tmp_path / "plain.pth")                # model_g missing
+    proc = subprocess.run([sys.executable, str(HERE / "convert_weights.py"), *map(str, args[:3]),
+                           str(tmp_path / "plain.pth"), "-o", str(tmp_path / "x.pt")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "under model_g" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.pt").exists()
+    proc = subprocess.run([sys.executable, str(HERE / "convert_weights.py"), *map(str, args[:2]), "-o",
+                           str(tmp_path / "x.pt")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "both --tortoise-diffusion and --tortoise-vocoder" in proc.stderr
