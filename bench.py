@@ -362,7 +362,8 @@ def original_audio_models(diffusion, vocoder):
     univnet = UnivNetGenerator()
     univnet.remove_weight_norm()
     univnet.load_state_dict(vocoder.state_dict())
-    return theirs.eval(), univnet.eval()
+    univnet.eval()                                           # the original's eval() returns None
+    return theirs.eval(), univnet
 
 
 def audio_rows(args):

@@ -1271,10 +1271,15 @@ def checked_teacher_forcing(model, text_ids, speech_ids):
     return text_ids, speech_ids
 
 
+FP32_POSITIVE = "a finite positive number that float32 holds (1e-45..3e38)"
+
+
 def decoding_problems(o, config):
     """[(field, what is wrong)] for each DecodingOptions value that generation cannot work with on this config."""
-    def number(x, low=0.0, high=math.inf):
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and low <= x <= high and math.isfinite(x)
+    def number(x, low=0.0, high=math.inf):       # in range, and still the same number in the sampler's fp32:
+        if not isinstance(x, (int, float)) or isinstance(x, bool) or not low <= x <= high or abs(x) > 1e300:
+            return False                             # (1e-300 would be 0 there, and 1e39 infinite)
+        return x == 0 or 0 < abs(torch.tensor(float(x), dtype=torch.float32).item()) < math.inf
 
     def integer(x, low, high):
         return isinstance(x, int) and not isinstance(x, bool) and low <= x <= high
@@ -1282,9 +1287,9 @@ def decoding_problems(o, config):
     rules = [("num_candidates", integer(o.num_candidates, 1, MAX_SIZE), f"an integer in 1..{MAX_SIZE}"),
              ("batch_size", integer(o.batch_size, 1, MAX_SIZE), f"an integer in 1..{MAX_SIZE}"),
              ("max_new_tokens", integer(o.max_new_tokens, 1, longest), f"an integer in 1..{longest}"),
-             ("temperature", number(o.temperature), "0 (greedy) or a finite positive number"),
+             ("temperature", number(o.temperature), f"0 (greedy) or {FP32_POSITIVE}"),
              ("top_p", number(o.top_p, 0.0, 1.0) and o.top_p > 0, "in (0, 1]"),
-             ("repetition_penalty", number(o.repetition_penalty) and o.repetition_penalty > 0, "a finite positive number"),
+             ("repetition_penalty", number(o.repetition_penalty) and o.repetition_penalty > 0, FP32_POSITIVE),
              ("typical_mass", o.typical_mass is None or number(o.typical_mass, 0.0, 1.0) and o.typical_mass > 0,
               "None (off) or in (0, 1]"),
              ("top_k", integer(o.top_k, 1, MAX_SIZE), f"an integer in 1..{MAX_SIZE}"),

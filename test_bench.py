@@ -64,3 +64,21 @@ def test_bad_arguments_are_one_line():
         r = bench(*args)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and words in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_speak_rows_against_the_original(tortoise_src):
+    """--speak --compare builds the original DiffusionTts and UnivNet holding speak.py's weights (it refuses
+    if any tensor does not load) and reports each row for both; the original's sampler row is its pass x 30."""
+    env = dict(os.environ, CLVP_TORTOISE_SRC=str(tortoise_src))
+    r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--speak", "--compare", "--seconds", "1",
+                        "--repeat", "1", "--json"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    rows = report["rows"]
+    assert report["frames"] == 93 and report["real_time_factor_ultra_fast"] > 0
+    for name in ("one network pass", "guided step (conditioned + free)", "vocoder",
+                 "ultra_fast, 30 steps (original: 30 x one pass)"):
+        assert rows[name]["speak.py s"] > 0 and rows[name]["original s"] > 0, name
+    assert rows["ultra_fast, 30 steps (original: 30 x one pass)"]["original s"] == \
+        30 * rows["one network pass"]["original s"]
+    assert rows["ddim, 10 steps"]["speak.py s"] > 0 and "original s" not in rows["ddim, 10 steps"]

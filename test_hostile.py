@@ -452,6 +452,8 @@ def test_hf_config_with_a_billion_layers(work, tiny_hf_dir):
     ("--temperature", "nan", "--temperature must be"), ("--temperature", "-1", "--temperature must be"),
     ("--repetition-penalty", "0", "--repetition-penalty must be a finite positive number"),
     ("--repetition-penalty", "inf", "--repetition-penalty must be"),
+    ("--temperature", "1e-300", "that float32 holds"), ("--temperature", "1e39", "that float32 holds"),
+    ("--repetition-penalty", "1e-46", "--repetition-penalty must be a finite positive number that float32 holds"),
     ("--seed", str(2**64), "--seed must be None or an integer in 0..2**64-1"), ("--seed", "-1", "--seed must be"),
     ("--top-p", "0", "--top-p must be in (0, 1]"), ("--top-p", "1.5", "--top-p"), ("--top-k", "0", "--top-k"),
     ("--typical-mass", "0", "--typical-mass"), ("--candidates", "0", "--candidates"),
