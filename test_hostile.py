@@ -771,3 +771,56 @@ def test_cli_bad_checkpoint(tmp_path, capsys, monkeypatch):
     code, err = run_main(capsys, "--text", "Hi.", "--audio", VOICE, "--checkpoint", bad)
     assert code == 2 and len(err) == 1 and "bad.pt: not a readable clvp checkpoint" in err[0]
     assert sorted(os.listdir(tmp_path)) == ["bad.pt"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Second round (issue 17), first classes: the last safety net, and values valid in one dtype only
+# ---------------------------------------------------------------------------------------------------
+
+def test_a_bug_is_one_line_with_exit_code_1(capsys, monkeypatch):
+    """An exception that is no user's mistake still ends in one line, exit 1, with the hint; with
+    CLVP_TRACEBACK=1 it propagates, traceback and all."""
+    def broken():
+        raise RuntimeError("something deep\nsecond line")
+    assert clvp.run_command("x.py", broken) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "internal error" in err[0] and "RuntimeError: something deep" in err[0] \
+        and "CLVP_TRACEBACK=1" in err[0], err
+    monkeypatch.setenv("CLVP_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="something deep"):
+        clvp.run_command("x.py", broken)
+
+
+def test_uint8_ids_are_accepted_and_their_range_is_read_as_integers(model):
+    ids = torch.tensor([[5, 200, 255]], dtype=torch.uint8)
+    assert torch.equal(model.text_features(ids), model.text_features(ids.long()))
+    with pytest.raises(clvp.InputError, match=r"speech_ids must be ids in 0..8191, not 0..8192"):
+        model.speech_features(torch.tensor([[0, 8192]], dtype=torch.int16))
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda m: clvp.log_mel_spectrogram(torch.zeros(5000, dtype=torch.float16)), "float32 or float64"),
+    (lambda m: clvp.log_mel_spectrogram(torch.zeros(5000, dtype=torch.bfloat16)), "float32 or float64"),
+    (lambda m: clvp.log_mel_spectrogram(torch.zeros(0, 5000)), "wav must be floats"),
+    (lambda m: m.speech_logits(MELS, torch.ones(2, 3, dtype=torch.long), torch.ones(3, 4, dtype=torch.long)),
+     "text_ids has 2 rows and speech_ids 3"),
+    (lambda m: m.generate(torch.tensor([5]), MELS, temperature=1e-300), "that float32 holds"),
+    (lambda m: m.generate(torch.tensor([5]), MELS, repetition_penalty=10**400), "that float32 holds"),
+    (lambda m: m.generate(torch.tensor([5]), MELS, no_such_option=1), "unknown options ['no_such_option']"),
+    (lambda m: m.generate(torch.tensor([5]), MELS, options="fast"), "options must be a DecodingOptions"),
+])
+def test_api_values_torch_cannot_take(model, call, words):
+    with pytest.raises(clvp.InputError) as e:
+        call(model)
+    assert words in str(e.value), str(e.value)
+
+
+def test_deeply_nested_json_is_one_line(work):
+    (work / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(clvp.InputError, match="not readable JSON"):
+        clvp.Tokenizer.from_file(work / "deep.json")
+    hf = work / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)
+    (hf / "model.safetensors").write_bytes(b"")
+    refused(work, "--hf", "hf", "-o", "out.pt", script="convert_weights.py", words=["config.json: not readable JSON"])
