@@ -34,6 +34,7 @@ import tempfile
 import time
 import unicodedata
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
@@ -186,6 +187,13 @@ def number_to_words(n, andword=' '):
     return ', '.join(words) or 'zero'
 
 
+def _integer(digits):
+    """int(digits) for what number_to_words can spell, refused before a long string is converted."""
+    if len(digits.lstrip('0')) > 3 * len(_SCALES):
+        raise ValueError(f'cannot spell a number of more than {3 * len(_SCALES)} digits')
+    return int(digits)
+
+
 _ORDINAL_ENDINGS = {'ty': 'tieth', 'one': 'first', 'two': 'second', 'three': 'third', 'five': 'fifth',
                     'eight': 'eighth', 'nine': 'ninth', 'twelve': 'twelfth'}
 
@@ -193,7 +201,7 @@ _ORDINAL_ENDINGS = {'ty': 'tieth', 'one': 'first', 'two': 'second', 'three': 'th
 def _ordinal(m):
     """'21st' -> 'twenty-first'. Tortoise calls inflect on the whole match, which ignores the suffix
     ('21th' -> 'twenty-first') and keeps inflect's default 'and': '101st' -> 'one hundred and first'."""
-    words = number_to_words(int(m.group(1)), andword=' and ')
+    words = number_to_words(_integer(m.group(1)), andword=' and ')
     for ending, ordinal in _ORDINAL_ENDINGS.items():
         if words.endswith(ending):
             return words[:-len(ending)] + ordinal
@@ -203,7 +211,7 @@ def _ordinal(m):
 def _number(m):
     """Integers; 1001..2999 are read as years: 1999 -> 'nineteen ninety-nine', 1905 -> 'nineteen oh
     five', 1900 -> 'nineteen hundred', but 2000..2009 -> 'two thousand (five)'."""
-    n = int(m.group(0))
+    n = _integer(m.group(0))
     if not 1000 < n < 3000 or 2000 <= n < 2010:
         return number_to_words(n)
     high, low = divmod(n, 100)
@@ -218,7 +226,7 @@ def _dollars(m):
     dollars, _, cents = m.group(1).partition('.')
     if '.' in cents:                              # '$1.2.3': left to the decimal rule
         return m.group(1) + ' dollars'
-    amounts = [(int(dollars or 0), 'dollar'), (int(cents or 0), 'cent')]
+    amounts = [(_integer(dollars or '0'), 'dollar'), (_integer(cents or '0'), 'cent')]
     return ', '.join(f'{n} {unit}' + 's' * (n != 1) for n, unit in amounts if n) or 'zero dollars'
 
 
@@ -226,11 +234,13 @@ def _dollars(m):
 # rule, which then reads the digits after the point as a number: 3.14 -> 'three point fourteen'.
 # Ordinals match inside words too: '1stop' -> 'firstop'. Tortoise also has a '£' rule, but unidecode
 # has already made '£' into 'PS' by then, so it never fires ('£3' -> 'psthree'); it is left out here.
+# Each rule that starts with [0-9]+ starts only where a run of digits starts ((?<![0-9])): it would fail
+# from every later digit too, and trying them all makes a long run of digits quadratic.
 _NUMBER_RULES = [
     (re.compile(r'[0-9][0-9,]+[0-9]'), lambda m: m.group(0).replace(',', '')),
     (re.compile(r'\$([0-9.,]*[0-9]+)'), _dollars),
-    (re.compile(r'([0-9]+)\.([0-9]+)'), r'\1 point \2'),
-    (re.compile(r'([0-9]+)(st|nd|rd|th)'), _ordinal),
+    (re.compile(r'(?<![0-9])([0-9]+)\.([0-9]+)'), r'\1 point \2'),
+    (re.compile(r'(?<![0-9])([0-9]+)(st|nd|rd|th)'), _ordinal),
     (re.compile(r'[0-9]+'), _number),
 ]
 
@@ -886,6 +896,7 @@ def decode_batch(decoder, cache, logits, prompt_len, options, generator, progres
     seen[:, c.start_token] = True
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for k in range(steps):
+        require([(all_finite(logits), OVERFLOW)])                            # inf or NaN: no token can be drawn
         logits[:, c.start_token] = -math.inf                              # never start again
         token = next_tokens(logits, seen, options, generator).masked_fill(done, c.stop_token)
         tokens[:, k] = token
@@ -967,6 +978,7 @@ def rank(model, text_ids, tokens, options, progress=None):
         if progress:
             progress.rerank(i + len(scores[-1]), len(candidates))
     scores = torch.cat(scores)
+    require([(all_finite(scores), OVERFLOW)])
     order = scores.argsort(descending=True)
     return Generation(candidates, lengths, scores, order, candidates[order[:o.top_k]])
 
@@ -1059,7 +1071,14 @@ def first_line(error):
 
 def describe(x):
     """How an argument looks, for an error message: 'a tensor [2, 80] of torch.float32' or 'a list'."""
-    return f"a tensor {list(x.shape)} of {x.dtype}" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
+    if not isinstance(x, torch.Tensor):
+        return f"a {type(x).__name__}"
+    return f"a tensor {list(x.shape)} of {x.dtype}" + ("" if plain(x) else f" ({x.layout}, on {x.device})")
+
+
+def plain(t):
+    """A tensor whose numbers are there to read: dense, in memory (not sparse, not on the meta device)."""
+    return t.layout == torch.strided and t.device.type != "meta"
 
 
 def all_finite(t):
@@ -1068,6 +1087,10 @@ def all_finite(t):
 
 
 MAX_LAYERS, MAX_SIZE = 1024, 2**20   # far beyond any real CLVP; a hostile config cannot build a huge model
+MAX_CANDIDATES = 1024                # per text: 4x Tortoise's largest preset (256); each costs a decoding
+MAX_CLIPS = 256                      # --audio clips of one voice (Tortoise's voices have a handful)
+MAX_LOGIT_SCALE = math.log(1e4)      # scores up to 10^4 x cosine: CLIP clamps at ln 100, fp16 holds 65504
+MIN_MEL_NORM = 1e-3                  # smaller divisors make log-mels of 10^4 and more (Tortoise's: 1.6..9.5)
 MAX_TEXT_BYTES = 2**20               # --text-file: a book chapter; more is a mistake
 MAX_JSON_BYTES = 16 * 2**20          # a config or tokenizer file; Tortoise's tokenizer.json is 6 KiB
 RATES = (1000, 384000)               # Hz a real recording uses; a header outside them is lying
@@ -1133,33 +1156,49 @@ def check_tokenizer(vocab, merges):
 
 
 def check_mel_norms(norms, name="mel_norms"):
-    """The log-mel's per-band divisors: a tensor of N_MELS finite, non-zero floats."""
+    """The log-mel's per-band divisors: a tensor of N_MELS finite floats, none nearer 0 than MIN_MEL_NORM."""
     require([(isinstance(norms, torch.Tensor) and norms.shape == (N_MELS,) and norms.is_floating_point() and
-              all_finite(norms) and bool((norms != 0).all()),
-              f"{name} must be {N_MELS} finite non-zero divisors, not {describe(norms)}")])
+              plain(norms) and all_finite(norms) and bool((norms.abs() >= MIN_MEL_NORM).all()),
+              f"{name} must be {N_MELS} finite non-zero divisors, at least {MIN_MEL_NORM:g} in size, not "
+              f"{describe(norms)}")])
 
 
 # ---------------------------------------------------------------------------------------------------
-# Input files: only regular files, read with a bound
+# Input files: one opener for every file a run reads, each read with a bound
+#
+# open_input is the only way the project opens a file to read: a regular file, checked on the open file
+# itself (so a file swapped after the check is never read), handed on as a file object. soundfile then
+# reads the format from the header, never from the name: '-' is not standard input, 'x.raw' is not a
+# headerless format, and a name that is not UTF-8 is just a name. load_tensors bounds torch.load by the
+# zip directory before anything inflates; quiet_c_stderr keeps a C library's own notes off stderr.
 # ---------------------------------------------------------------------------------------------------
 
-def check_input_file(path, error=InputError):
-    """A file a user names as input must be a regular file: a directory is named as one, and a FIFO or a
-    device (which could block forever, or never end) is refused before it is opened."""
+def open_input(path, error=InputError):
+    """A file to read -> its binary file object, or error naming it. A FIFO or a device (which could block
+    forever, or never end) opens without blocking and is refused before a byte is read."""
     try:
-        mode = os.stat(path).st_mode
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise error(f"{path}: no such file") from None
-    except (OSError, ValueError) as e:                       # a symlink loop, no permission, a NUL in the name
-        raise error(f"{path}: {getattr(e, 'strerror', None) or e}") from None
-    require([(not stat.S_ISDIR(mode), f"{path}: is a directory, not a file"),
-             (stat.S_ISREG(mode), f"{path}: not a regular file (a FIFO, device or socket)")], error)
+    except (OSError, ValueError, TypeError) as e:           # a symlink loop, no permission, a NUL in the name
+        raise error(f"{path}: {getattr(e, 'strerror', None) or first_line(e)}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        require([(not stat.S_ISDIR(mode), f"{path}: is a directory, not a file"),
+                 (False, f"{path}: not a regular file (a FIFO, device or socket)")], error)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def check_input_file(path, error=InputError):
+    """Before any work: `path` is a file open_input will read."""
+    open_input(path, error).close()
 
 
 def read_json(path, error=InputError):
     """A JSON object from a file a user named: a regular file of at most MAX_JSON_BYTES, or an error naming it."""
-    check_input_file(path, error)
-    with open(path, "rb") as f:
+    with open_input(path, error) as f:
         data = f.read(MAX_JSON_BYTES + 1)
     require([(len(data) <= MAX_JSON_BYTES, f"{path}: more than {MAX_JSON_BYTES // 2**20} MiB, too big for JSON here")],
             error)
@@ -1169,6 +1208,40 @@ def read_json(path, error=InputError):
         raise error(f"{path}: not readable JSON ({first_line(e)})") from None
     require([(isinstance(value, dict), f"{path}: not a JSON object")], error)
     return value
+
+
+def load_tensors(path, error=CheckpointError, what="not a readable clvp checkpoint"):
+    """torch.load of a file a user names, weights_only=True (tensors and plain containers, never code), and
+    bounded: torch.save writes a zip archive of stored records, so records that unpack to more bytes than
+    the file holds are compressed ones, refused from the zip directory before a byte inflates."""
+    with open_input(path, error) as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            with zipfile.ZipFile(f) as archive:
+                unpacked = sum(record.file_size for record in archive.infolist())
+        except (zipfile.BadZipFile, ValueError, EOFError, OSError) as e:
+            raise error(f"{path}: {what} (not the zip archive torch.save writes: {first_line(e)})") from None
+        require([(unpacked <= size, f"{path}: {what} (its records unpack to {unpacked} bytes from a file of "
+                  f"{size}; torch.save never compresses them)")], error)
+        f.seek(0)
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise error(f"{path}: {what} ({first_line(e)})") from None
+
+
+@contextlib.contextmanager
+def quiet_c_stderr():
+    """Inside the block, what C code writes to file descriptor 2 (libmpg123's 'Note: Trying to resync...')
+    is dropped, so a refusal stays one line; Python's own messages come after the block."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved), os.close(devnull)
 
 
 def read_tokenizer_json(path):
@@ -1184,13 +1257,12 @@ def read_tokenizer_json(path):
 def read_audio(path, sampling_rate, seconds):
     """load_audio's reader: -> (mono float32 samples [n], the file's rate). Only the first `seconds` (plus
     MARGIN for the resampler) are read, block by block, so memory follows what is read, never the header."""
-    check_input_file(path, AudioError)
     require([(isinstance(sampling_rate, int) and RATES[0] <= sampling_rate <= RATES[1],
               f"sampling_rate must be an integer in {RATES[0]}..{RATES[1]} Hz, not {sampling_rate!r}"),
              (seconds is None or isinstance(seconds, (int, float)) and 0 < seconds < 2**31 / RATES[1],
               f"seconds must be None or a positive number of seconds, not {seconds!r}")], AudioError)
     try:  # float32 reads: soundfile scales int16/int32 PCM to [-1, 1)
-        with soundfile.SoundFile(path) as f:
+        with open_input(path, AudioError) as file, quiet_c_stderr(), soundfile.SoundFile(file) as f:
             sr, channels = f.samplerate, f.channels
             require([(RATES[0] <= sr <= RATES[1] and 1 <= channels <= MAX_CHANNELS,
                       f"{path}: {sr} Hz with {channels} channel(s); clvp.py reads {RATES[0]}..{RATES[1]} Hz with "
@@ -1222,8 +1294,8 @@ def check_clip(path, wav, sampling_rate):
 
 def check_wav(wav, mel_norms):
     """log_mel_spectrogram's arguments: fp32/fp64 samples (what torch.stft takes), long enough, and mel norms."""
-    require([(isinstance(wav, torch.Tensor) and wav.dtype in (torch.float32, torch.float64) and wav.dim() in (1, 2)
-              and wav.shape[0] > 0, f"wav must be floats [samples] or [batch, samples], float32 or float64, not {describe(wav)}"),
+    require([(isinstance(wav, torch.Tensor) and plain(wav) and wav.dtype in (torch.float32, torch.float64)
+              and wav.dim() in (1, 2) and wav.shape[0] > 0, f"wav must be floats [samples] or [batch, samples], float32 or float64, not {describe(wav)}"),
              (wav.shape[-1] >= MIN_SAMPLES, f"audio too short for the STFT: {wav.shape[-1]} samples, need at least "
               f"{MIN_SAMPLES}")], AudioError)
     if mel_norms is not None:
@@ -1236,8 +1308,8 @@ def check_wav(wav, mel_norms):
 
 def checked_ids(ids, name, vocab_size, device, max_len=None, min_len=1):
     """Token ids [B, T] with min_len <= T <= max_len, each in 0..vocab_size-1 -> long ids on `device`."""
-    require([(isinstance(ids, torch.Tensor) and not (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool)
-              and ids.dim() == 2 and ids.shape[0] >= 1 and min_len <= ids.shape[1] <= (max_len or math.inf),
+    require([(isinstance(ids, torch.Tensor) and plain(ids) and ids.dim() == 2
+              and not (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool) and ids.shape[0] >= 1 and min_len <= ids.shape[1] <= (max_len or math.inf),
               f"{name} must be integer ids [batch, {min_len}..{max_len or 'any'} tokens], not {describe(ids)}")])
     low, high = (int(ids.min()), int(ids.max())) if ids.numel() else (0, 0)   # as ints: uint8 cannot hold 256
     require([(0 <= low and high < vocab_size, f"{name} must be ids in 0..{vocab_size - 1}, not {low}..{high}")])
@@ -1247,7 +1319,7 @@ def checked_ids(ids, name, vocab_size, device, max_len=None, min_len=1):
 def checked_mels(mels, model):
     """Log-mel spectrograms [clips, 80, frames] of finite floats -> on the model's device and dtype."""
     channels = model.config.decoder.mel_channels
-    require([(isinstance(mels, torch.Tensor) and mels.is_floating_point() and mels.dim() == 3 and
+    require([(isinstance(mels, torch.Tensor) and plain(mels) and mels.is_floating_point() and mels.dim() == 3 and
               mels.shape[1] == channels and 0 not in mels.shape,
               f"mels must be floats [clips, {channels}, frames], not {describe(mels)}")])
     require([(all_finite(mels), "mels hold NaN or infinite values")])
@@ -1271,6 +1343,8 @@ def checked_teacher_forcing(model, text_ids, speech_ids):
     return text_ids, speech_ids
 
 
+OVERFLOW = ("the model's numbers overflowed (inf or NaN): its weights are too large for this dtype (try "
+            "--dtype float32, or check the checkpoint)")
 FP32_POSITIVE = "a finite positive number that float32 holds (1e-45..3e38)"
 
 
@@ -1284,7 +1358,7 @@ def decoding_problems(o, config):
     def integer(x, low, high):
         return isinstance(x, int) and not isinstance(x, bool) and low <= x <= high
     longest = config.decoder.speech_positions - 1        # the last token fed back sits at position max
-    rules = [("num_candidates", integer(o.num_candidates, 1, MAX_SIZE), f"an integer in 1..{MAX_SIZE}"),
+    rules = [("num_candidates", integer(o.num_candidates, 1, MAX_CANDIDATES), f"an integer in 1..{MAX_CANDIDATES}"),
              ("batch_size", integer(o.batch_size, 1, MAX_SIZE), f"an integer in 1..{MAX_SIZE}"),
              ("max_new_tokens", integer(o.max_new_tokens, 1, longest), f"an integer in 1..{longest}"),
              ("temperature", number(o.temperature), f"0 (greedy) or {FP32_POSITIVE}"),
@@ -1400,8 +1474,12 @@ def check_checkpoint(blob):
                                                 for k, v in weights.items()), "weights: not a dict of named tensors")])
     check_weights(expected_shapes(config), weights, "weights")
     for name, t in weights.items():
-        require([(t.is_floating_point() and all_finite(t), f"weights: {name} must hold finite floating-point numbers, "
-                  f"not {t.dtype}" + (" with NaN or infinities" if t.is_floating_point() else ""))])
+        require([(plain(t) and t.is_floating_point() and all_finite(t), f"weights: {name} must hold finite "
+                  f"floating-point numbers, not {t.dtype}" + (f" {t.layout} on {t.device}" if not plain(t) else
+                                                              " with NaN or infinities" * t.is_floating_point()))])
+    scale = float(weights["logit_scale"])
+    require([(scale <= MAX_LOGIT_SCALE, f"weights: logit_scale {scale:g} is over ln(10^4) = {MAX_LOGIT_SCALE:.2f}; "
+              "exp of it would overflow the scores")])
     tokenizer, norms = blob.get("tokenizer"), blob.get("mel_norms")
     if tokenizer is not None:
         require([(isinstance(tokenizer, dict) and set(tokenizer) == {"vocab", "merges"},
@@ -1415,31 +1493,40 @@ def check_checkpoint(blob):
     return config, weights, tokenizer, norms
 
 
-def read_tensors(path, what="a readable clvp checkpoint", check=check_checkpoint):
-    """A file of tensors a user names -> check(its contents), a CheckpointError naming the file. torch.load with
-    weights_only=True unpickles tensors and plain containers only, never code."""
-    check_input_file(path, CheckpointError)
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: not {what} ({first_line(e)})") from None
+def read_tensors(path, what="not a readable clvp checkpoint", check=check_checkpoint):
+    """A file of tensors a user names -> check(its contents), a CheckpointError naming the file."""
+    blob = load_tensors(path, CheckpointError, what)
     with prefixed(f"{path}: ", CheckpointError):
         return check(blob)
 
 
 def read_mel_norms(path):
     """A mel_norms.pth file -> its [80] divisors, checked."""
-    return read_tensors(path, "a mel_norms.pth of plain tensors", lambda norms: check_mel_norms(norms) or norms)
+    return read_tensors(path, "not a mel_norms.pth of plain tensors", lambda norms: check_mel_norms(norms) or norms)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Outputs: checked before any work, written whole
 # ---------------------------------------------------------------------------------------------------
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "data")                    # Tortoise's tokenizer.json, mel_norms.pth
+SHIPPED = [os.path.join(DATA, "tokenizer.json"), os.path.join(DATA, "mel_norms.pth")]
+
+
+def project_files():
+    """What a run may read by itself, besides the files it is given: the project's source and documents,
+    and everything in data/ and examples/. No output may be one of them."""
+    folders = [(HERE, (".py", ".md", ".txt")), (DATA, ""), (os.path.join(HERE, "examples"), "")]
+    return [os.path.join(d, name) for d, ends in folders if os.path.isdir(d)
+            for name in os.listdir(d) if name.endswith(ends)]
+
+
 def check_output(path, inputs=()):
     """Before any work: `path` can be written (a file name in a directory that exists and is writable, and
-    not a directory, device or anything but a regular file) and is none of the `inputs`, compared both as
-    resolved paths and as files (hard links). An InputError says why not."""
+    not a directory, device or anything but a regular file) and is none of the `inputs` nor of the
+    project's own files, compared both as resolved paths and as files (hard links). An InputError says
+    why not."""
     path = os.fspath(path)
     require([(path and not path.endswith(("/", os.sep)), f"{path!r}: not a file name")])
     parent = os.path.dirname(os.path.abspath(path))
@@ -1450,10 +1537,11 @@ def check_output(path, inputs=()):
              (os.access(parent, os.W_OK | os.X_OK), f"{path}: directory {parent} is not writable")])
     require([(len(os.fsencode(os.path.basename(path))) <= os.pathconf(parent, "PC_NAME_MAX"),
               f"{path[:60]}...: file name too long")])
-    for source in inputs:
+    for source in [*inputs, *project_files()]:
         require([(not (os.path.exists(source) and (os.path.realpath(source) == os.path.realpath(path) or
                                                    os.path.exists(path) and os.path.samefile(source, path))),
-                  f"{path}: is also an input ({source}); refusing to write over it")])
+                  f"{path}: is also an input ({source}); refusing to write over it" if source in inputs else
+                  f"{path}: is {source}, a file of this project; refusing to write over it")])
 
 
 class RecordingFile:
@@ -1520,8 +1608,6 @@ def save_checkpoint(path, config, weights, tokenizer=None, mel_norms=None, dtype
 # error or Ctrl-C never leaves a half-written file.
 # ===================================================================================================
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")   # Tortoise's tokenizer.json, mel_norms.pth
-SHIPPED = [os.path.join(DATA, "tokenizer.json"), os.path.join(DATA, "mel_norms.pth")]
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1589,6 +1675,8 @@ def check_args(args):
     """Every mistake in the arguments themselves, named in one line before any work -> (device, options)."""
     require([((args.text is None) != (args.text_file is None), "give the text with exactly one of --text or --text-file"),
              (bool(args.audio), "give at least one reference clip with --audio"),
+             (len(args.audio or ()) <= MAX_CLIPS, f"--audio: at most {MAX_CLIPS} clips of one voice, not "
+              f"{len(args.audio or ())}"),
              (not args.tiny or args.random_init, "--tiny only applies with --random-init")], UsageError)
     options = DecodingOptions(**{f.name: getattr(args, f.name) for f in fields(DecodingOptions)})
     check_options(options, tiny_config() if args.tiny else Config(), flag)   # a checkpoint's own config: in run
@@ -1624,8 +1712,7 @@ def read_texts(args):
     """--text, or the non-empty lines of --text-file (at most MAX_TEXT_BYTES of UTF-8)."""
     if args.text is not None:
         return [args.text]
-    check_input_file(args.text_file, UsageError)
-    with open(args.text_file, "rb") as f:
+    with open_input(args.text_file, UsageError) as f:
         data = f.read(MAX_TEXT_BYTES + 1)
     require([(len(data) <= MAX_TEXT_BYTES, f"{args.text_file}: more than {MAX_TEXT_BYTES // 2**20} MiB of text; "
               "split it into files")])
@@ -1769,7 +1856,7 @@ def run(args, device, options):
     if args.json:
         print(json.dumps(dict(checkpoint=None if args.random_init else (args.checkpoint or default_checkpoint()),
                               random_init=args.random_init, device=str(device), dtype=args.dtype,
-                              scores_meaningful=not args.random_init, results=results)))
+                              scores_meaningful=not args.random_init, results=results), allow_nan=False))
     return 0
 
 
@@ -1789,6 +1876,9 @@ def run_command(prog, work):
     an OSError (a full disk, a file gone) is one line on stderr and exit code 2; anything else is a bug in
     this program: one line naming it, exit code 1, and CLVP_TRACEBACK=1 shows where. Warnings are shown only
     after a run that succeeds, so an error stays one line; Ctrl-C is exit code 130."""
+    for stream in (sys.stdout, sys.stderr):                 # a name that is not UTF-8, an ASCII terminal
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         try:

@@ -190,3 +190,19 @@ def hub_server():
     s.shutdown()
     s.server_close()
     thread.join(5)
+
+
+def tiny_speak_file(path, edit=lambda blob: None):
+    """A tiny random speak.pt in the converted layout, the vocoder with weight norm (g = |v| rows)."""
+    import speak
+    diffusion, vocoder = speak.random_speak(speak.DiffusionConfig(64, 2, 2, 64), "cpu")
+    voc = {}
+    for k, v in vocoder.state_dict().items():
+        if k.endswith(".weight") and v.dim() == 3:
+            voc[k + "_v"], voc[k + "_g"] = v, v.flatten(1).norm(dim=1).view(-1, 1, 1)
+        else:
+            voc[k] = v
+    blob = {"format": "speak", "version": 1, "diffusion": diffusion.state_dict(), "vocoder": voc}
+    edit(blob)
+    torch.save(blob, path)
+    return diffusion, vocoder

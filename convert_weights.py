@@ -22,6 +22,7 @@ import math
 import os
 import re
 import ssl
+import stat
 import sys
 import time
 import urllib.error
@@ -92,20 +93,20 @@ def read_safetensors(path):
 
 
 def load_plain(path):
-    """torch.load that accepts only tensors and plain containers: a file that needs code is refused."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConversionError(f"{path}: cannot be read as plain tensors ({clvp.first_line(e)}); "
-                              "files that need to unpickle code are refused") from None
+    """clvp's bounded torch.load: tensors and plain containers only, so a file that needs code is refused."""
+    return clvp.load_tensors(path, ConversionError, "cannot be read as plain tensors; files that need to unpickle "
+                                                    "code are refused")
+
+
+def checked_state(state, path, what="a state dict of tensors"):
+    """A state dict as the weight maps index it: names (strings) to dense tensors in memory."""
+    clvp.require([(isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) and clvp.plain(v)
+                                                   for k, v in state.items()), f"{path}: not {what}")], ConversionError)
+    return state
 
 
 def read_torch(path):
-    clvp.check_input_file(path, ConversionError)
-    state = load_plain(path)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConversionError(f"{path}: not a state dict of tensors")
-    return state
+    return checked_state(load_plain(path), path)
 
 
 def hf_weight_files(directory):
@@ -210,26 +211,34 @@ def apply_weight_map(weight_map, state, heads=None):
 
 
 def hf_config(d):
-    """transformers' ClvpConfig dict -> clvp.Config."""
-    dec = d["decoder_config"]
+    """transformers' ClvpConfig dict -> clvp.Config. Every number is read through `get`, which checks it
+    (an integer, >= 1, or >= 0 for a token id) before anything computes with it; clvp's config check then
+    bounds them."""
+    def get(part, key):
+        e = d.get(part)
+        value = e.get(key) if isinstance(e, dict) else None
+        low = 0 if key.endswith("token_id") else 1
+        clvp.require([(type(value) is int and value >= low, f"{part}.{key} must be an integer >= {low}, not {value!r}")])
+        return value
 
     def encoder(e):
         # The port derives the rotary width from the projection width, with a floor of 32 dims.
         return clvp.EncoderConfig(
-            vocab_size=e["vocab_size"], dim=e["hidden_size"], layers=e["num_hidden_layers"],
-            heads=e["num_attention_heads"], ff_dim=e["intermediate_size"],
-            rotary_dim=max(e["projection_dim"] // (e["num_attention_heads"] * 2), 32),
-            projection_dim=e["projection_dim"])
+            vocab_size=get(e, "vocab_size"), dim=get(e, "hidden_size"), layers=get(e, "num_hidden_layers"),
+            heads=get(e, "num_attention_heads"), ff_dim=get(e, "intermediate_size"),
+            rotary_dim=max(get(e, "projection_dim") // (get(e, "num_attention_heads") * 2), 32),
+            projection_dim=get(e, "projection_dim"))
 
+    dec = "decoder_config"
     return clvp.Config(
         clvp.DecoderConfig(
-            dim=dec["hidden_size"], layers=dec["num_hidden_layers"], heads=dec["num_attention_heads"],
-            speech_vocab_size=dec["vocab_size"], speech_positions=dec["max_position_embeddings"],
-            start_token=dec["bos_token_id"], stop_token=dec["eos_token_id"],
-            text_vocab_size=d["text_config"]["vocab_size"], text_positions=dec["max_text_tokens"],
-            text_start_token=d["text_config"]["bos_token_id"], text_stop_token=d["text_config"]["eos_token_id"],
-            mel_channels=dec["feature_size"], conditioning_blocks=dec["num_mel_attn_blocks"]),
-        encoder(d["text_config"]), encoder(d["speech_config"]))
+            dim=get(dec, "hidden_size"), layers=get(dec, "num_hidden_layers"), heads=get(dec, "num_attention_heads"),
+            speech_vocab_size=get(dec, "vocab_size"), speech_positions=get(dec, "max_position_embeddings"),
+            start_token=get(dec, "bos_token_id"), stop_token=get(dec, "eos_token_id"),
+            text_vocab_size=get("text_config", "vocab_size"), text_positions=get(dec, "max_text_tokens"),
+            text_start_token=get("text_config", "bos_token_id"), text_stop_token=get("text_config", "eos_token_id"),
+            mel_channels=get(dec, "feature_size"), conditioning_blocks=get(dec, "num_mel_attn_blocks")),
+        encoder("text_config"), encoder("speech_config"))
 
 
 def hf_weight_map(config):
@@ -316,10 +325,8 @@ def convert_hf(directory):
     config_path = os.path.join(directory, "config.json")
     if not os.path.exists(config_path):
         raise ConversionError(f"{config_path}: missing (is this a transformers CLVP directory?)")
-    try:
+    with clvp.prefixed(f"{config_path}: not a CLVP config: ", ConversionError):
         config = hf_config(read_json(config_path))
-    except (KeyError, TypeError, AttributeError) as e:
-        raise ConversionError(f"{config_path}: not a CLVP config ({type(e).__name__}: {e})") from None
     config = checked_config(config, config_path)
     state = {k: v for k, v in read_hf_weights(directory).items() if not k.endswith(HF_IGNORED_SUFFIXES)}
     weight_map = hf_weight_map(config)
@@ -391,16 +398,20 @@ def _count(state, prefix):
     return len({m.group(1) for k in state if (m := pattern.match(k))})
 
 
+def shape(state, name, path, dims=2):
+    """The shape of state[name], checked (there, with `dims` dimensions) before any of it is indexed."""
+    clvp.require([(name in state, f"{path}: tensor {name} is missing")], ConversionError)
+    clvp.require([(state[name].dim() == dims, f"{path}: tensor {name} must have {dims} dimensions, not "
+                   f"{list(state[name].shape)}")], ConversionError)
+    return state[name].shape
+
+
 def tortoise_config(ar, cl, ar_path=AR_FILE, clvp_path=CLVP_FILE):
     """Sizes read off the tensor shapes of the two state dicts -> clvp.Config.
 
     The decoder's head count leaves no trace in any shape; it is taken as width // 64 (16 for the
     official 1024, and what UnifiedVoice's docstring recommends). The CLVP encoders' is readable:
     x-transformers' attention is heads x 64 wide."""
-    def shape(state, name, path):
-        if name not in state:
-            raise ConversionError(f"{path}: tensor {name} is missing")
-        return state[name].shape
 
     dim = shape(ar, "text_embedding.weight", ar_path)[1]
     speech_vocab = shape(ar, "mel_embedding.weight", ar_path)[0]
@@ -414,7 +425,7 @@ def tortoise_config(ar, cl, ar_path=AR_FILE, clvp_path=CLVP_FILE):
         start_token=speech_vocab - 2, stop_token=speech_vocab - 1,        # 8192 and 8193: the last two codes
         text_vocab_size=text_vocab, text_positions=shape(ar, "text_pos_embedding.emb.weight", ar_path)[0],
         text_start_token=text_vocab - 1, text_stop_token=0,               # 255 and 0
-        mel_channels=shape(ar, "conditioning_encoder.init.weight", ar_path)[1],
+        mel_channels=shape(ar, "conditioning_encoder.init.weight", ar_path, 3)[1],
         conditioning_blocks=_count(ar, "conditioning_encoder.attn."))
 
     def encoder(side):
@@ -424,11 +435,11 @@ def tortoise_config(ar, cl, ar_path=AR_FILE, clvp_path=CLVP_FILE):
         if to_q[0] != width or width % 64:
             raise ConversionError(f"{clvp_path}: {side} attention is {to_q[0]} wide (heads x 64) in a "
                                   f"{width}-wide encoder; clvp.py needs the two equal")
-        inv_freq = cl.get(layers + "rotary_pos_emb.inv_freq")
-        if inv_freq is None:
-            raise ConversionError(f"{clvp_path}: tensor {layers}rotary_pos_emb.inv_freq is missing")
-        rotary_dim = 2 * inv_freq.numel()
-        if not torch.allclose(inv_freq.float(), 1 / 10000 ** (torch.arange(0, rotary_dim, 2) / rotary_dim)):
+        rotary_dim = 2 * shape(cl, layers + "rotary_pos_emb.inv_freq", clvp_path, 1)[0]
+        inv_freq = cl[layers + "rotary_pos_emb.inv_freq"]      # compared as precisely as its dtype holds it
+        standard = 1 / 10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+        if not (inv_freq.is_floating_point() and torch.allclose(
+                inv_freq.double(), standard, rtol=max(1e-5, torch.finfo(inv_freq.dtype).eps), atol=0)):
             raise ConversionError(f"{clvp_path}: {layers}rotary_pos_emb.inv_freq is not the standard "
                                   f"rotary table (base 10000 over {rotary_dim} dims)")
         return clvp.EncoderConfig(
@@ -551,29 +562,50 @@ OFFICIAL_FILES = {
     "tokenizer.json": SOURCE_URL,    # the text BPE
     "mel_norms.pth": SOURCE_URL,     # per-band divisors of the log-mel spectrogram
 }
+AUDIO_FILES = {                      # --download --speak: speak.py's two stages, from the same repository
+    "diffusion_decoder.pth": HUB_URL,
+    "vocoder.pth": HUB_URL,
+}
 CHUNK = 2**20    # bytes read and written at a time
 TIMEOUT = 30     # seconds without a byte before a try counts as failed
 
 
-def official_urls():
+def official_urls(files=OFFICIAL_FILES):
     base = os.environ.get("CLVP_HUB_URL", "").rstrip("/")
     if base and urllib.parse.urlsplit(base).scheme not in ("http", "https"):
         raise DownloadError(f"CLVP_HUB_URL={base!r} is not an http:// or https:// URL")
-    return {name: f"{base or default}/{name}" for name, default in OFFICIAL_FILES.items()}
+    return {name: f"{base or default}/{name}" for name, default in files.items()}
 
 
 def not_the_file(path, name):
     """Why the fetched file at `path` cannot be `name` (None if it may be): a .pth must be a torch archive
-    (a zip file) and a .json must parse; a server that answers 200 with an HTML page fails both."""
-    if name.endswith(".pth") and not zipfile.is_zipfile(path):
-        return "not a torch archive"
+    (a zip file) and a .json must parse; a server that answers 200 with an HTML page fails both. Read
+    through clvp's opener: a FIFO or a directory in the cache is refused, never waited on."""
+    with clvp.open_input(path, DownloadError) as f:
+        if name.endswith(".pth") and not zipfile.is_zipfile(f):
+            return "not a torch archive"
     if name.endswith(".json"):
         try:
-            with open(path, encoding="utf-8") as f:
-                json.load(f)
-        except ValueError:
+            clvp.read_json(path, DownloadError)
+        except DownloadError:
             return "not JSON"
     return None
+
+
+def open_part(part):
+    """The .part file, to append to: a regular file of its own, created if missing. Opened without following
+    a symbolic link (which could point the write at any file) and without blocking (a FIFO would wait)."""
+    try:
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     0o666)
+    except OSError as e:
+        raise DownloadError(f"{part}: cannot be written ({e.strerror}): a link or a FIFO? Delete it and run "
+                            "again") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise DownloadError(f"{part}: not a regular file; delete it and run again")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "ab")
 
 
 class _Incomplete(Exception):
@@ -582,7 +614,10 @@ class _Incomplete(Exception):
 
 def _fetch(url, part, progress):
     """One request, appending to `part`. Returns once `part` holds the whole file."""
-    have = os.path.getsize(part) if os.path.exists(part) else 0
+    have = 0
+    if os.path.lexists(part):
+        with open_part(part) as f:
+            have = os.fstat(f.fileno()).st_size
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
         response = urllib.request.urlopen(request, timeout=TIMEOUT)
@@ -608,7 +643,7 @@ def _fetch(url, part, progress):
         show = progress and sys.stderr.isatty()
         start, first = time.monotonic(), have
         try:
-            with open(part, "ab") as f:
+            with open_part(part) as f:
                 f.truncate(have)     # "ab" writes at the end, which is now `have`
                 while chunk := response.read(CHUNK):
                     f.write(chunk)
@@ -641,7 +676,7 @@ def download(url, dest, progress=True, retries=3, sleep=time.sleep):
             _fetch(url, part, progress)
             problem = not_the_file(part, dest)
             if problem:
-                with open(part, "rb") as f:
+                with clvp.open_input(part, DownloadError) as f:
                     start = f.read(40)
                 os.remove(part)
                 raise DownloadError(f"{url}: the server sent a file that is {problem} (it starts {start!r}); "
@@ -670,9 +705,10 @@ def download(url, dest, progress=True, retries=3, sleep=time.sleep):
     raise DownloadError(f"{url}: failed {retries + 1} times, last: {reason}{kept}")
 
 
-def download_official(directory=None, progress=True):
-    """Fetch the four official files into `directory` (default: beside clvp.default_checkpoint()); name -> path."""
-    directory, urls = directory or os.path.dirname(clvp.default_checkpoint()), official_urls()
+def download_official(directory=None, progress=True, files=OFFICIAL_FILES):
+    """Fetch the official `files` (default: the four CLVP needs) into `directory` (default: beside
+    clvp.default_checkpoint()); name -> path."""
+    directory, urls = directory or os.path.dirname(clvp.default_checkpoint()), official_urls(files)
     os.makedirs(directory, exist_ok=True)
     return {name: download(url, os.path.join(directory, name), progress) for name, url in urls.items()}
 
@@ -719,17 +755,25 @@ def convert_tortoise_audio(diffusion_path, vocoder_path):
     UnivNet's under model_g, with weight norm, which is kept (speak.py folds it when loading). Checked as
     speak.load_speak checks it, before anything is written."""
     diffusion = read_torch(diffusion_path)
-    clvp.check_input_file(vocoder_path, ConversionError)
     vocoder = load_plain(vocoder_path)
-    vocoder = vocoder.get("model_g") if isinstance(vocoder, dict) else None
-    if not isinstance(vocoder, dict) or not all(isinstance(v, torch.Tensor) for v in vocoder.values()):
-        raise ConversionError(f"{vocoder_path}: not Tortoise's vocoder.pth (a state dict of tensors under model_g)")
+    vocoder = checked_state(vocoder.get("model_g") if isinstance(vocoder, dict) else None, vocoder_path,
+                            "Tortoise's vocoder.pth (a state dict of tensors under model_g)")
     skipped = [k for k in diffusion if k.startswith(DIFFUSION_UNUSED)]
     blob = {"format": speak.SPEAK_FORMAT, "version": speak.SPEAK_VERSION, "vocoder": vocoder,
             "diffusion": {k: v for k, v in diffusion.items() if not k.startswith(DIFFUSION_UNUSED)}}
     with clvp.prefixed(f"{diffusion_path}, {vocoder_path}: ", ConversionError):
         speak.check_speak_checkpoint(blob, None)
     return blob, skipped
+
+
+def fetch_and_convert_audio(directory=None, progress=True):
+    """Download diffusion_decoder.pth and vocoder.pth into `directory` (default: the cache) and write speak.pt
+    there, beside clvp.pt, where speak.py looks for it."""
+    paths = download_official(directory, progress, AUDIO_FILES)
+    out = os.path.join(os.path.dirname(paths["vocoder.pth"]), "speak.pt")
+    blob, _ = convert_tortoise_audio(paths["diffusion_decoder.pth"], paths["vocoder.pth"])
+    clvp.write_atomically(out, lambda f: torch.save(blob, f))
+    return out
 
 
 def build_parser():
@@ -745,6 +789,8 @@ def build_parser():
                    "--tortoise-vocoder: writes speak.py's speak.pt)")
     p.add_argument("--tortoise-vocoder", metavar="PATH", help="Tortoise's vocoder.pth")
     p.add_argument("--download", action="store_true", help="fetch the official Tortoise files and convert them")
+    p.add_argument("--speak", action="store_true", help="with --download: also fetch diffusion_decoder.pth and "
+                   "vocoder.pth and write speak.py's speak.pt beside clvp.pt")
     p.add_argument("--cache", metavar="DIR", help="where --download keeps the files (default: $CLVP_CACHE or "
                    "~/.cache/clvp); clvp.pt is written there")
     p.add_argument("-o", "--output", help="where to write the checkpoint (e.g. clvp.pt)")
@@ -756,8 +802,11 @@ def build_parser():
 
 def convert(args):
     """The conversion the arguments ask for, every input and the output checked before any work."""
+    clvp.require([(args.download or not args.speak, "--speak only applies with --download")], ConversionError)
     if args.download:
         print(f"wrote {fetch_and_convert(args.cache, progress=True)}")
+        if args.speak:
+            print(f"wrote {fetch_and_convert_audio(args.cache, progress=True)}")
         return 0
     if args.tortoise_diffusion or args.tortoise_vocoder:
         return convert_audio(args)

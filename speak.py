@@ -549,13 +549,16 @@ def diffusion_config(weights, latent_dim=None):
     """The DiffusionTts sizes read off its tensors: width from inp_block, depth from the layers that have
     attention, heads from the [32, heads] relative-bias tables (head width is not 64 everywhere: the voice
     embedder is twice as wide with as many heads) -> DiffusionConfig, or a CheckpointError."""
-    def shape(name):
+    def shape(name, dims):                                 # checked before any of it is indexed
         t = weights.get(name)
         clvp.require([(isinstance(t, torch.Tensor), f"diffusion: {name} missing")], clvp.CheckpointError)
+        clvp.require([(t.dim() == dims, f"diffusion: {name} must have {dims} dimensions, not {list(t.shape)}")],
+                     clvp.CheckpointError)
         return list(t.shape)
-    dim, heads = shape("inp_block.weight")[0], shape("layers.0.attn.relative_pos_embeddings.relative_attention_bias.weight")[1]
+    bias = "layers.0.attn.relative_pos_embeddings.relative_attention_bias.weight"
+    dim, heads = shape("inp_block.weight", 3)[0], shape(bias, 2)[1]
     layers = len({k.split(".")[1] for k in weights if k.startswith("layers.") and ".attn." in k})
-    c = DiffusionConfig(dim, layers, heads, shape("latent_conditioner.0.weight")[1])
+    c = DiffusionConfig(dim, layers, heads, shape("latent_conditioner.0.weight", 3)[1])
     clvp.require([(1 <= c.layers <= MAX_LAYERS, f"diffusion: {c.layers} layers, not 1..{MAX_LAYERS}"),
                   (2 <= c.dim <= MAX_WIDTH and c.dim % 2 == 0, f"diffusion: width {c.dim}, not an even 2..{MAX_WIDTH}"),
                   (1 <= heads and c.dim % heads == 0, f"diffusion: {heads} heads do not divide the width {c.dim}"),
@@ -570,6 +573,8 @@ def fold_weight_norm(state, source="vocoder"):
     out = {k: v for k, v in state.items() if not k.endswith(("weight_g", "weight_v"))}
     for k in [k for k in state if k.endswith("weight_v")]:
         g, v = state.get(k[:-1] + "g"), state[k]
+        clvp.require([(v.dim() >= 2, f"{source}: {k} must have 2 or more dimensions, not {list(v.shape)}")],
+                     clvp.CheckpointError)
         clvp.require([(isinstance(g, torch.Tensor) and list(g.shape) == [v.shape[0]] + [1] * (v.dim() - 1),
                        f"{source}: {k[:-1]}g must be [{v.shape[0]}{', 1' * (v.dim() - 1)}] beside {k}")],
                      clvp.CheckpointError)
@@ -594,8 +599,9 @@ def check_speak_checkpoint(blob, latent_dim):
     clvp.require([(blob.get("version") == SPEAK_VERSION, f"speak checkpoint version {blob.get('version')!r}; "
                    f"this speak.py reads version {SPEAK_VERSION}")], clvp.CheckpointError)
     parts = [blob.get("diffusion"), blob.get("vocoder")]
-    clvp.require([(isinstance(p, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in p.items()),
-                   f"{name}: not a dict of named tensors") for name, p in zip(("diffusion", "vocoder"), parts)],
+    clvp.require([(isinstance(p, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) and clvp.plain(v)
+                                               and v.is_floating_point() for k, v in p.items()),
+                   f"{name}: not a dict of named floating-point tensors (dense, in memory)") for name, p in zip(("diffusion", "vocoder"), parts)],
                  clvp.CheckpointError)
     config = diffusion_config(parts[0], latent_dim)
     check_tensors(lambda: DiffusionTts(config), parts[0], "diffusion")
@@ -606,11 +612,7 @@ def check_speak_checkpoint(blob, latent_dim):
 
 def load_speak(path, device, latent_dim):
     """speak.pt -> (DiffusionTts, UnivNet) in eval mode, fp32, on device; validated before building."""
-    clvp.check_input_file(path, clvp.CheckpointError)
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise clvp.CheckpointError(f"{path}: not a readable speak checkpoint ({clvp.first_line(e)})") from None
+    blob = clvp.load_tensors(path, clvp.CheckpointError, "not a readable speak checkpoint")
     with clvp.prefixed(f"{path}: ", clvp.CheckpointError):
         config, diffusion_weights, vocoder_weights = check_speak_checkpoint(blob, latent_dim)
     with torch.device("meta"):
@@ -632,17 +634,24 @@ def random_speak(config, device):
 
 def read_codes(path, stop_token):
     """--codes FILE.npy: clvp.py's [k, T] tokens (T <= 500); the first row (the best) stop-padded to 500 and
-    fixed, as Tortoise fixes candidates -> [1, 500] long."""
-    clvp.check_input_file(path, clvp.UsageError)
-    clvp.require([(os.path.getsize(path) <= MAX_CODES_BYTES, f"--codes {path}: larger than {MAX_CODES_BYTES >> 20} MiB")])
-    try:
-        codes = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise clvp.UsageError(f"--codes {path}: not a .npy array ({clvp.first_line(e)})") from None
-    clvp.require([(codes.ndim == 2 and codes.shape[0] >= 1 and 1 <= codes.shape[1] <= 500 and codes.dtype.kind in "iu",
-                   f"--codes {path}: must be integer tokens [k, 1..500], not {codes.dtype} {list(codes.shape)}"),
-                  (codes.size == 0 or 0 <= codes.min() and codes.max() <= stop_token,
-                   f"--codes {path}: tokens must be in 0..{stop_token}")])
+    fixed, as Tortoise fixes candidates -> [1, 500] long. The header's shape and dtype are checked against
+    the file's size before numpy allocates anything by them."""
+    npy = np.lib.format
+    with clvp.open_input(path, clvp.UsageError) as f, clvp.prefixed(f"--codes {path}: ", clvp.UsageError):
+        size = os.fstat(f.fileno()).st_size
+        clvp.require([(size <= MAX_CODES_BYTES, f"larger than {MAX_CODES_BYTES >> 20} MiB")])
+        try:
+            version = npy.read_magic(f)
+            shape, _, dtype = (npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0)(f)
+        except (ValueError, OSError, EOFError) as e:
+            raise clvp.InputError(f"not a .npy array ({clvp.first_line(e)})") from None
+        clvp.require([(len(shape) == 2 and shape[0] >= 1 and 1 <= shape[1] <= 500 and dtype.kind in "iu",
+                       f"must be integer tokens [k, 1..500], not {dtype} {list(shape)}")])
+        clvp.require([(f.tell() + math.prod(shape) * dtype.itemsize == size,
+                       f"its header says {dtype} {list(shape)}, but the file holds {size} bytes")])
+        f.seek(0)
+        codes = np.load(f, allow_pickle=False)
+        clvp.require([(0 <= codes.min() and codes.max() <= stop_token, f"tokens must be in 0..{stop_token}")])
     return clvp.fix_candidates(torch.from_numpy(codes[:1].astype(np.int64)), stop_token, 500)[0]
 
 
@@ -704,8 +713,9 @@ def prepare(args):
         clvp.check_input_file(path, clvp.AudioError)
     codes = read_codes(args.codes, clvp.DecoderConfig().stop_token) if args.codes else None
     if not args.random_init and args.speak_checkpoint is None and not os.path.exists(speak_path):
-        raise clvp.UsageError(f"no speak checkpoint at {speak_path}: convert Tortoise's diffusion_decoder.pth and "
-                              "vocoder.pth with convert_weights.py, or pass --speak-checkpoint PATH")
+        raise clvp.UsageError(f"no speak checkpoint at {speak_path}: run `python convert_weights.py --download "
+                              "--speak` to fetch and convert Tortoise's diffusion_decoder.pth and vocoder.pth, or "
+                              "pass --speak-checkpoint PATH")
     model = clvp.prepare_model(args, device)
     clvp.check_options(decoding, model.config, clvp.flag)
     if args.random_init:

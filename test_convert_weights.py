@@ -18,7 +18,7 @@ from transformers import ClvpFeatureExtractor
 
 import clvp
 import convert_weights
-from conftest import maxdiff
+from conftest import maxdiff, tiny_speak_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -320,3 +320,28 @@ def test_progress_only_on_a_tty(hub, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("sys.stderr", tty2)
     convert_weights.download(f"{hub.url}/tokenizer.json", str(tmp_path / "t.json"), progress=False)
     assert tty2.getvalue() == ""
+
+
+def test_download_speak_fetches_and_converts_the_audio_files(hub, tmp_path, monkeypatch):
+    """--download --speak: diffusion_decoder.pth (with a training-only tensor) and vocoder.pth (model_g, with
+    weight norm) from the hub, converted into speak.pt beside clvp.pt, as speak.py then loads it."""
+    import speak
+    made = tmp_path / "made.pt"
+    diffusion, vocoder = tiny_speak_file(made)
+    blob = torch.load(made, weights_only=True)
+    files = {"diffusion_decoder.pth": {**blob["diffusion"], "mel_head.weight": torch.zeros(3)},
+             "vocoder.pth": {"model_g": blob["vocoder"]}}
+    for name, state in files.items():
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        hub.files[name] = buffer.getvalue()
+    monkeypatch.setenv("CLVP_HUB_URL", hub.url)
+    monkeypatch.setenv("CLVP_CACHE", str(tmp_path / "cache"))
+    out = convert_weights.fetch_and_convert_audio(progress=False)
+    assert out == str(tmp_path / "cache" / "speak.pt") == speak.default_speak_checkpoint()
+    assert sorted(name for name, _ in hub.requests) == ["diffusion_decoder.pth", "vocoder.pth"]
+    loaded, folded = speak.load_speak(out, "cpu", 64)
+    for k, v in diffusion.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    for k, v in vocoder.state_dict().items():
+        assert (folded.state_dict()[k] - v).abs().max() <= 1e-6, k

@@ -26,6 +26,7 @@ import soundfile
 import torch
 
 import clvp
+from conftest import tiny_speak_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SECONDS, MIB = 60, 1024          # every bad input is refused within these (a normal tiny run: ~3 s, ~330 MiB)
@@ -252,8 +253,10 @@ def test_a_million_character_word_is_refused_before_tokenizing(work):
 
 
 def test_a_request_that_will_not_fit_says_what_it_needs(work):
-    refused(work, *rank("--candidates", 1_000_000, "--batch-size", 1_000_000), words=["GiB", "KV cache"])
-    refused(work, *rank("--candidates", 1_000_000, "--max-tokens", 500), words=["need about 22.4 GiB"])
+    """Within the limits (1024 candidates per text), many lines decoded together can still not fit."""
+    (work / "many.txt").write_text("A line to speak.\n" * 4000)
+    refused(work, "--text-file", "many.txt", "--audio", "voice.wav", "--checkpoint", "tiny.pt", "--candidates", 1024,
+            "--batch-size", 1_000_000, words=["1024 candidates for each of 976 texts", "GiB", "KV cache"])
 
 
 def test_check_memory_counts_the_cache_and_the_candidates(monkeypatch, tiny_checkpoint):
@@ -824,3 +827,396 @@ def test_deeply_nested_json_is_one_line(work):
     (hf / "config.json").write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)
     (hf / "model.safetensors").write_bytes(b"")
     refused(work, "--hf", "hf", "-o", "out.pt", script="convert_weights.py", words=["config.json: not readable JSON"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Second round (issue 17), by mechanism. 1. The input registry: no output may be a file the run reads by
+# itself (data/, examples/, the project's source). These run a copy of the project, so a regression
+# clobbers the copy, never this checkout.
+# ---------------------------------------------------------------------------------------------------
+
+NO_PYC = {"PYTHONDONTWRITEBYTECODE": "1"}                 # importing clvp must not change the copy
+
+
+@pytest.fixture
+def project(tmp_path, tiny_checkpoint):
+    """A copy of the project (its source, data/ and examples/) beside a user's folder `work`."""
+    copy = tmp_path / "project"
+    copy.mkdir()
+    for name in os.listdir(HERE):
+        if name.endswith((".py", ".md", ".txt")):
+            shutil.copy(os.path.join(HERE, name), copy / name)
+    for folder in ("data", "examples"):
+        shutil.copytree(os.path.join(HERE, folder), copy / folder)
+    shutil.copy(tiny_checkpoint, copy / "tiny.pt")
+    shutil.copy(os.path.join(HERE, "examples", "voice.wav"), copy / "voice.wav")
+    return copy
+
+
+@pytest.mark.parametrize("script, args", [
+    ("clvp.py", ["--random-init", "--tiny", "--text", "Hi.", "--audio", "voice.wav", "--out"]),
+    ("speak.py", ["--random-init", "--tiny", "--text", "Hi.", "--audio", "voice.wav", "--out"]),
+    ("train.py", ["--encoder-steps", "1", "--decoder-steps", "1", "--out"]),
+    ("convert_weights.py", ["--tortoise-ar", "tiny.pt", "--tortoise-clvp", "tiny.pt", "-o"]),
+])
+@pytest.mark.parametrize("target", ["data/tokenizer.json", "data/mel_norms.pth", "examples/voice.wav", "clvp.py",
+                                    "./speak.py", "README.md", "requirements-dev.txt"])
+def test_no_output_over_a_file_of_the_project(project, script, args, target):
+    refused(project, *args, target, script=str(project / script), env=NO_PYC,       # named as an input, or as
+            words=[os.path.basename(target), "refusing to write over it"])            # a file of this project
+
+
+def test_project_files_by_a_link_or_another_path(project):
+    os.symlink(project / "clvp.py", project / "link.npy")
+    os.link(project / "data" / "tokenizer.json", project / "hard.npy")
+    run = ["--random-init", "--tiny", "--text", "Hi.", "--audio", "voice.wav", "--out"]
+    for out in ("link.npy", "hard.npy", "data/../clvp.py", str(project / "examples" / "voice.wav")):
+        refused(project, *run, out, script=str(project / "clvp.py"), env=NO_PYC, words=["a file of this project"])
+
+
+def test_earlier_outputs_in_the_project_folder_are_still_replaced(project):
+    run = ["--random-init", "--tiny", "--text", "Hi.", "--audio", "voice.wav", "--candidates", 2, "--max-tokens", 4,
+           "--quiet", "--out", "best.npy"]
+    for _ in range(2):
+        code, _, err, _, _ = run_bounded([sys.executable, str(project / "clvp.py"), *map(str, run)], project)
+        assert code == 0, err
+    assert np.load(project / "best.npy").shape[0] == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. One opener: every file is opened by the project and handed on as a file object, so a name means
+# only that file ('-', '.raw', a name that is not UTF-8), and the download cache never follows a link.
+# ---------------------------------------------------------------------------------------------------
+
+def test_a_file_named_dash_is_that_file_not_standard_input(work):
+    shutil.copy(work / "voice.wav", work / "-")
+    accepted(work, *rank("--audio", "-", "--out", "dash.npy"))
+    os.remove(work / "-")
+    refused(work, *rank("--audio", "-"), words=["-: no such file"])
+
+
+def test_the_extension_does_not_choose_the_format(work):
+    shutil.copy(work / "voice.wav", work / "voice.raw")
+    accepted(work, *rank("--audio", "voice.raw", "--out", "raw.npy"))
+    (work / "noise.raw").write_bytes(os.urandom(20000))
+    refused(work, *rank("--audio", "noise.raw"), words=["noise.raw: not a readable audio file"])
+
+
+def test_names_that_are_not_utf8_and_a_terminal_that_is_not_either(work):
+    name = os.fsdecode(b"\xff\xfe.wav")
+    shutil.copy(work / "voice.wav", work / name)
+    out = os.fsdecode(b"best-\xff.npy")
+    code, stdout, err, _, _ = run_bounded([sys.executable, os.path.join(HERE, "clvp.py"),
+                                           *map(str, rank("--audio", name, "--out", out, "--quiet"))], work,
+                                          env={"LC_ALL": "C", "PYTHONIOENCODING": "ascii:strict"})
+    assert code == 0 and err == "" and os.path.exists(work / out), err
+    assert "written to best-\\udcff.npy" in stdout, stdout
+    refused(work, *rank("--audio", os.fsdecode(b"gone-\xff.wav")), env={"LC_ALL": "C"}, words=["no such file"])
+
+
+def mp3_with_garbage(path):
+    """An MP3 whose frames are broken: libmpg123 writes its own notes to stderr while it resyncs."""
+    soundfile.write(path, np.sin(np.arange(22050) / 10).astype(np.float32) * 0.3, 22050, format="MP3")
+    data = bytearray(path.read_bytes())
+    data[2000:5000] = np.random.default_rng(0).bytes(3000)
+    path.write_bytes(bytes(data))
+
+
+def test_a_c_library_writing_to_stderr_does_not_make_two_lines(work):
+    mp3_with_garbage(work / "broken.mp3")
+    (work / "frames.mp3").write_bytes((b"\xff\xfb\x90\x00" + np.random.default_rng(1).bytes(400)) * 20)
+    for name in ("broken.mp3", "frames.mp3"):
+        read = subprocess.run([sys.executable, "-c", "import soundfile, sys; soundfile.read(sys.argv[1])", name],
+                              cwd=work, capture_output=True, text=True)
+        assert "libmpg123" in read.stderr or "Note:" in read.stderr, read.stderr   # the notes are there to keep off
+        refused(work, *rank("--audio", name), words=[f"{name}: not a readable audio file"])
+
+
+def test_a_part_file_that_is_a_link_is_never_written_through(work, hub_server):
+    hub_server.files.update({name: b"PK\x03\x04" + bytes(100) for name in ("autoregressive.pth", "clvp2.pth")})
+    cache, victim = work / "cache", work / "precious.txt"
+    cache.mkdir()
+    victim.write_text("a user's file\n")
+    os.symlink(victim, cache / "autoregressive.pth.part")
+    env = {"CLVP_HUB_URL": hub_server.url, "CLVP_CACHE": str(cache)}
+    refused(work, "--download", script="convert_weights.py", env=env, words=["autoregressive.pth.part"])
+    assert victim.read_text() == "a user's file\n" and hub_server.requests == []
+
+
+@pytest.mark.parametrize("name", ["autoregressive.pth", "autoregressive.pth.part", "tokenizer.json"])
+def test_a_fifo_in_the_cache_is_refused_not_waited_on(work, hub_server, name):
+    hub_server.files.update({n: b"" for n in ("autoregressive.pth", "clvp2.pth", "tokenizer.json", "mel_norms.pth")})
+    cache = work / "cache"
+    cache.mkdir()
+    os.mkfifo(cache / name)
+    env = {"CLVP_HUB_URL": hub_server.url, "CLVP_CACHE": str(cache)}
+    if name == "tokenizer.json":                              # the two weights are there and whole already
+        for n in ("autoregressive.pth", "clvp2.pth"):
+            shutil.copy(work / "tiny.pt", cache / n)
+    refused(work, "--download", script="convert_weights.py", env=env, words=[name])
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Bounds from the raw input, before the work: linear cleaners, archive records against the file's
+# size, and documented limits on candidates and clips.
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["1" * 2**20, "1." * 2**19, "12" * 2**19 + "st", "$" + "9" * 2**20, "1," * 2**19])
+def test_the_cleaners_run_in_linear_time_on_long_runs_of_digits(text):
+    """A bound against hours, not a benchmark: the quadratic rules took minutes on 200,000 digits."""
+    start = time.perf_counter()
+    try:
+        clvp.clean_text(text)
+    except ValueError as e:
+        assert "more than 36 digits" in str(e)
+    assert time.perf_counter() - start < 10
+
+
+def test_a_text_file_of_digits_is_refused_at_once(work):
+    (work / "digits.txt").write_text("7" * (2**20 - 1))
+    line = refused(work, "--text-file", "digits.txt", "--audio", "voice.wav", "--checkpoint", "tiny.pt",
+                   words=["more than 36 digits"])
+    assert "Exceeds the limit" not in line
+
+
+def compressed_checkpoint(work, name, inflated=1_200_000_000):
+    """tiny.pt with one record replaced by `inflated` zero bytes, deflate-compressed: 1.2 MB more on disk."""
+    import zipfile
+    with zipfile.ZipFile(work / "tiny.pt") as src, zipfile.ZipFile(work / name, "w", zipfile.ZIP_DEFLATED) as out:
+        for record in src.infolist():
+            data = src.read(record)
+            with out.open(record.filename, "w", force_zip64=True) as f:
+                if record.filename.endswith("/data/0"):
+                    for _ in range(inflated // 2**24):
+                        f.write(bytes(2**24))
+                else:
+                    f.write(data)
+    assert os.path.getsize(work / name) < os.path.getsize(work / "tiny.pt") + 2 * 2**20
+    return name
+
+
+def test_a_compressed_record_is_refused_before_it_inflates(work):
+    compressed_checkpoint(work, "bomb.pt")
+    (work / "small.pt").write_bytes(b"not a zip")
+    peaks = {}
+    for name, args, script in [("bomb", rank("--checkpoint", "bomb.pt"), "clvp.py"),
+                               ("base", rank("--checkpoint", "small.pt"), "clvp.py"),
+                               ("convert", ["--tortoise-ar", "bomb.pt", "--tortoise-clvp", "tiny.pt", "-o", "x.pt"],
+                                "convert_weights.py"),
+                               ("speak", ["--text", "Hi.", "--audio", "voice.wav", "--checkpoint", "tiny.pt",
+                                          "--speak-checkpoint", "bomb.pt"], "speak.py")]:
+        before = snapshot(work)
+        code, _, err, _, mib = run_bounded([sys.executable, os.path.join(HERE, script), *map(str, args)], work)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and snapshot(work) == before, err
+        assert name == "base" or "torch.save never compresses them" in err, err
+        peaks[name] = mib
+    assert max(peaks.values()) - peaks["base"] < 100, peaks          # MiB above the same run's baseline
+
+
+def test_candidate_and_clip_counts_have_limits(work):
+    refused(work, *rank("--candidates", clvp.MAX_CANDIDATES + 1), words=[f"--candidates must be an integer in 1..{clvp.MAX_CANDIDATES}"])
+    refused(work, *rank("--audio", *["voice.wav"] * (clvp.MAX_CLIPS + 1)),
+            words=[f"at most {clvp.MAX_CLIPS} clips", str(clvp.MAX_CLIPS + 1)])
+    with pytest.raises(clvp.InputError, match="num_candidates"):
+        clvp.check_options(clvp.DecodingOptions(num_candidates=10**6), clvp.tiny_config())
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. Numbers checked in the dtype and the range they are used in: a checkpoint that passes validation
+# cannot break later, the sampler never sees a non-finite logit, and JSON is never NaN.
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, words", [
+    (lambda b: b["weights"].update(logit_scale=torch.tensor(100.0)), ["logit_scale 100", "ln(10^4)"]),
+    (lambda b: b.update(mel_norms=torch.full((80,), 1e-40)), ["mel_norms", "at least 0.001"]),
+    (lambda b: b["weights"].update(logit_scale=torch.empty((), device="meta")), ["logit_scale", "meta"]),
+    (lambda b: b["weights"].update({"decoder.head.bias": b["weights"]["decoder.head.bias"].to_sparse()}),
+     ["decoder.head.bias", "sparse"]),
+])
+def test_checkpoints_valid_only_until_used(work, change, words):
+    name = crafted(work, "late.pt", change)
+    refused(work, *rank("--checkpoint", name), words=["late.pt", *words])
+
+
+def test_weights_that_overflow_the_logits_are_one_line_and_never_nan_json(work):
+    big = lambda b: b["weights"]["decoder.head.weight"].fill_(3e38)      # noqa: E731
+    name = crafted(work, "big.pt", big)
+    for extra in ((), ("--json",), ("--temperature", "0")):
+        refused(work, *rank("--checkpoint", name, *extra), words=["overflowed (inf or NaN)"])
+
+
+def test_meta_and_sparse_tensors_through_the_api(model):
+    for bad in (torch.ones(1, 3, dtype=torch.long, device="meta"), torch.ones(1, 3, dtype=torch.long).to_sparse()):
+        with pytest.raises(clvp.InputError, match="text_ids must be integer ids"):
+            model.text_features(bad)
+    with pytest.raises(clvp.InputError, match="mels must be floats"):
+        model.conditioning_latent(torch.zeros(1, 80, 10, device="meta"))
+    with pytest.raises(clvp.InputError, match="wav must be floats"):
+        clvp.log_mel_spectrogram(torch.zeros(5000, device="meta"))
+    with pytest.raises(clvp.InputError, match="seconds must be None or a positive number"):
+        clvp.load_audio(os.path.join(HERE, "examples", "voice.wav"), seconds=math.inf)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. The converter checks before it indexes: numbers of a config, the kind of every key and tensor
+# ---------------------------------------------------------------------------------------------------
+
+def test_hf_config_numbers_are_checked_before_use(work, tiny_hf_dir):
+    for key, value, words in [("num_attention_heads", 0, "text_config.num_attention_heads must be an integer >= 1"),
+                              ("hidden_size", "64", "text_config.hidden_size must be an integer"),
+                              ("vocab_size", None, "text_config.vocab_size")]:
+        hf = work / f"hf-{key}"
+        shutil.copytree(tiny_hf_dir, hf)
+        config = json.loads((hf / "config.json").read_text())
+        config["text_config"][key] = value
+        (hf / "config.json").write_text(json.dumps(config))
+        refused(work, "--hf", hf.name, "-o", "out.pt", script="convert_weights.py", words=["config.json", words])
+
+
+def tortoise_like(work, ar_change=None, cl_change=None):
+    """Two small files in Tortoise's layout, just enough for the converter to read their sizes."""
+    layers = "text_transformer.transformer.attn_layers."
+    ar = {"gpt.h.0.ln_1.weight": torch.ones(64), "text_embedding.weight": torch.zeros(256, 64),
+          "mel_embedding.weight": torch.zeros(8194, 64), "mel_pos_embedding.emb.weight": torch.zeros(16, 64),
+          "text_pos_embedding.emb.weight": torch.zeros(16, 64), "conditioning_encoder.init.weight": torch.zeros(64, 80, 1)}
+    cl = {"text_emb.weight": torch.zeros(256, 64), layers + "layers.0.1.wrap.to_q.weight": torch.zeros(64, 64),
+          layers + "rotary_pos_emb.inv_freq": 1 / 10000 ** (torch.arange(0, 32, 2) / 32)}
+    for state, change in ((ar, ar_change), (cl, cl_change)):
+        if change:
+            change(state)
+    torch.save(ar, work / "ar.pth")
+    torch.save(cl, work / "cl.pth")
+    return ["--tortoise-ar", "ar.pth", "--tortoise-clvp", "cl.pth", "-o", "out.pt"]
+
+
+@pytest.mark.parametrize("ar_change, cl_change, words", [
+    (lambda s: s.update({7: torch.zeros(1)}), None, ["ar.pth: not a state dict of tensors"]),
+    (lambda s: s.update({"gpt.h.1.x": torch.zeros(2, device="meta")}), None, ["ar.pth: not a state dict of tensors"]),
+    (lambda s: s.update({"text_embedding.weight": torch.zeros(256)}), None,
+     ["text_embedding.weight must have 2 dimensions, not [256]"]),
+    (lambda s: s.update({"conditioning_encoder.init.weight": torch.zeros(64, 80)}), None,
+     ["conditioning_encoder.init.weight must have 3 dimensions"]),
+    (None, lambda s: s.update({"text_emb.weight": torch.zeros(256)}), ["text_emb.weight must have 2 dimensions"]),
+    (None, lambda s: s.update({"text_transformer.transformer.attn_layers.rotary_pos_emb.inv_freq": torch.ones(4, 4)}),
+     ["inv_freq must have 1 dimensions, not [4, 4]"]),
+    (None, lambda s: s.update({"text_transformer.transformer.attn_layers.rotary_pos_emb.inv_freq":
+                               torch.arange(16)}), ["not the standard rotary table"]),
+])
+def test_the_converter_checks_before_it_indexes(work, ar_change, cl_change, words):
+    refused(work, *tortoise_like(work, ar_change, cl_change), script="convert_weights.py", words=words)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_rotary_table_in_half_precision_is_the_standard_one(work, dtype):
+    """The inv_freq of an fp16 or bf16 clvp2.pth is the standard table rounded to that dtype: read past it,
+    the conversion stops at the next missing tensor, not at the table."""
+    layers = "text_transformer.transformer.attn_layers."
+    line = refused(work, *tortoise_like(work, None, lambda s: s.update({
+        layers + "rotary_pos_emb.inv_freq": s[layers + "rotary_pos_emb.inv_freq"].to(dtype)})),
+        script="convert_weights.py")
+    assert "rotary" not in line and "layers.1.1.wrap.net.0.proj.weight is missing" in line, line
+
+
+# ---------------------------------------------------------------------------------------------------
+# speak.py (issue 19): every bad input as in clvp.py, through the same mechanisms. Moved here from
+# test_speak.py, and grown with the classes above: FIFOs, a lying .npy header, tensors that are not
+# there to read, a full disk while the WAV is written.
+# ---------------------------------------------------------------------------------------------------
+
+SPEAK = ["--random-init", "--tiny", "--candidates", 2, "--max-tokens", 12, "--diffusion-steps", 3]
+
+
+def speaking(*extra, weights=False):
+    """A small speak.py run in `work` (random tiny models, or tiny.pt and speak.pt with weights=True)."""
+    base = ["--checkpoint", "tiny.pt", "--speak-checkpoint", "speak.pt", *SPEAK[2:]] if weights else SPEAK
+    return [*base, "--text", "Hi.", "--audio", "voice.wav", "--out", "never.wav", *extra]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--diffusion-steps", "0"], "--diffusion-steps must be in 1..4000"),
+    (["--diffusion-steps", "4001"], "--diffusion-steps must be in 1..4000"),
+    (["--guidance", "-1"], "--guidance must be in 0..100"),
+    (["--guidance", "nan"], "--guidance must be in 0..100"),
+    (["--diffusion-temperature", "inf"], "--diffusion-temperature must be in 0..100"),
+    (["--top-k", "2"], "speaks the best candidate only"),
+    (["--no-pad"], "pads candidates as Tortoise does"),
+    (["--sampler", "euler"], "invalid choice"),
+    (["--preset", "slow"], "invalid choice"),
+])
+def test_speak_bad_options(work, args, says):
+    refused(work, *speaking(*args), script="speak.py", words=[says])
+
+
+def npy_claiming(path, shape, dtype="<i8", data=b""):
+    """A .npy file whose header says `shape`, followed by `data`."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": dtype, "fortran_order": False, "shape": shape})
+        f.write(data)
+
+
+def test_speak_bad_codes(work):
+    (work / "text.npy").write_text("not numpy")
+    cases = [("text", None, "not a .npy array"), ("flat", np.zeros(5, dtype=np.int64), "[k, 1..500]"),
+             ("long", np.zeros((1, 501), dtype=np.int64), "[k, 1..500]"), ("float", np.zeros((1, 5)), "integer tokens"),
+             ("range", np.full((1, 5), 9000), "tokens must be in 0..8193")]
+    for name, array, says in cases:
+        if array is not None:
+            np.save(work / f"{name}.npy", array)
+        refused(work, *speaking("--codes", f"{name}.npy"), script="speak.py", words=[f"--codes {name}.npy", says])
+    refused(work, *speaking("--codes", "absent.npy"), script="speak.py", words=["no such file"])
+
+
+def test_a_npy_header_that_lies_about_its_shape(work):
+    """A 1 kB file claiming [1, 10^10] int64 (75 GiB), or [10^9, 500]: refused from the header and the
+    file's size, before numpy allocates by them."""
+    npy_claiming(work / "huge.npy", (1, 10**10), data=bytes(800))
+    refused(work, *speaking("--codes", "huge.npy"), script="speak.py", words=["[k, 1..500]", "[1, 10000000000]"])
+    npy_claiming(work / "rows.npy", (10**9, 500), data=bytes(800))
+    refused(work, *speaking("--codes", "rows.npy"), script="speak.py",
+            words=["its header says int64 [1000000000, 500]", "holds"])
+    npy_claiming(work / "object.npy", (1, 5), dtype="|O", data=bytes(40))
+    refused(work, *speaking("--codes", "object.npy"), script="speak.py", words=["integer tokens"])
+
+
+def test_speak_out_naming_an_input_or_a_fifo(work):
+    refused(work, *speaking()[:-2], "--out", "voice.wav", script="speak.py", words=["voice.wav", "is also an input"])
+    os.mkfifo(work / "fifo")
+    refused(work, *speaking()[:-2], "--out", "fifo", script="speak.py", words=["not a regular file"])
+    refused(work, *speaking("--codes", "fifo"), script="speak.py", words=["fifo", "not a regular file"])
+    refused(work, *speaking("--speak-checkpoint", "fifo", weights=True), script="speak.py",
+            words=["fifo", "not a regular file"])
+
+
+def test_speak_full_disk_leaves_no_partial_wav(work):
+    line = refused(work, *speaking(), script="speak.py", preexec_fn=small_files(4096), words=["never.wav"])
+    assert "File too large" in line, line
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda b: b.update(format="other"), "not a speak checkpoint"),
+    (lambda b: b.update(version=2), "version 2"),
+    (lambda b: b["diffusion"].pop("out.2.bias"), "missing: out.2.bias"),
+    (lambda b: b["diffusion"].update({"inp_block.weight": torch.zeros(64, 100, 5)}), "inp_block.weight is [64, 100, 5]"),
+    (lambda b: b["diffusion"]["time_embed.0.weight"].fill_(float("nan")), "finite"),
+    (lambda b: b["vocoder"].update({"conv_pre.weight_g": torch.ones(3)}), "conv_pre.weight_g must be [32, 1, 1]"),
+    (lambda b: b["diffusion"].update({"latent_conditioner.0.weight": torch.zeros(64, 32, 3)}), "reads 32-wide AR latents"),
+    (lambda b: b["diffusion"].update({"inp_block.weight": torch.zeros(64)}), "inp_block.weight must have 3 dimensions"),
+    (lambda b: b["diffusion"].update({"layers.0.attn.relative_pos_embeddings.relative_attention_bias.weight":
+                                      torch.zeros(32)}), "relative_attention_bias.weight must have 2 dimensions"),
+    (lambda b: b["vocoder"].update({"conv_pre.weight_v": torch.zeros(32)}), "conv_pre.weight_v must have 2 or more"),
+    (lambda b: b["vocoder"].update({"conv_pre.weight_v": torch.zeros(32, 64, 7, device="meta")}),
+     "vocoder: not a dict of named floating-point tensors"),
+    (lambda b: b["diffusion"].update({"out.2.bias": torch.zeros(100, dtype=torch.long)}),
+     "diffusion: not a dict of named floating-point tensors"),
+    (lambda b: b["vocoder"].update({"conv_pre.weight_v": torch.zeros(32, 64, 7)}), "finite"),
+])
+def test_bad_speak_checkpoint(work, edit, says):
+    tiny_speak_file(work / "speak.pt", edit)
+    refused(work, *speaking(weights=True), script="speak.py", words=["speak.pt", says])
+
+
+def test_speak_checkpoint_missing_or_download_options_misused(work):
+    refused(work, *speaking("--speak-checkpoint", "none.pt", weights=True), script="speak.py",
+            words=["none.pt: no such file"])
+    refused(work, "--speak", "--hf", "x", "-o", "x.pt", script="convert_weights.py",
+            words=["--speak only applies with --download"])

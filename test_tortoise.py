@@ -321,6 +321,20 @@ def test_unreadable_files(tiny, tmp_path):
     assert "no such file" in conversion_error(tmp_path / "absent.pth", cl).lower()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_copies_convert(tiny, tmp_path, dtype):
+    """An fp16 or bf16 copy of the two files is valid: its rotary tables are the standard ones rounded to
+    that dtype, and the conversion gives the fp32 original's config and its weights rounded the same way."""
+    paths = []
+    for name in ("autoregressive.pth", "clvp2.pth"):
+        state = torch.load(tiny["dir"] / name, weights_only=True)
+        paths.append(saved(tmp_path, name, {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}))
+    config, weights, _ = convert_weights.convert_tortoise(*paths)
+    assert config == tiny["config"]
+    for name, t in tiny["model"].state_dict().items():
+        assert weights[name].dtype == dtype and torch.equal(weights[name], t.to(dtype)), name
+
+
 def test_not_tortoise_files(tiny, tmp_path):
     ar, cl = tiny["dir"] / "autoregressive.pth", tiny["dir"] / "clvp2.pth"
     hf = saved(tmp_path, "hf.pth", {"speech_decoder_model.lm_head.weight": torch.zeros(2, 2)})
