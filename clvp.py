@@ -1546,7 +1546,8 @@ def check_output(path, inputs=()):
 
 class RecordingFile:
     """A binary file that remembers why a write failed: torch.save reports a full disk only as an 'unexpected
-    pos' RuntimeError, and numpy as 'requested and written'; this keeps the OSError that says why."""
+    pos' RuntimeError, numpy as 'requested and written', soundfile as an AssertionError; this keeps the
+    OSError that says why."""
     def __init__(self, f):
         self.f, self.error = f, None
 
@@ -1557,8 +1558,8 @@ class RecordingFile:
             self.error = e
             raise
 
-    def flush(self):
-        self.f.flush()
+    def __getattr__(self, name):                      # seek, tell, read (soundfile rewrites a WAV's header)
+        return getattr(self.f, name)
 
 
 def write_atomically(path, write):
@@ -1568,11 +1569,14 @@ def write_atomically(path, write):
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".clvp-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            target = RecordingFile(f)
-            try:
+            target, hook = RecordingFile(f), sys.unraisablehook
+            sys.unraisablehook = lambda report: None         # soundfile's C callback prints the error it hit;
+            try:                                             # target keeps it, to raise once
                 write(target)
             except Exception:
                 raise target.error or sys.exc_info()[1]
+            finally:
+                sys.unraisablehook = hook
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)                       # mkstemp makes it private; use the usual mode

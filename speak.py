@@ -15,7 +15,6 @@ loading, the decoder, generation and ranking) and for its boundary helpers; clvp
 this file. Numbers match the original Tortoise code on the same weights (test_tortoise.py).
 """
 import functools
-import io
 import json
 import math
 import os
@@ -727,12 +726,6 @@ def prepare(args):
     return device, decoding, options, model, diffusion, vocoder, texts, ids, codes
 
 
-def wav_bytes(wav, pcm16):
-    buffer = io.BytesIO()
-    soundfile.write(buffer, wav.cpu().numpy(), SAMPLE_RATE, subtype="PCM_16" if pcm16 else "FLOAT", format="WAV")
-    return buffer.getvalue()
-
-
 def run(args):
     device, decoding, options, model, diffusion, vocoder, texts, ids, codes = prepare(args)
     quiet = args.quiet or args.json or not sys.stderr.isatty()
@@ -741,23 +734,29 @@ def run(args):
               f"stage working (on {args.max_new_tokens} speech tokens per candidate).")
     mels = clvp.voice_mels(model, args.audio)
     voice = diffusion.voice_latent(voice_mels(args.audio, device))          # [1, 2 * dim], once per voice
-    parts, times = [], {"decoding": 0.0, "latents": 0.0, "diffusion": 0.0, "vocoder": 0.0}
-    for text, text_ids in zip(texts, ids):
-        progress = clvp.Progress(not quiet)
-        t0 = time.perf_counter()
-        best = codes if codes is not None else model.generate(text_ids, mels, decoding, progress).best
-        times["decoding"] += time.perf_counter() - t0
-        line_times = {}
-        parts.append(speak(model, diffusion, vocoder, text_ids, mels, voice, best.to(device), options, progress, line_times))
-        progress.show("")
-        for k, v in line_times.items():
-            times[k] += v
-    wav = torch.cat(parts)                                   # --text-file: the lines joined, as read.py does
+    times, samples = {"decoding": 0.0, "latents": 0.0, "diffusion": 0.0, "vocoder": 0.0}, 0
+
+    def write(f):            # --text-file: the lines joined, as read.py does, each written as soon as it is made,
+        nonlocal samples     # so memory holds one line's audio, never the whole file's
+        with soundfile.SoundFile(f, "w", SAMPLE_RATE, 1, "PCM_16" if args.pcm16 else "FLOAT", format="WAV") as wav:
+            for text_ids in ids:
+                progress = clvp.Progress(not quiet)
+                t0 = time.perf_counter()
+                best = codes if codes is not None else model.generate(text_ids, mels, decoding, progress).best
+                times["decoding"] += time.perf_counter() - t0
+                line_times = {}
+                part = speak(model, diffusion, vocoder, text_ids, mels, voice, best.to(device), options, progress,
+                             line_times)
+                progress.show("")
+                wav.write(part.cpu().numpy())
+                samples += len(part)
+                for k, v in line_times.items():
+                    times[k] += v
     try:
-        clvp.write_atomically(args.out, lambda f: f.write(wav_bytes(wav, args.pcm16)))
+        clvp.write_atomically(args.out, write)
     except OSError as e:
         raise clvp.UsageError(f"{args.out}: cannot write it ({e.strerror or clvp.first_line(e)})") from None
-    seconds = len(wav) / SAMPLE_RATE
+    seconds = samples / SAMPLE_RATE
     if args.json:
         print(json.dumps(dict(out=args.out, sample_rate=SAMPLE_RATE, seconds=round(seconds, 4), lines=len(texts),
                               random_init=args.random_init, stages={k: round(v, 3) for k, v in times.items()})))
