@@ -368,7 +368,8 @@ def original_audio_models(diffusion, vocoder):
 
 def audio_rows(args):
     """{row: {"speak.py s": ..., "original s": ...}} at args.seconds of audio, best of --repeat, fp32 CPU: one
-    network pass, a guided step (speak.py: one batch of 2; the original: two calls), the samplers, the vocoder."""
+    network pass, a guided step (speak.py: one batch of 2; the original: two calls), the samplers, the vocoder,
+    and speak.py's pass, vocoder and sampler in bf16 against the original in fp32."""
     torch.manual_seed(0)
     diffusion, vocoder = speak.random_speak(speak.DiffusionConfig(), torch.device("cpu"))
     theirs = original_audio_models(diffusion, vocoder) if args.compare else None
@@ -390,9 +391,18 @@ def audio_rows(args):
     for name, steps, guidance, sampler in (("ultra_fast, 30 steps", 30, 0.0, "ddpm"), ("ddim, 20 steps", 20, 0.0, "ddim"),
                                            ("ddim, 10 steps", 10, 0.0, "ddim")):
         rows[name] = (ms(lambda: speak.sample_mel(diffusion, cond, steps, guidance, sampler=sampler), 1), None)
+    # bf16 (the sampler's own math stays fp32): against the original in fp32, the only way it runs on a CPU
+    d16, v16 = (copy.deepcopy(m).to(torch.bfloat16) for m in (diffusion, vocoder))
+    x16, cond16 = x.bfloat16(), cond.bfloat16()
+    rows["one network pass, bf16 (original: fp32)"] = (ms(lambda: d16(x16, t, cond16)), rows["one network pass"][1])
+    rows["vocoder, bf16 (original: fp32)"] = (ms(lambda: v16.inference(speak.denormalize(mel).bfloat16(), z.bfloat16())),
+                                             rows["vocoder"][1])
+    rows["ultra_fast, 30 steps, bf16"] = (ms(lambda: speak.sample_mel(d16, cond16, 30), 1), None)
     pass_s, total = rows["one network pass"][1], rows["ultra_fast, 30 steps"][0] + rows["vocoder"][0]
     if pass_s:           # the original's sampler is its network pass N times; its step math costs next to nothing
         rows["ultra_fast, 30 steps (original: 30 x one pass)"] = (rows.pop("ultra_fast, 30 steps")[0], 30 * pass_s)
+        rows["ultra_fast, 30 steps, bf16 (original: fp32, 30 x one pass)"] = (rows.pop("ultra_fast, 30 steps, bf16")[0],
+                                                                             30 * pass_s)
     table = {name: {"speak.py s": ours, **({"original s": orig, "speed-up": orig / ours} if orig else {})}
              for name, (ours, orig) in rows.items()}
     return dict(seconds_of_audio=args.seconds, frames=L, threads=torch.get_num_threads(), torch=torch.__version__,

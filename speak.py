@@ -282,7 +282,7 @@ class DiffusionTts(nn.Module):
         """Noisy mels x [B, 100, L], original timesteps t [B], conditioning [B, dim, L] -> [B, 200, L]: the
         predicted noise, then the variance interpolation values. Conditioning-free rows get the learned
         unconditioned_embedding as their conditioning (see guided_eps)."""
-        time_emb = self.time_embed(timestep_embedding(t, self.config.dim))       # [B, dim]
+        time_emb = self.time_embed(timestep_embedding(t, self.config.dim).to(x.dtype))   # [B, dim]
         code = conditioning
         for layer in self.conditioning_timestep_integrator:
             code = layer(code, time_emb)
@@ -367,11 +367,11 @@ def ddim_step(s, i, x, eps, v, noise):
 def guided_eps(model, s, i, x, conditioning, guidance):
     """The network at step i -> (eps, v) [1, 100, L] each; with guidance > 0 the conditioned and the
     conditioning-free rows run as one batch and eps is mixed with the ramped weight."""
-    t = s.timesteps[i:i + 1].to(x.device)
+    t, x = s.timesteps[i:i + 1].to(x.device), x.to(conditioning.dtype)    # the network in its dtype, the rest fp32
     if not guidance:
-        return model(x, t, conditioning).chunk(2, dim=1)
+        return model(x, t, conditioning).float().chunk(2, dim=1)
     free = model.unconditioned_embedding.expand(1, -1, x.shape[-1])
-    out = model(x.expand(2, -1, -1), t.expand(2), torch.cat([conditioning, free]))
+    out = model(x.expand(2, -1, -1), t.expand(2), torch.cat([conditioning, free])).float()
     (eps, v), eps_free = out[:1].chunk(2, dim=1), out[1:, :N_MELS]
     k = guidance * (1 - i / s.steps)
     return (1 + k) * eps - k * eps_free, v
@@ -490,7 +490,8 @@ def denormalize(mel):
 def vocode(vocoder, mel, generator=None):
     """mel [1, 100, L] in [-1, 1] -> wav [256 * L] at 24 kHz; z is the last draw of the stage."""
     z = torch.randn(1, VOCODER_NOISE, mel.shape[-1] + 10, generator=generator, device=mel.device)
-    return vocoder.inference(denormalize(mel), z.to(mel.dtype))[0, 0]
+    dtype = vocoder.conv_pre.weight.dtype                          # denormalised in fp32, then in the vocoder's dtype
+    return vocoder.inference(denormalize(mel.float()).to(dtype), z.to(dtype))[0, 0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -525,7 +526,7 @@ def speak(model, diffusion, vocoder, text_ids, mels, voice, codes, o: SpeakOptio
     t0 = time.perf_counter()
     if progress:
         progress.show("vocoder")
-    wav = vocode(vocoder, mel.to(next(vocoder.parameters()).dtype), generator)
+    wav = vocode(vocoder, mel, generator)
     times["vocoder"] = time.perf_counter() - t0
     return wav.float()
 
@@ -609,8 +610,8 @@ def check_speak_checkpoint(blob, latent_dim):
     return config, parts[0], vocoder
 
 
-def load_speak(path, device, latent_dim):
-    """speak.pt -> (DiffusionTts, UnivNet) in eval mode, fp32, on device; validated before building."""
+def load_speak(path, device, latent_dim, dtype=torch.float32):
+    """speak.pt -> (DiffusionTts, UnivNet) in eval mode, in dtype, on device; validated before building."""
     blob = clvp.load_tensors(path, clvp.CheckpointError, "not a readable speak checkpoint")
     with clvp.prefixed(f"{path}: ", clvp.CheckpointError):
         config, diffusion_weights, vocoder_weights = check_speak_checkpoint(blob, latent_dim)
@@ -618,17 +619,17 @@ def load_speak(path, device, latent_dim):
         diffusion, vocoder = DiffusionTts(config), UnivNet()
     diffusion.load_state_dict(diffusion_weights, assign=True)
     vocoder.load_state_dict(vocoder_weights, assign=True)
-    return diffusion.to(device, torch.float32).eval(), vocoder.to(device, torch.float32).eval()
+    return diffusion.to(device, dtype).eval(), vocoder.to(device, dtype).eval()
 
 
-def random_speak(config, device):
+def random_speak(config, device, dtype=torch.float32):
     """--random-init: random models (every DiffusionTts parameter perturbed, as the original zero-inits some)."""
     torch.manual_seed(0)
     diffusion, vocoder = DiffusionTts(config), UnivNet()
     with torch.no_grad():
         for p in diffusion.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    return diffusion.to(device).eval(), vocoder.to(device).eval()
+    return diffusion.to(device, dtype).eval(), vocoder.to(device, dtype).eval()
 
 
 def read_codes(path, stop_token):
@@ -719,9 +720,9 @@ def prepare(args):
     clvp.check_options(decoding, model.config, clvp.flag)
     if args.random_init:
         tiny = DiffusionConfig(dim=64, layers=2, heads=2, latent_dim=model.config.decoder.dim)
-        diffusion, vocoder = random_speak(tiny if args.tiny else DiffusionConfig(), device)
+        diffusion, vocoder = random_speak(tiny if args.tiny else DiffusionConfig(), device, getattr(torch, args.dtype))
     else:
-        diffusion, vocoder = load_speak(speak_path, device, model.config.decoder.dim)
+        diffusion, vocoder = load_speak(speak_path, device, model.config.decoder.dim, getattr(torch, args.dtype))
     ids = [clvp.encode_text(model, t) for t in texts]
     return device, decoding, options, model, diffusion, vocoder, texts, ids, codes
 
@@ -733,7 +734,7 @@ def run(args):
         print("NOTE: --random-init: the weights are random, so the audio is noise; this run only shows every "
               f"stage working (on {args.max_new_tokens} speech tokens per candidate).")
     mels = clvp.voice_mels(model, args.audio)
-    voice = diffusion.voice_latent(voice_mels(args.audio, device))          # [1, 2 * dim], once per voice
+    voice = diffusion.voice_latent(voice_mels(args.audio, device).to(diffusion.unconditioned_embedding.dtype))  # [1, 2D]
     times, samples = {"decoding": 0.0, "latents": 0.0, "diffusion": 0.0, "vocoder": 0.0}, 0
 
     def write(f):            # --text-file: the lines joined, as read.py does, each written as soon as it is made,

@@ -82,3 +82,6 @@ def test_speak_rows_against_the_original(tortoise_src):
     assert rows["ultra_fast, 30 steps (original: 30 x one pass)"]["original s"] == \
         30 * rows["one network pass"]["original s"]
     assert rows["ddim, 10 steps"]["speak.py s"] > 0 and "original s" not in rows["ddim, 10 steps"]
+    for name in ("one network pass, bf16 (original: fp32)", "vocoder, bf16 (original: fp32)",
+                 "ultra_fast, 30 steps, bf16 (original: fp32, 30 x one pass)"):
+        assert rows[name]["speak.py s"] > 0 and rows[name]["original s"] > 0, name
