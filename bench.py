@@ -19,6 +19,7 @@ import copy
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -366,6 +367,35 @@ def original_audio_models(diffusion, vocoder):
     return theirs.eval(), univnet
 
 
+PEAK_CHILD = """
+import sys, torch
+import bench, speak
+which, L = sys.argv[1], int(sys.argv[2])
+torch.manual_seed(0)
+diffusion, vocoder = speak.random_speak(speak.DiffusionConfig(), torch.device("cpu"))
+x, t, cond, z = torch.randn(1, 100, L), torch.tensor([1000]), torch.randn(1, 1024, L), torch.randn(1, 64, L + 10)
+if which == "original":
+    diffusion, vocoder = bench.original_audio_models(diffusion, vocoder)
+with bench.PeakMemory(torch.device("cpu")) as peak, torch.inference_mode():
+    for _ in range(3):                                 # three network passes, then UnivNet
+        diffusion(x, t, precomputed_aligned_embeddings=cond) if which == "original" else diffusion(x, t, cond)
+    vocoder.inference(speak.denormalize(torch.tanh(x)), z)
+print(peak.bytes)
+"""
+
+
+def audio_peaks(frames, compare):
+    """{implementation: peak MiB above its loaded models} of three diffusion passes and UnivNet (activations and
+    caches), each in a fresh process: in this one, earlier rows' freed memory would hide it."""
+    peaks = {}
+    for which in ("speak.py", "original") if compare else ("speak.py",):
+        r = subprocess.run([sys.executable, "-c", PEAK_CHILD, which, str(frames)], capture_output=True, text=True,
+                           cwd=os.path.dirname(os.path.abspath(__file__)))
+        clvp.require([(r.returncode == 0, f"the {which} memory run failed: {clvp.first_line(r.stderr or '?')}")])
+        peaks[which] = round(int(r.stdout.strip().splitlines()[-1]) / 2**20)
+    return peaks
+
+
 def audio_rows(args):
     """{row: {"speak.py s": ..., "original s": ...}} at args.seconds of audio, best of --repeat, fp32 CPU: one
     network pass, a guided step (speak.py: one batch of 2; the original: two calls), the samplers, the vocoder,
@@ -406,7 +436,8 @@ def audio_rows(args):
     table = {name: {"speak.py s": ours, **({"original s": orig, "speed-up": orig / ours} if orig else {})}
              for name, (ours, orig) in rows.items()}
     return dict(seconds_of_audio=args.seconds, frames=L, threads=torch.get_num_threads(), torch=torch.__version__,
-                rows=table, real_time_factor_ultra_fast=total / args.seconds)
+                rows=table, real_time_factor_ultra_fast=total / args.seconds,
+                peak_mib_above_the_models=audio_peaks(L, args.compare))
 
 
 def build_parser():

@@ -660,7 +660,7 @@ def speak_options(args):
     steps, guidance = PRESETS[args.preset]
     steps = steps if args.diffusion_steps is None else args.diffusion_steps
     guidance = guidance if args.guidance is None else args.guidance
-    clvp.require([clvp.within("--diffusion-steps", steps, 1, TRAINED_STEPS),
+    clvp.require([clvp.within("--diffusion-steps", steps, 2, TRAINED_STEPS),     # the original's schedule needs 2
                   (math.isfinite(guidance) and 0 <= guidance <= 100, f"--guidance must be in 0..100, not {guidance}"),
                   (math.isfinite(args.diffusion_temperature) and 0 <= args.diffusion_temperature <= 100,
                    f"--diffusion-temperature must be in 0..100, not {args.diffusion_temperature}"),

@@ -76,6 +76,8 @@ def test_speak_rows_against_the_original(tortoise_src):
     report = json.loads(r.stdout)
     rows = report["rows"]
     assert report["frames"] == 93 and report["real_time_factor_ultra_fast"] > 0
+    assert set(report["peak_mib_above_the_models"]) == {"speak.py", "original"}
+    assert all(mib > 0 for mib in report["peak_mib_above_the_models"].values())
     for name in ("one network pass", "guided step (conditioned + free)", "vocoder",
                  "ultra_fast, 30 steps (original: 30 x one pass)"):
         assert rows[name]["speak.py s"] > 0 and rows[name]["original s"] > 0, name

@@ -1133,8 +1133,9 @@ def speaking(*extra, weights=False):
 
 
 @pytest.mark.parametrize("args, says", [
-    (["--diffusion-steps", "0"], "--diffusion-steps must be in 1..4000"),
-    (["--diffusion-steps", "4001"], "--diffusion-steps must be in 1..4000"),
+    (["--diffusion-steps", "0"], "--diffusion-steps must be in 2..4000"),
+    (["--diffusion-steps", "1"], "--diffusion-steps must be in 2..4000"),
+    (["--diffusion-steps", "4001"], "--diffusion-steps must be in 2..4000"),
     (["--guidance", "-1"], "--guidance must be in 0..100"),
     (["--guidance", "nan"], "--guidance must be in 0..100"),
     (["--diffusion-temperature", "inf"], "--diffusion-temperature must be in 0..100"),
