@@ -1090,7 +1090,7 @@ MAX_LAYERS, MAX_SIZE = 1024, 2**20   # far beyond any real CLVP; a hostile confi
 MAX_CANDIDATES = 1024                # per text: 4x Tortoise's largest preset (256); each costs a decoding
 MAX_CLIPS = 256                      # --audio clips of one voice (Tortoise's voices have a handful)
 MAX_LOGIT_SCALE = math.log(1e4)      # scores up to 10^4 x cosine: CLIP clamps at ln 100, fp16 holds 65504
-MIN_MEL_NORM = 1e-3                  # smaller divisors make log-mels of 10^4 and more (Tortoise's: 1.6..9.5)
+MIN_MEL_NORM = 1e-3                  # smaller divisors make log-mels of 10^4 and more (Tortoise's: -9.5..-1.6)
 MAX_TEXT_BYTES = 2**20               # --text-file: a book chapter; more is a mistake
 MAX_JSON_BYTES = 16 * 2**20          # a config or tokenizer file; Tortoise's tokenizer.json is 6 KiB
 RATES = (1000, 384000)               # Hz a real recording uses; a header outside them is lying
@@ -1295,7 +1295,8 @@ def check_clip(path, wav, sampling_rate):
 def check_wav(wav, mel_norms):
     """log_mel_spectrogram's arguments: fp32/fp64 samples (what torch.stft takes), long enough, and mel norms."""
     require([(isinstance(wav, torch.Tensor) and plain(wav) and wav.dtype in (torch.float32, torch.float64)
-              and wav.dim() in (1, 2) and wav.shape[0] > 0, f"wav must be floats [samples] or [batch, samples], float32 or float64, not {describe(wav)}"),
+              and wav.dim() in (1, 2) and wav.shape[0] > 0,
+              f"wav must be floats [samples] or [batch, samples], float32 or float64, not {describe(wav)}"),
              (wav.shape[-1] >= MIN_SAMPLES, f"audio too short for the STFT: {wav.shape[-1]} samples, need at least "
               f"{MIN_SAMPLES}")], AudioError)
     if mel_norms is not None:
@@ -1308,8 +1309,9 @@ def check_wav(wav, mel_norms):
 
 def checked_ids(ids, name, vocab_size, device, max_len=None, min_len=1):
     """Token ids [B, T] with min_len <= T <= max_len, each in 0..vocab_size-1 -> long ids on `device`."""
-    require([(isinstance(ids, torch.Tensor) and plain(ids) and ids.dim() == 2
-              and not (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool) and ids.shape[0] >= 1 and min_len <= ids.shape[1] <= (max_len or math.inf),
+    require([(isinstance(ids, torch.Tensor) and plain(ids) and ids.dim() == 2 and ids.shape[0] >= 1
+              and not (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool)
+              and min_len <= ids.shape[1] <= (max_len or math.inf),
               f"{name} must be integer ids [batch, {min_len}..{max_len or 'any'} tokens], not {describe(ids)}")])
     low, high = (int(ids.min()), int(ids.max())) if ids.numel() else (0, 0)   # as ints: uint8 cannot hold 256
     require([(0 <= low and high < vocab_size, f"{name} must be ids in 0..{vocab_size - 1}, not {low}..{high}")])

@@ -218,7 +218,8 @@ def hf_config(d):
         e = d.get(part)
         value = e.get(key) if isinstance(e, dict) else None
         low = 0 if key.endswith("token_id") else 1
-        clvp.require([(type(value) is int and value >= low, f"{part}.{key} must be an integer >= {low}, not {value!r}")])
+        clvp.require([(type(value) is int and value >= low,
+                       f"{part}.{key} must be an integer >= {low}, not {value!r}")])
         return value
 
     def encoder(e):

@@ -601,7 +601,8 @@ def check_speak_checkpoint(blob, latent_dim):
     parts = [blob.get("diffusion"), blob.get("vocoder")]
     clvp.require([(isinstance(p, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) and clvp.plain(v)
                                                and v.is_floating_point() for k, v in p.items()),
-                   f"{name}: not a dict of named floating-point tensors (dense, in memory)") for name, p in zip(("diffusion", "vocoder"), parts)],
+                   f"{name}: not a dict of named floating-point tensors (dense, in memory)")
+                  for name, p in zip(("diffusion", "vocoder"), parts)],
                  clvp.CheckpointError)
     config = diffusion_config(parts[0], latent_dim)
     check_tensors(lambda: DiffusionTts(config), parts[0], "diffusion")
@@ -734,7 +735,8 @@ def run(args):
         print("NOTE: --random-init: the weights are random, so the audio is noise; this run only shows every "
               f"stage working (on {args.max_new_tokens} speech tokens per candidate).")
     mels = clvp.voice_mels(model, args.audio)
-    voice = diffusion.voice_latent(voice_mels(args.audio, device).to(diffusion.unconditioned_embedding.dtype))  # [1, 2D]
+    dtype = diffusion.unconditioned_embedding.dtype
+    voice = diffusion.voice_latent(voice_mels(args.audio, device).to(dtype))   # [1, 2 * dim], once per voice
     times, samples = {"decoding": 0.0, "latents": 0.0, "diffusion": 0.0, "vocoder": 0.0}, 0
 
     def write(f):            # --text-file: the lines joined, as read.py does, each written as soon as it is made,
