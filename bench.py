@@ -5,7 +5,7 @@
     python bench.py --tiny --json          # a small model; one JSON object instead of the table
     python bench.py --compare --dtype float32 bfloat16 --tokens 400   # both dtypes, longer candidates
     python bench.py --sentences 8 --batch-size 64                     # 8 sentences together vs one at a time
-    python bench.py --attention            # the decode step's attention four ways: why the CPU cache is fp32
+    python bench.py --attention            # the decode step's attention six ways: why the caches are what they are
     python bench.py --speak --compare      # speak.py's audio stages against the original Tortoise code
 
 The whole job is timed (conditioning, prefill, decoding, reranking) on random weights with the stop
@@ -95,52 +95,56 @@ def timed_run(run, decoder, device):
 
 
 def bare_matmul_ms(model, n, context, device, repeat=5):
-    """One decode step's matrix products alone: every weight matmul at batch n, and attention's two
-    products over `context` cached positions."""
-    c = model.config.decoder
-    x = torch.randn(n, c.dim, device=device, dtype=model.logit_scale.dtype)
-    q = torch.randn(n, c.heads, 1, c.dim // c.heads, device=device, dtype=x.dtype)
-    kv = torch.randn(n, c.heads, context, c.dim // c.heads, device=device, dtype=x.dtype)
-    hidden = torch.randn(n, 4 * c.dim, device=device, dtype=x.dtype)
+    """One decode step's matrix products alone: every Linear of the decoder at batch n (with the weights
+    packed as generation packs them), and attention's two products over `context` cached positions."""
+    c, dec = model.config.decoder, model.decoder
+    x = torch.randn(n, 1, c.dim, device=device, dtype=model.logit_scale.dtype)
+    dtype = clvp.cache_dtype(device, x.dtype)
+    q = torch.randn(n, c.heads, 1, c.dim // c.heads, device=device, dtype=dtype)
+    kv = torch.randn(n, c.heads, context, c.dim // c.heads, device=device, dtype=dtype)
+    hidden = torch.randn(n, 1, 4 * c.dim, device=device, dtype=x.dtype)
 
     def step():
-        for b in model.decoder.blocks:
-            x @ b.qkv.weight.T, x @ b.out.weight.T, x @ b.fc.weight.T, hidden @ b.proj.weight.T
+        for b in dec.blocks:
+            b.qkv(x), b.out(x), b.fc(x), b.proj(hidden)
             (q @ kv.transpose(2, 3)) @ kv
-        x @ model.decoder.head.weight.T
+        dec.head(x)
 
-    step()
-    sync = synchronizer(device)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        step()
-    sync()
-    return (time.perf_counter() - t0) / repeat * 1e3
+    with clvp.packed_weights(dec, n):
+        return best_ms(step, repeat, device)
 
 
 def attention_choices(config, rows, device, contexts=(100, 500), repeat=3):
-    """{cached positions: {way: ms}}: the attention of one decode step through every layer's own
-    [positions, rows, heads, head_dim] cache, four ways. It is the measurement behind clvp.attention_dtype."""
+    """{cached positions: {way: ms}}: the attention of one decode step through every layer, six ways: torch's
+    SDPA over a [positions, rows, heads, head_dim] cache (the layout before the shared prompt), in fp32 and
+    bf16, and clvp.py's KVCache.attend with a 45-position prompt shared by all rows, in both. It is the
+    measurement behind clvp.attention_dtype and clvp.cache_dtype."""
     c, sdpa, f32, b16 = config.decoder, torch.nn.functional.scaled_dot_product_attention, torch.float32, torch.bfloat16
-    hd, layers, table = c.dim // c.heads, range(c.layers), {}
+    hd, layers, table, P = c.dim // c.heads, range(c.layers), {}, 45
     for n in contexts:
         q = torch.randn(rows, c.heads, 1, hd, device=device)
         k, v = (torch.randn(c.layers, n, rows, c.heads, hd, device=device).permute(0, 2, 3, 1, 4) for _ in range(2))
         q16, k16, v16 = (t.to(b16) for t in (q, k, v))
         ways = {"fp32 cache, fp32 SDPA": lambda: [sdpa(q, k[i], v[i]) for i in layers],
                 "bf16 cache, bf16 SDPA": lambda: [sdpa(q16, k16[i], v16[i]) for i in layers],
-                "bf16 cache, upcast, fp32 SDPA": lambda: [sdpa(q, k16[i].to(f32), v16[i].to(f32)) for i in layers],
-                "bf16 cache, two bf16 matmuls": lambda: [(q16 @ k16[i].transpose(2, 3)).to(f32).mul(hd ** -0.5)
-                                                         .softmax(-1).to(b16) @ v16[i] for i in layers]}
+                "bf16 cache, upcast, fp32 SDPA": lambda: [sdpa(q, k16[i].to(f32), v16[i].to(f32)) for i in layers]}
+        for dtype, name in ((f32, "fp32"), (b16, "bf16")):
+            prompts = clvp.PromptCache(c, 1, P, device, dtype)
+            prompts.k.normal_(), prompts.v.normal_()
+            cache = clvp.KVCache(prompts, torch.zeros(rows, dtype=torch.long, device=device), n - P + 1)
+            cache.k.normal_(), cache.v.normal_()
+            qd = q.to(dtype)
+            ways[f"{name} shared-prompt cache, KVCache.attend"] = lambda cache=cache, qd=qd: [
+                cache.attend(i, qd, qd, qd, n - P) for i in layers]
         table[n] = {way: best_ms(f, repeat, device) for way, f in ways.items()}
     return table
 
 
 def attention_bytes(config, rows, contexts=(100, 500)):
-    """What attention_choices allocates at its longest context: the fp32 and bf16 caches, keys and values."""
+    """What attention_choices allocates at its longest context: old-layout caches in fp32 and bf16, and the
+    shared-prompt caches in both, keys and values."""
     c = config.decoder
-    return 2 * c.layers * max(contexts) * rows * c.dim * (4 + 2)
+    return 2 * c.layers * max(contexts) * rows * c.dim * (4 + 2) * 2
 
 
 def reference_model(model):
@@ -241,21 +245,40 @@ def ratio_pairs(runs):
     return pairs + [(ours[0], r) for r in ours[1:] if r.way == "alone"]
 
 
-def bytes_per_step(model, rows, context):
-    """What one decode step reads: the decoder's weights (the embeddings only a row each), and the KV cache."""
+def bytes_per_step(model, rows, texts, prompt, steps):
+    """(weights, KV cache) MiB that one decode step reads: the decoder's weights (the embeddings only a row
+    each), each text's prompt once, and each row's `steps` own keys and values."""
     c = model.config.decoder
     weights = sum(p.numel() * p.element_size() for name, p in model.decoder.named_parameters()
                   if "embedding" not in name and "positions" not in name)
-    dtype = clvp.attention_dtype(model.logit_scale.device, model.logit_scale.dtype)
-    cache = clvp.KVCache(c, rows, context, "meta", dtype)
-    return weights / 2**20, 2 * cache.k.numel() * cache.k.element_size() / 2**20
+    size = clvp.cache_dtype(model.logit_scale.device, model.logit_scale.dtype).itemsize
+    return weights / 2**20, 2 * c.layers * c.dim * (texts * prompt + rows * steps) * size / 2**20
+
+
+def stream_gbps(device, repeat=7):
+    """The memory bandwidth this machine reaches reading 1 GiB (torch's sum, every thread), GB/s: the median
+    of `repeat` reads (the fastest can be an outlier on a virtual machine)."""
+    x = torch.ones(2**28, device=device)
+    return statistics.median(x.numel() * 4 / best_ms(lambda: x.sum(), 1, device) / 1e6 for _ in range(repeat))
+
+
+def cpu_facts():
+    """What decides clvp.py's CPU paths: the model name, torch's capability, AVX-512 BF16 and AMX."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        name = "?"
+    return dict(model=name, capability=torch.backends.cpu.get_cpu_capability(),
+                avx512_bf16=torch.cpu._is_avx512_bf16_supported(), amx=torch.cpu._is_amx_tile_supported())
 
 
 def benchmark(args, device):
     runs = runs_to_time(args, device)
     N, L, K = args.candidates, args.tokens, args.sentences
     results = {r.name: [] for r in runs}
-    context = 1 + args.text_tokens + 4 + L // 2                             # cached positions, on average
+    prompt = 1 + args.text_tokens + 4                                       # latent, text + 3, start
+    context = prompt + L // 2                                               # cached positions, on average
     with torch.inference_mode():
         for r in runs:
             r.run(2)                                                        # warm-up
@@ -263,6 +286,7 @@ def benchmark(args, device):
             for r in runs:
                 results[r.name].append(timed_run(lambda: r.run(L), r.decoder, device))
         bare = {r.name: bare_matmul_ms(r.model, N, context, device) for r in runs if r.model is not None and K == 1}
+        gbps = stream_gbps(device)
     table = {}
     for r in runs:
         name, rs = r.name, results[r.name]
@@ -276,8 +300,16 @@ def benchmark(args, device):
             row["bare matmul ms/step"] = bare[name]
             row["decode / bare matmul"] = row["decode ms/step"] / bare[name]
         if r.model is not None:
-            row["weights MiB read/step"], row["KV cache MiB read/step"] = bytes_per_step(r.model, r.rows, context)
-    report = dict(device=str(device), dtype=args.dtype, config="tiny" if args.tiny else "official",
+            texts = max(1, min(K, r.rows // N))                            # whose prompts a batch reads
+            weights, cache = bytes_per_step(r.model, r.rows, texts, prompt, L // 2)
+            row["weights MiB read/step"], row["KV cache MiB read/step"] = weights, cache
+            if K == 1:
+                row["floor ms/step"] = (weights + cache) * 2**20 / gbps / 1e6
+                row["decode / floor"] = row["decode ms/step"] / row["floor ms/step"]
+    report = dict(device=str(device), cpu=cpu_facts() if device.type == "cpu" else None, stream_GB_per_s=gbps,
+                  cache_dtype={d: str(clvp.cache_dtype(device, getattr(torch, d)))[6:] for d in args.dtype},
+                  packed={d: clvp.can_pack(torch.empty(0, device=device, dtype=getattr(torch, d))) for d in args.dtype},
+                  dtype=args.dtype, config="tiny" if args.tiny else "official",
                   candidates=N, tokens=L, text_tokens=args.text_tokens, sentences=K, batch_size=args.batch_size or N * K,
                   repeat=args.repeat, torch=torch.__version__, threads=torch.get_num_threads(), results=table)
     # Speed-ups, slower / faster.
@@ -297,6 +329,8 @@ def print_report(report):
           f"L={report['tokens']} tokens, {report['sentences']} sentence(s) of about {report['text_tokens']} text "
           f"tokens, batches of {report['batch_size']} rows, median of {report['repeat']}, torch {report['torch']}, "
           f"{report['threads']} threads")
+    print(f"cpu: {report['cpu']}" if report["cpu"] else "", f"stream {report['stream_GB_per_s']:.1f} GB/s, KV cache "
+          f"{report['cache_dtype']}, weights packed for oneDNN {report['packed']}")
     rows = list(dict.fromkeys(row for r in table.values() for row in r if row != "steps"))
     for name, r in table.items():
         print(f"\n{name}")

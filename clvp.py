@@ -408,14 +408,14 @@ def log_mel_spectrogram(wav: torch.Tensor, mel_norms: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------------
-# Networks (1/4): attention, shared by every block below
+# Networks (1/4): attention and the Linear, shared by every block below
 #
 # The three kinds of network (conditioning encoder, decoder, CLVP encoder) all use plain multi-head
 # attention; they differ only in what goes around it (GroupNorm, rotary, a causal mask, a KV cache). One
 # fused Linear makes q, k and v; these helpers split and merge heads, and torch's
-# scaled_dot_product_attention does the rest. In bf16 or fp16 on the CPU, attention runs in fp32: the
-# Linears are where half precision pays (half the bytes to read), while torch's CPU attention kernel is
-# about 5x slower in bf16 than in fp32.
+# scaled_dot_product_attention does the rest. On a CPU without AMX that kernel is about 5x slower in bf16
+# than in fp32 (bench.py --attention), so there it runs in fp32. The decoder's steps attend through
+# their KV cache with plain matrix products instead (KVCache.attend), which AVX-512 runs fast in bf16.
 # ---------------------------------------------------------------------------------------------------
 
 def split_heads(qkv, heads):
@@ -431,8 +431,10 @@ def merge_heads(x):
 
 
 def attention_dtype(device, dtype):
-    """The dtype attention (and so the KV cache) runs in: fp32 on the CPU, the model's own on a GPU."""
-    return torch.float32 if torch.device(device).type == "cpu" else dtype
+    """The dtype scaled_dot_product_attention runs in: the model's own, except fp32 on a CPU, where only
+    AMX makes torch's bf16 kernel faster than its fp32 one."""
+    fast = torch.device(device).type != "cpu" or dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported()
+    return dtype if fast else torch.float32
 
 
 def attention(q, k, v, causal=False, mask=None):
@@ -442,6 +444,17 @@ def attention(q, k, v, causal=False, mask=None):
     out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask,
                                          is_causal=causal and mask is None)
     return out.to(q.dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear that multiplies with a copy of its weight packed for oneDNN while `packed` holds one (the
+    decoder's, during a generation on the CPU: see packed_weights)."""
+    packed = None
+
+    def forward(self, x):
+        if self.packed is None:
+            return super().forward(x)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -509,55 +522,88 @@ def speech_position(k):
     return k + 1
 
 
-class KVCache:
-    """Keys and values of every layer for one batch of B rows, allocated once per generation:
-    [layers, max_len, B, heads, head_dim].
+def cache_dtype(device, dtype, forced=None):
+    """The dtype of the decoder's KV cache and of a decode step's attention: `forced` (a dtype's name) where
+    given; else the model's own, but fp32 on a CPU for fp16, and for bf16 without AVX-512 BF16 (where bf16
+    matrix products are emulated, and slow)."""
+    fast = torch.device(device).type != "cpu" or dtype == torch.bfloat16 and torch.cpu._is_avx512_bf16_supported()
+    return getattr(torch, forced) if forced else dtype if fast else torch.float32
 
-    Each step writes its new keys/values in place and attends to a view of everything so far, so step t
-    costs O(t) and allocates nothing. Positions are the outer axis, so one step's write is one contiguous
-    block. Rows may hold the prompts of different texts: each prompt is left-padded to the longest, and
-    `visible` [B, 1, 1, max_len], made once per batch, hides every row's padding from its attention.
+
+class PromptCache:
+    """Keys and values of each text's prompt, once per text however many candidates decode it:
+    [layers, heads, texts, positions, head_dim], filled by one prefill of all the texts together.
+
+    Prompts of different lengths are left-padded to the longest: pads [texts] counts each one's padding.
+    `visible` [texts, positions] marks the real positions, and the prefill's mask [texts, 1, P, P] is
+    causal without the padding, except that a padding position sees itself (no softmax row is empty).
     """
 
-    def __init__(self, c: DecoderConfig, batch, max_len, device, dtype):
-        shape = (c.layers, max_len, batch, c.heads, c.dim // c.heads)
+    def __init__(self, c: DecoderConfig, texts, length, device, dtype, pads=None):
+        shape = (c.layers, c.heads, texts, length, c.dim // c.heads)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.pads, self.visible = torch.zeros(batch, dtype=torch.long, device=device), None
+        pads = torch.zeros(texts, dtype=torch.long, device=device) if pads is None else pads
+        self.visible = torch.arange(length, device=device) >= pads[:, None]
+        causal, eye = (torch.ones(length, length, dtype=torch.bool, device=device).tril(),
+                       torch.eye(length, dtype=torch.bool, device=device))
+        self.mask = self.visible[:, None, None] & causal | eye if bool(pads.any()) else None
 
-    def pad(self, pads):
-        """pads [B]: positions of padding before each row's prompt (no mask at all where there are none)."""
-        self.pads = pads
-        positions = torch.arange(self.k.shape[1], device=pads.device)
-        self.visible = (positions >= pads[:, None])[:, None, None] if bool(pads.any()) else None
+    def attend(self, layer, q, k, v, start=0):
+        """The prefill: q, k, v [texts, heads, positions, hd] of whole prompts -> [texts, heads, positions, hd]."""
+        self.k[layer], self.v[layer] = k.transpose(0, 1), v.transpose(0, 1)
+        return attention(q, k, v, causal=True, mask=self.mask)
 
-    def update(self, layer, start, k, v):
-        """Store k, v [B, heads, T, hd] at positions start.. of rows 0..B-1; return those rows so far,
-        as [B, heads, positions, hd] views."""
-        B, end = k.shape[0], start + k.shape[2]
-        self.k[layer, start:end, :B] = k.permute(2, 0, 1, 3)
-        self.v[layer, start:end, :B] = v.permute(2, 0, 1, 3)
-        return self.k[layer, :end, :B].permute(1, 2, 0, 3), self.v[layer, :end, :B].permute(1, 2, 0, 3)
 
-    def mask(self, queries, end):
-        """What the last `queries` of positions 0..end-1 may see: [B, 1, queries, end] bool, or None for
-        plain causal attention. Several queries only happen from position 0 (the prompts): causal, and no
-        padding, except that a padding position sees itself, so that no row of the softmax is empty."""
-        if self.visible is None:
-            return None
-        if queries == 1:
-            return self.visible[..., :end]
-        causal = torch.ones(queries, end, dtype=torch.bool, device=self.pads.device).tril()
-        return self.visible[..., :end] & causal | torch.eye(queries, end, dtype=torch.bool, device=self.pads.device)
+class KVCache:
+    """What a batch of decoding rows attends to: their texts' prompts, read from a PromptCache, and each
+    row's own generated keys and values, in blocks of BLOCK steps: [layers, blocks, rows * heads, BLOCK,
+    head_dim], allocated once per batch.
 
-    def copy_prompts(self, prompts, rows):
-        """Give row i the prompt of text rows[i], gathered from `prompts`, a cache of one prefilled row per
-        text; layer by layer, so the gathered copy is one layer's."""
-        P, rows = prompts.k.shape[1], rows.to(prompts.pads.device)
-        for layer in range(len(self.k)):
-            self.k[layer, :P, :len(rows)] = prompts.k[layer][:, rows]
-            self.v[layer, :P, :len(rows)] = prompts.v[layer][:, rows]
-        self.pad(prompts.pads[rows])
+    Every candidate of a text has the same prompt, so a step reads it once per text, not once per row:
+    one matrix product meets all the rows' queries with the batch's prompts, and a batched one meets each
+    row with its own tokens, as cascade (shared-prefix) attention does in FlashInfer and Hydragen. The own
+    steps are kept in whole blocks, as vLLM's paged attention keeps them, because torch's CPU kernels copy
+    any operand that is not contiguous first, and the blocks filled so far are one contiguous slice: a step
+    reads its positions once, plus the unfilled rest of the last block, which the mask hides.
+    """
+    BLOCK = 32
+
+    def __init__(self, prompts: PromptCache, texts, steps):
+        """texts [B], ascending: the text each row decodes; steps: at most how many tokens each row makes."""
+        layers, heads, _, P, head_dim = prompts.k.shape
+        first, last = int(texts[0]), int(texts[-1]) + 1
+        self.prompts, self.texts = prompts, slice(first, last)
+        shape = (layers, -(-steps // self.BLOCK), len(texts) * heads, self.BLOCK, head_dim)
+        self.k = prompts.k.new_empty(shape)
+        self.v = prompts.k.new_empty(shape)
+        # [B, 1, those texts * positions]: the prompt positions each row may not see (other texts', padding)
+        owner = torch.arange(first, last, device=texts.device).repeat_interleave(P)
+        self.hidden = ((texts[:, None] != owner) | ~prompts.visible[first:last].flatten())[:, None]
+
+    def attend(self, layer, q, k, v, start):
+        """One new token per row: q, k, v [B, heads, 1, hd], whose k, v are stored at step `start` ->
+        attention [B, heads, 1, hd], computed in the cache's dtype (softmax in fp32), back in k's."""
+        (B, H, _, hd), dtype, block = q.shape, self.k.dtype, start // self.BLOCK
+        if start % self.BLOCK == 0:                          # a fresh block: zeros, not leftover NaNs, in its rest
+            self.k[layer, block], self.v[layer, block] = 0, 0
+        self.k[layer, block, :, start % self.BLOCK] = k.reshape(B * H, hd)
+        self.v[layer, block, :, start % self.BLOCK] = v.reshape(B * H, hd)
+        prompt_k, prompt_v = (t[layer, :, self.texts].flatten(1, 2) for t in (self.prompts.k, self.prompts.v))
+        own_k, own_v = (t[layer, :block + 1].flatten(0, 1) for t in (self.k, self.v))   # [blocks * B * H, BLOCK, hd]
+        q = q.to(dtype) * hd ** -0.5
+        to_prompts = q[:, :, 0].transpose(0, 1) @ prompt_k.transpose(1, 2)    # [H, B, n]: all rows, all prompts
+        # keys @ query, not query @ keys^T, so that the keys too go in as they lie (not transposed).
+        to_own = own_k @ q.reshape(1, B * H, hd, 1).expand(block + 1, -1, -1, -1).flatten(0, 1)
+        to_own = to_own.view(block + 1, B, H, self.BLOCK).permute(1, 2, 0, 3).flatten(2)   # [B, H, steps so far]
+        to_own[..., start + 1:] = -math.inf                                   # the last block's unfilled rest
+        # One softmax over both parts' scores: the exact merge that cascade attention makes with log-sum-exp.
+        scores = torch.cat([to_prompts.transpose(0, 1).masked_fill(self.hidden, -math.inf), to_own], -1)
+        w, n = scores.float().softmax(-1).to(dtype), prompt_k.shape[1]         # [B, H, n + blocks * BLOCK]
+        from_prompts = (w[..., :n].transpose(0, 1) @ prompt_v).transpose(0, 1)   # [B, H, hd]
+        w_own = w[..., n:].reshape(B * H, block + 1, self.BLOCK).transpose(0, 1).reshape(-1, 1, self.BLOCK)
+        from_own = (w_own @ own_v).view(block + 1, B, H, hd).sum(0)             # each block's part, summed
+        return (from_prompts + from_own)[:, :, None].to(k.dtype)                 # [B, H, 1, hd]
 
 
 class DecoderBlock(nn.Module):
@@ -565,20 +611,17 @@ class DecoderBlock(nn.Module):
         super().__init__()
         self.heads = heads
         self.norm1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.out = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim)
+        self.out = Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim)
-        self.fc = nn.Linear(dim, 4 * dim)
-        self.proj = nn.Linear(4 * dim, dim)
+        self.fc = Linear(dim, 4 * dim)
+        self.proj = Linear(4 * dim, dim)
 
-    def forward(self, x, layer=None, cache=None, start=0, mask=None):  # x: [B, T, D]
+    def forward(self, x, layer=None, cache=None, start=0):          # x: [B, T, D]
         q, k, v = split_heads(self.qkv(self.norm1(x)), self.heads)
-        if cache is not None:
-            k, v = cache.update(layer, start, k, v)
-        # Several new positions at once only happen from position 0 (the prompt, or teacher forcing),
-        # where a plain causal mask is right; a single new token may see everything before it. Prompts
-        # of different lengths in one batch bring the cache's padding mask instead.
-        a = attention(q, k, v, causal=q.shape[2] > 1, mask=mask)
+        # No cache: every position at once, causal (teacher forcing). A cache stores k, v and attends as
+        # its part needs: the prompts' prefill (PromptCache) or one decode step (KVCache).
+        a = attention(q, k, v, causal=True) if cache is None else cache.attend(layer, q, k, v, start)
         x = x + self.out(merge_heads(a))
         return x + self.proj(F.gelu(self.fc(self.norm2(x)), approximate="tanh"))   # GPT-2's gelu_new
 
@@ -594,7 +637,7 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(DecoderBlock(c.dim, c.heads) for _ in range(c.layers))
         self.norm = nn.LayerNorm(c.dim)
         self.final_norm = nn.LayerNorm(c.dim)
-        self.head = nn.Linear(c.dim, c.speech_vocab_size)
+        self.head = Linear(c.dim, c.speech_vocab_size)
 
     def prompt_length(self, text_len):
         return 1 + (text_len + 3) + 1                         # latent, [start] + ids + [stop, stop], start
@@ -613,9 +656,8 @@ class Decoder(nn.Module):
         return self.speech_embedding(tokens) + self.speech_positions.weight[position]
 
     def forward(self, x, cache=None, start=0):              # x: [B, T, D] embeddings -> hidden [B, T, D]
-        mask = cache.mask(x.shape[1], start + x.shape[1]) if cache is not None else None   # same in every layer
         for i, block in enumerate(self.blocks):
-            x = block(x, i, cache, start, mask)
+            x = block(x, i, cache, start)
         return x
 
     def logits(self, h):                                     # [B, T, D] -> [B, T, 8194]
@@ -786,10 +828,11 @@ class CLVP(nn.Module):
 # Generation and reranking: sample N candidates, score them with CLVP, keep the best
 #
 # 1. prefill: a prompt (voice latent, text, start token) is the same for every candidate of its text, so
-#    it runs once; its keys/values are then copied into each row of the KV cache that decodes that text.
-#    Several texts (sentences of a --text-file) decode in one batch: their prompts are left-padded to
-#    the longest and masked, so all rows step through the same positions together.
+#    it runs once, and its keys/values are stored once (PromptCache), however many rows decode the text.
+#    Several texts (sentences of a --text-file) prefill and decode together: their prompts are
+#    left-padded to the longest and masked, so all rows step through the same positions together.
 # 2. decode_step: a batch of candidates advances one token through the cache: tokens in, logits out.
+#    Each row attends to its text's prompt and to its own tokens (KVCache.attend).
 #    next_tokens turns logits into tokens with the same processors, in the same order, as
 #    transformers' generate: repetition penalty, temperature, top-p, typical. A candidate that emits
 #    the stop token keeps emitting it; the loop ends early when every candidate has stopped.
@@ -818,6 +861,7 @@ class DecodingOptions:
                                        # top_k is in nanoGPT and gpt-fast: sampling uses top_p)
     seed: int | None = None
     pad_to_max: bool = True            # stop-pad candidates to max_new_tokens before scoring (Tortoise)
+    cache_dtype: str | None = None     # "float32", "bfloat16", "float16"; None: cache_dtype's rule
 
     def rows(self, texts=1):
         """How many rows decode together for `texts` texts: one batch, or all their candidates if fewer."""
@@ -833,17 +877,41 @@ class Generation:
     best: torch.Tensor         # [top_k, T] the top candidates, best first
 
 
-def prefill(decoder, prompt, cache):
-    """The prompt [1, P, D] through every block once, filling positions 0..P-1 of the cache's first
-    row -> logits [1, vocab] for the first generated token."""
-    return decoder.logits(decoder(prompt, cache)[:, -1])
+def prefill(decoder, prompts, cache):
+    """Every text's prompt [texts, P, D] through every block once, into the PromptCache -> logits
+    [texts, vocab] for each text's first generated token."""
+    return decoder.logits(decoder(prompts, cache)[:, -1])
 
 
-def decode_step(decoder, tokens, k, cache, start):
-    """The k-th generated tokens [B] (k = 1, 2, ...), at cache position `start`, -> logits [B, vocab] for
-    the next ones. The new keys and values stay in the cache; attention reads positions 0..start."""
+def decode_step(decoder, tokens, k, cache):
+    """The k-th generated tokens [B] (k = 1, 2, ...) -> logits [B, vocab] for the next ones. Their keys and
+    values go into the KVCache at step k - 1; attention reads the prompts and steps 0..k - 1."""
     x = decoder.embed_speech(tokens[:, None], speech_position(k))           # [B, 1, D]
-    return decoder.logits(decoder(x, cache, start)[:, -1])                   # [B, vocab]
+    return decoder.logits(decoder(x, cache, k - 1)[:, -1])                   # [B, vocab]
+
+
+@contextlib.contextmanager
+def packed_weights(decoder, rows):
+    """While it lasts, on a CPU, every decoder Linear multiplies with a copy of its weight packed once for
+    oneDNN. torch's CPU Linear lays a bf16 weight out anew on every call and runs fp32 through MKL; at a
+    decode step's few rows both are slower (2.6x in bf16 and 2.8x in fp32 on an AMD EPYC, bench.py). The
+    copies cost the weights' size in memory until the generation ends."""
+    linears = [m for m in decoder.modules() if isinstance(m, Linear)]
+    if can_pack(decoder.head.weight):
+        for m in linears:
+            m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight, rows)
+    try:
+        yield
+    finally:
+        for m in linears:
+            m.packed = None
+
+
+def can_pack(weight):
+    """oneDNN packs fp32 everywhere and bf16 where this CPU has bf16 (AVX-512 BF16 or AMX) kernels."""
+    return (weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and (weight.dtype == torch.float32 or weight.dtype == torch.bfloat16
+                 and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
 
 def repetition_penalty(logits, seen, penalty):
@@ -886,7 +954,7 @@ def next_tokens(logits, seen, options, generator):
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
 
 
-def decode_batch(decoder, cache, logits, prompt_len, options, generator, progress=None):
+def decode_batch(decoder, cache, logits, options, generator, progress=None):
     """Advance B candidates from the prompt's logits [B, vocab] until all stop -> tokens [B, steps],
     stop-padded."""
     c, steps = decoder.config, options.max_new_tokens
@@ -906,7 +974,7 @@ def decode_batch(decoder, cache, logits, prompt_len, options, generator, progres
             progress.decode(k, B, int((~done).sum()))
         if done.all() or k == steps - 1:
             break
-        logits = decode_step(decoder, token, k + 1, cache, prompt_len + k)
+        logits = decode_step(decoder, token, k + 1, cache)
     return tokens[:, :k + 1]
 
 
@@ -948,18 +1016,18 @@ def generate_and_rank(model, text_ids, mels, options, progress=None):
     latent = model.voice_latent(mels)[None]                                  # [1, D]
     prompts = [dec.prompt(latent, ids[None])[0] for ids in text_ids]         # [P_i, D] each
     P = max(len(p) for p in prompts)
-    dtype = attention_dtype(device, latent.dtype)
-    shared = KVCache(c, len(text_ids), P, device, dtype)                     # each prompt, once
-    shared.pad(torch.tensor([P - len(p) for p in prompts], device=device))
-    first_logits = prefill(dec, torch.stack([F.pad(p, (0, 0, P - len(p), 0)) for p in prompts]), shared)
-    rows = torch.arange(len(text_ids)).repeat_interleave(N)                  # the text of each row
-    cache = KVCache(c, o.rows(len(text_ids)), P + o.max_new_tokens, device, dtype)
+    pads = torch.tensor([P - len(p) for p in prompts], device=device)
+    dtype = cache_dtype(device, latent.dtype, o.cache_dtype)
+    shared = PromptCache(c, len(text_ids), P, device, dtype, pads)          # each prompt, once
+    rows = torch.arange(len(text_ids), device=device).repeat_interleave(N)   # the text of each row
     generator = torch.Generator(device).manual_seed(o.seed) if o.seed is not None else None
     batches = []
-    for first in range(0, len(rows), o.batch_size):
-        batch = rows[first:first + o.batch_size]
-        cache.copy_prompts(shared, batch)
-        batches.append(decode_batch(dec, cache, first_logits[batch.to(device)], P, o, generator, progress))
+    with packed_weights(dec, o.rows(len(text_ids))):
+        first_logits = prefill(dec, torch.stack([F.pad(p, (0, 0, P - len(p), 0)) for p in prompts]), shared)
+        for first in range(0, len(rows), o.batch_size):                     # one batch's cache at a time
+            batch = rows[first:first + o.batch_size]
+            batches.append(decode_batch(dec, KVCache(shared, batch, o.max_new_tokens), first_logits[batch], o,
+                                        generator, progress))
     longest = max(b.shape[1] for b in batches)
     tokens = torch.cat([F.pad(b, (0, longest - b.shape[1]), value=c.stop_token) for b in batches])
     return [rank(model, ids, trim(tokens[i * N:(i + 1) * N], c.stop_token), o, progress)
@@ -1350,6 +1418,9 @@ OVERFLOW = ("the model's numbers overflowed (inf or NaN): its weights are too la
 FP32_POSITIVE = "a finite positive number that float32 holds (1e-45..3e38)"
 
 
+CACHE_DTYPES = (None, "float32", "bfloat16", "float16")
+
+
 def decoding_problems(o, config):
     """[(field, what is wrong)] for each DecodingOptions value that generation cannot work with on this config."""
     def number(x, low=0.0, high=math.inf):       # in range, and still the same number in the sampler's fp32:
@@ -1370,7 +1441,8 @@ def decoding_problems(o, config):
               "None (off) or in (0, 1]"),
              ("top_k", integer(o.top_k, 1, MAX_SIZE), f"an integer in 1..{MAX_SIZE}"),
              ("seed", o.seed is None or integer(o.seed, 0, 2**64 - 1), "None or an integer in 0..2**64-1"),
-             ("pad_to_max", isinstance(o.pad_to_max, bool), "True or False")]
+             ("pad_to_max", isinstance(o.pad_to_max, bool), "True or False"),
+             ("cache_dtype", o.cache_dtype in CACHE_DTYPES, f"None or one of {', '.join(CACHE_DTYPES[1:])}")]
     return [(name, f"must be {allowed}, not {getattr(o, name)!r}") for name, ok, allowed in rules if not ok]
 
 
@@ -1411,20 +1483,23 @@ def free_memory(device):
 
 
 def check_memory(model, text_len, options, texts=1):
-    """Refuse, before allocating anything, a generation that will not fit: the KV caches (one batch, and
-    each text's prompt), plus the candidates' tokens, which live in several copies (batches, joined,
-    padded, fixed, returned). text_len: the longest text's."""
+    """Refuse, before allocating anything, a generation that will not fit: the KV caches (each text's
+    prompt, and one batch's own steps), the packed copy of the decoder's weights, plus the candidates'
+    tokens, which live in several copies (batches, joined, padded, fixed, returned). text_len: the
+    longest text's."""
     c, o = model.config.decoder, options
     rows, prompt = o.rows(texts), model.decoder.prompt_length(text_len)
-    dtype = attention_dtype(model.logit_scale.device, model.logit_scale.dtype)
-    positions = (prompt + o.max_new_tokens) * rows + prompt * texts           # the batch's cache, the prompts'
-    cache = 2 * c.layers * positions * c.dim * torch.finfo(dtype).bits // 8
+    positions = o.max_new_tokens * rows + prompt * texts                     # the batch's steps, the prompts
+    size = cache_dtype(model.logit_scale.device, model.logit_scale.dtype, o.cache_dtype).itemsize
+    cache = 2 * c.layers * positions * c.dim * size
+    packed = sum(m.weight.nbytes for m in model.decoder.modules() if isinstance(m, Linear)) * can_pack(
+        model.decoder.head.weight)
     tokens = 6 * o.num_candidates * texts * o.max_new_tokens * 8 + 8 * rows * c.speech_vocab_size * 4
-    free = free_memory(model.logit_scale.device)
+    free, need = free_memory(model.logit_scale.device), cache + packed + tokens
     each = f" for each of {texts} texts" if texts > 1 else ""
-    require([(free is None or cache + tokens <= 0.75 * free,      # the rest: activations, the model, the system
+    require([(free is None or need <= 0.75 * free,      # the rest: activations, the model, the system
               f"{o.num_candidates} candidates{each} of up to {o.max_new_tokens} tokens in batches of {rows} need about "
-              f"{(cache + tokens) / 2**30:.1f} GiB (KV cache {cache / 2**30:.1f} GiB), more than 3/4 of the "
+              f"{need / 2**30:.1f} GiB (KV cache {cache / 2**30:.1f} GiB), more than 3/4 of the "
               f"{(free or 0) / 2**30:.1f} GiB free: ask for fewer candidates, a smaller batch or fewer tokens")])
 
 
@@ -1665,6 +1740,8 @@ def build_parser():
     o = p.add_argument_group("running and output")
     o.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     o.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    o.add_argument("--cache-dtype", choices=CACHE_DTYPES[1:], help="the KV cache's dtype (default: the model's, "
+                   "except fp32 on a CPU without bf16 instructions; --explain says which)")
     o.add_argument("--out", default="best.npy", help="where to write the best tokens (default best.npy)")
     o.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     o.add_argument("--quiet", action="store_true", help="no progress display")
@@ -1768,8 +1845,8 @@ def explain_prompt(say, model, text, ids, mels, o, group):
     latents = model.conditioning_latent(mels)
     prompt = model.decoder.prompt(latents.mean(dim=0)[None], ids[None])
     batch, longest = o.rows(len(group)), max(map(len, group))
-    cache = KVCache(c, batch, model.decoder.prompt_length(longest) + o.max_new_tokens, "meta",
-                    attention_dtype(ids.device, prompt.dtype))
+    dtype = cache_dtype(ids.device, prompt.dtype, o.cache_dtype)
+    P, hd = model.decoder.prompt_length(longest), c.dim // c.heads
     say(f"[text]     {text!r}\n           cleaned: {clean_text(text)!r}\n"
         f"           BPE ids [{len(ids)}]: {ids.tolist()[:16]}{' ...' if len(ids) > 16 else ''}")
     say(f"[audio]    {len(mels)} clip(s), each resampled to {SAMPLE_RATE} Hz mono, padded or cut to "
@@ -1781,8 +1858,14 @@ def explain_prompt(say, model, text, ids, mels, o, group):
         f"{c.text_stop_token}] (text positions 0..{len(ids) + 2}) + start token {c.start_token} "
         f"(speech position 0): {list(prompt.shape)}")
     together = f", with {len(group) - 1} other text(s), left-padded to the longest" if len(group) > 1 else ""
-    say(f"[prefill]  {c.layers} GPT-2 blocks over the prompt once{together}; KV cache keys and values, each "
-        f"[layers, positions, rows, heads, head_dim] = {list(cache.k.shape)}, get the prompt in its candidates' rows")
+    say(f"[prefill]  {c.layers} GPT-2 blocks over the prompt once{together}; its keys and values, each "
+        f"[layers, heads, texts, positions, head_dim] = {[c.layers, c.heads, len(group), P, hd]}, are kept once per text, "
+        f"in {str(dtype)[6:]}")
+    packed = ", with the decoder's weights packed once for oneDNN" if can_pack(model.decoder.head.weight) else ""
+    blocks = -(-o.max_new_tokens // KVCache.BLOCK)
+    say(f"[cache]    each row's own steps: keys and values [layers, blocks, rows * heads, {KVCache.BLOCK}, head_dim] = "
+        f"{[c.layers, blocks, batch * c.heads, KVCache.BLOCK, hd]}; a step reads each text's prompt once for all "
+        f"its rows{packed}")
     say(f"[decode]   {o.num_candidates} candidate(s) per text in batches of {batch}: each step embeds [{batch}, 1] tokens "
         f"(at speech positions {speech_position(1)}, {speech_position(2)}, ...), runs [{batch}, 1, {c.dim}] through the cached "
         f"blocks -> logits [{batch}, {c.speech_vocab_size}] -> repetition penalty {o.repetition_penalty}, "

@@ -28,12 +28,18 @@ def test_tiny_benchmark_reports_every_row():
     fp32, bf16 = report["results"]["clvp.py float32"], report["results"]["clvp.py bfloat16"]
     assert fp32["bare matmul ms/step"] > 0 and fp32["decode / bare matmul"] > 0
     assert bf16["weights MiB read/step"] * 2 == fp32["weights MiB read/step"]      # half the bytes
-    assert bf16["KV cache MiB read/step"] == fp32["KV cache MiB read/step"] > 0    # the CPU's cache is fp32
+    cache_bytes = {"float32": 4, "bfloat16": 2}[report["cache_dtype"]["bfloat16"]]     # the rule's, for this CPU
+    assert bf16["KV cache MiB read/step"] * 4 == fp32["KV cache MiB read/step"] * cache_bytes > 0
+    for row in (fp32, bf16):                                  # the floor: the bytes at the measured bandwidth
+        floor = (row["weights MiB read/step"] + row["KV cache MiB read/step"]) * 2**20 / report["stream_GB_per_s"] / 1e6
+        assert abs(row["floor ms/step"] - floor) < 1e-9 and row["decode / floor"] > 0
+    assert report["stream_GB_per_s"] > 0 and report["cpu"]["capability"] and set(report["packed"]) == {"float32", "bfloat16"}
     assert set(report["ratios"]) == {f"{names[2]} / clvp.py float32", f"{names[2]} / clvp.py bfloat16",
                                      "clvp.py float32 / clvp.py bfloat16"}
     assert set(report["front ends"]) == {"tokenizer encode", "log-mel (6 s clip)"}
     table = bench("--tiny", "--candidates", 2, "--tokens", 4, "--repeat", 1)
     assert table.returncode == 0 and "decode / bare matmul" in table.stdout and "transformers" not in table.stdout
+    assert "decode / floor" in table.stdout and "stream" in table.stdout and "capability" in table.stdout
 
 
 def test_sentences_together_and_one_at_a_time():
@@ -54,7 +60,8 @@ def test_attention_choices():
     report = json.loads(r.stdout)
     assert list(report) == ["100 positions", "500 positions"]
     for ways in report.values():
-        assert len(ways) == 4 and all(ms > 0 for ms in ways.values()) and "fp32 cache, fp32 SDPA" in ways
+        assert len(ways) == 5 and all(ms > 0 for ms in ways.values()) and "fp32 cache, fp32 SDPA" in ways
+        assert "bf16 shared-prompt cache, KVCache.attend" in ways
 
 
 def test_bad_arguments_are_one_line():

@@ -665,12 +665,47 @@ def test_bf16_agrees_with_fp32_at_the_official_size(official_pair):
     assert delta.abs().max() < BF16_MAX and delta.abs().mean() < BF16_MEAN and spearman > BF16_RANK
 
 
-def test_attention_and_the_cache_are_fp32_on_the_cpu_and_the_model_dtype_on_a_gpu():
-    # The CUDA half of this cannot run without a GPU; what decides it can.
-    assert clvp.attention_dtype("cpu", torch.bfloat16) == clvp.attention_dtype("cpu", torch.float16) == torch.float32
-    assert clvp.attention_dtype("cuda", torch.bfloat16) == torch.bfloat16
-    assert clvp.attention_dtype(torch.device("cuda", 1), torch.float16) == torch.float16
-    assert clvp.attention_dtype("cuda", torch.float32) == torch.float32
+def test_a_bf16_cache_decodes_close_to_fp32(official_pair):
+    """bf16 weights and a bf16 KV cache (the rule's choice on a CPU with AVX-512 BF16; given here, so the
+    test runs on any CPU): two texts' prefill and 20 cached steps, three rows, against fp32 uncached."""
+    import copy
+    _, model = official_pair
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    torch.manual_seed(16)
+    mels, texts = torch.randn(1, 80, 200), [torch.randint(1, 250, (n,)) for n in (20, 12)]
+    rows, speech = torch.tensor([0, 0, 1]), torch.randint(0, 8192, (3, 20))
+    with torch.inference_mode():
+        low = cached_logits(half, mels.bfloat16(), texts, rows, speech, torch.bfloat16).float()
+        full = torch.cat([model.speech_logits(mels, texts[t][None], speech[b:b + 1]) for b, t in enumerate(rows)])
+    delta = (full - low)[..., [i for i in range(8194) if i != 8192]]
+    assert delta.abs().max() < BF16_MAX and delta.abs().mean() < BF16_MEAN, (delta.abs().max(), delta.abs().mean())
+
+
+@pytest.mark.parametrize("amx, bf16", [(False, False), (False, True), (True, True)])
+def test_attention_and_cache_dtypes_follow_the_cpus_kernels(monkeypatch, amx, bf16):
+    # The CUDA half of this cannot run without a GPU; what decides it can. Each CPU kind is simulated.
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
+    assert clvp.attention_dtype("cpu", torch.bfloat16) == (torch.bfloat16 if amx else torch.float32)
+    assert clvp.cache_dtype("cpu", torch.bfloat16) == (torch.bfloat16 if bf16 else torch.float32)
+    assert clvp.attention_dtype("cpu", torch.float16) == clvp.cache_dtype("cpu", torch.float16) == torch.float32
+    for rule in (clvp.attention_dtype, clvp.cache_dtype):
+        assert rule("cpu", torch.float32) == rule("cuda", torch.float32) == torch.float32
+        assert rule("cuda", torch.bfloat16) == torch.bfloat16 and rule(torch.device("cuda", 1), torch.float16) == torch.float16
+
+
+def test_a_forced_cache_dtype_is_used_and_checked(tiny_pair):
+    _, model = tiny_pair
+    assert clvp.cache_dtype("cpu", torch.float32, "bfloat16") == torch.bfloat16
+    assert clvp.cache_dtype("cpu", torch.bfloat16, "float32") == torch.float32
+    import copy
+    half, mels = copy.deepcopy(model).to(torch.bfloat16), torch.randn(1, 80, 50)
+    for m, cache in ((model, "bfloat16"), (half, "float32")):   # the model's dtype and the cache's differ
+        gen = m.generate(torch.tensor([5, 6]), mels.to(m.logit_scale.dtype), num_candidates=2, max_new_tokens=4,
+                         temperature=0, cache_dtype=cache)
+        assert gen.candidates.shape == (2, 4)
+    with pytest.raises(ValueError, match="cache_dtype must be None or one of float32, bfloat16, float16, not 'int8'"):
+        model.generate(torch.tensor([5, 6]), torch.randn(1, 80, 50), cache_dtype="int8")
 
 
 def test_half_precision_runs_close_to_fp32(tiny_pair):
@@ -697,22 +732,30 @@ def test_half_precision_runs_close_to_fp32(tiny_pair):
 # ---------------------------------------------------------------------------------------------------
 
 
+def cached_logits(model, mels, texts, rows, speech, dtype=torch.float32):
+    """Logits [B, S + 1, vocab] of the prefill and S decode steps: row b decodes text rows[b] and is fed
+    speech[b]; the texts' prompts are left-padded, prefilled together and stored once each."""
+    dec = model.decoder
+    latent = model.voice_latent(mels)[None]
+    prompts = [dec.prompt(latent, t[None])[0] for t in texts]
+    P = max(len(p) for p in prompts)
+    shared = clvp.PromptCache(dec.config, len(texts), P, "cpu", dtype, torch.tensor([P - len(p) for p in prompts]))
+    first = clvp.prefill(dec, torch.stack([torch.nn.functional.pad(p, (0, 0, P - len(p), 0)) for p in prompts]), shared)
+    cache = clvp.KVCache(shared, rows, speech.shape[1])
+    steps = [first[rows]] + [clvp.decode_step(dec, speech[:, k], k + 1, cache) for k in range(speech.shape[1])]
+    return torch.stack(steps, dim=1)
+
+
 def test_prefill_and_decode_step_equal_the_uncached_logits(tiny_pair):
     _, model = tiny_pair
     torch.manual_seed(4)
     mels = torch.randn(1, 80, 100)
     text = torch.randint(1, 250, (1, 9))
     speech = torch.randint(0, 8192, (1, 25))
-    dec = model.decoder
     with torch.inference_mode():
         full = model.speech_logits(mels, text, speech)
-        prompt = dec.prompt(model.voice_latent(mels)[None], text)
-        P = prompt.shape[1]
-        cache = clvp.KVCache(dec.config, 1, P + speech.shape[1], "cpu", torch.float32)
-        steps = [clvp.prefill(dec, prompt, cache)]
-        for k in range(speech.shape[1]):
-            steps.append(clvp.decode_step(dec, speech[:, k], k + 1, cache, start=P + k))
-    assert maxdiff(torch.stack(steps, dim=1), full) <= 1e-5
+        cached = cached_logits(model, mels, [text[0]], torch.tensor([0]), speech)
+    assert maxdiff(cached, full) <= 1e-5
 
 
 STOP_BIAS = 0.395   # with seed 3 below, the reference's greedy candidate stops at step 11 of 30
@@ -772,27 +815,25 @@ def test_generate_batches_and_seed(tiny_pair):
     assert g1.candidates[0, 0] == first.argmax()
 
 
-def test_padded_prompts_give_each_text_its_own_logits(tiny_pair):
-    # Prompts of different lengths, left-padded and masked in one prefill and in the decode steps after
-    # it, give every row the logits its text gives alone.
-    _, model = tiny_pair
+@pytest.mark.parametrize("pair, block", [("tiny_pair", 32), ("tiny_pair", 3), ("official_pair", 8)])
+def test_shared_prompts_give_each_row_its_own_texts_logits(request, monkeypatch, pair, block):
+    # Prompts of different lengths, left-padded, masked and stored once per text, read by several rows of
+    # each text in one batch (the shared-prompt attention), give every row the logits its text and tokens
+    # give alone, uncached: over the prefill and 20 steps, at the official size too; greedy tokens agree.
+    # Small blocks make the 20 steps cross several of them.
+    monkeypatch.setattr(clvp.KVCache, "BLOCK", block)
+    _, model = request.getfixturevalue(pair)
     torch.manual_seed(5)
     mels = torch.randn(1, 80, 100)
     texts = [torch.randint(1, 250, (n,)) for n in (3, 14, 8)]
-    speech = torch.randint(0, 8192, (3, 6))
-    dec = model.decoder
+    rows = torch.tensor([0, 0, 1, 1, 2])
+    speech = torch.randint(0, 8192, (5, 20))
     with torch.inference_mode():
-        latent = model.voice_latent(mels)[None]
-        prompts = [dec.prompt(latent, t[None])[0] for t in texts]
-        P = max(len(p) for p in prompts)
-        cache = clvp.KVCache(dec.config, 3, P + speech.shape[1], "cpu", torch.float32)
-        cache.pad(torch.tensor([P - len(p) for p in prompts]))
-        steps = [clvp.prefill(dec, torch.stack([torch.nn.functional.pad(p, (0, 0, P - len(p), 0)) for p in prompts]), cache)]
-        for k in range(speech.shape[1]):
-            steps.append(clvp.decode_step(dec, speech[:, k], k + 1, cache, start=P + k))
-        padded = torch.stack(steps, dim=1)                                    # [3, 7, vocab]
-        alone = torch.cat([model.speech_logits(mels, t[None], speech[i:i + 1]) for i, t in enumerate(texts)])
-    assert cache.visible is not None and maxdiff(padded, alone) <= 1e-5
+        cached = cached_logits(model, mels, texts, rows, speech)                   # [5, 21, vocab]
+        alone = torch.cat([model.speech_logits(mels, texts[t][None], speech[b:b + 1]) for b, t in enumerate(rows)])
+    keep = [i for i in range(8194) if i != 8192]             # the -1e4 column rounds at 1e-3
+    assert maxdiff(cached[..., keep], alone[..., keep]) <= 1e-5
+    assert torch.equal(cached.argmax(-1), alone.argmax(-1))
 
 
 def test_several_texts_decode_together_with_the_same_greedy_results(tiny_pair):

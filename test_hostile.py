@@ -462,6 +462,7 @@ def test_hf_config_with_a_billion_layers(work, tiny_hf_dir):
     ("--typical-mass", "0", "--typical-mass"), ("--candidates", "0", "--candidates"),
     ("--batch-size", "-3", "--batch-size"), ("--max-tokens", "0", "--max-tokens"),
     ("--max-tokens", "5000", "--max-tokens must be an integer in 1..607"), ("--candidates", "many", "invalid int"),
+    ("--cache-dtype", "int8", "--cache-dtype: invalid choice: 'int8'"),
 ])
 def test_bad_numbers(work, flag, value, words):
     refused(work, *rank(flag, value), words=[words])
