@@ -415,7 +415,7 @@ def log_mel_spectrogram(wav: torch.Tensor, mel_norms: torch.Tensor | None = None
 # fused Linear makes q, k and v; these helpers split and merge heads, and torch's
 # scaled_dot_product_attention does the rest. On a CPU without AMX that kernel is about 5x slower in bf16
 # than in fp32 (bench.py --attention), so there it runs in fp32. The decoder's steps attend through
-# their KV cache with plain matrix products instead (KVCache.attend), which AVX-512 runs fast in bf16.
+# their KV cache with plain matrix products instead (KVCache.attend), fast in bf16 with AVX-512 BF16.
 # ---------------------------------------------------------------------------------------------------
 
 def split_heads(qkv, heads):
