@@ -248,11 +248,10 @@ def ratio_pairs(runs):
 def bytes_per_step(model, rows, texts, prompt, steps):
     """(weights, KV cache) MiB that one decode step reads: the decoder's weights (the embeddings only a row
     each), each text's prompt once, and each row's `steps` own keys and values."""
-    c = model.config.decoder
     weights = sum(p.numel() * p.element_size() for name, p in model.decoder.named_parameters()
                   if "embedding" not in name and "positions" not in name)
-    size = clvp.cache_dtype(model.logit_scale.device, model.logit_scale.dtype).itemsize
-    return weights / 2**20, 2 * c.layers * c.dim * (texts * prompt + rows * steps) * size / 2**20
+    dtype = clvp.cache_dtype(model.logit_scale.device, model.logit_scale.dtype)
+    return weights / 2**20, clvp.cache_bytes(model.config.decoder, rows, texts, prompt, steps, dtype) / 2**20
 
 
 def stream_gbps(device, repeat=7):

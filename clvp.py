@@ -1482,6 +1482,12 @@ def free_memory(device):
         return None
 
 
+def cache_bytes(c: DecoderConfig, rows, texts, prompt, steps, dtype):
+    """Bytes of keys and values for `texts` prompts of `prompt` positions, once each, and `steps` own steps of
+    each of `rows` rows: what the caches hold, and what a step at that length reads."""
+    return 2 * c.layers * c.dim * (texts * prompt + rows * steps) * dtype.itemsize
+
+
 def check_memory(model, text_len, options, texts=1):
     """Refuse, before allocating anything, a generation that will not fit: the KV caches (each text's
     prompt, and one batch's own steps), the packed copy of the decoder's weights, plus the candidates'
@@ -1489,9 +1495,8 @@ def check_memory(model, text_len, options, texts=1):
     longest text's."""
     c, o = model.config.decoder, options
     rows, prompt = o.rows(texts), model.decoder.prompt_length(text_len)
-    positions = o.max_new_tokens * rows + prompt * texts                     # the batch's steps, the prompts
-    size = cache_dtype(model.logit_scale.device, model.logit_scale.dtype, o.cache_dtype).itemsize
-    cache = 2 * c.layers * positions * c.dim * size
+    dtype = cache_dtype(model.logit_scale.device, model.logit_scale.dtype, o.cache_dtype)
+    cache = cache_bytes(c, rows, texts, prompt, o.max_new_tokens, dtype)
     packed = sum(m.weight.nbytes for m in model.decoder.modules() if isinstance(m, Linear)) * can_pack(
         model.decoder.head.weight)
     tokens = 6 * o.num_candidates * texts * o.max_new_tokens * 8 + 8 * rows * c.speech_vocab_size * 4
