@@ -1,22 +1,215 @@
 """Shared test fixtures: transformers' CLVP with random weights and its conversion (the parity reference);
 the tortoise-tts 3.0.0 source package from PyPI (its texts, tokenizer.json, voice clips, mel_norms.pth and
 the original code): $CLVP_TORTOISE_SRC, or downloaded once into ~/.cache/clvp-test; a local HTTP server
-standing in for the hub."""
+standing in for the hub.
+
+The two tiers. `python -m pytest -q` runs the default tier: the tiny-size parity, the front ends, the units and
+the hostile cases, in minutes. Tests marked `full` (official-size models, the original Tortoise code in its own
+venv, the seeded training run, the longest chains) run only with `--full`; CI runs both tiers, and there a
+skipped test fails the run."""
+import contextlib
+import fcntl
+import functools
 import http.server
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+import bench
 import clvp
 import convert_weights
+import speak
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 TORTOISE_VERSION = "3.0.0"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The two tiers
+# ---------------------------------------------------------------------------------------------------
+
+FULL = pytest.mark.full        # official-size models, the original code, the long runs: only with --full
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help="also run the full tier: official-size parity against transformers and the original "
+                          "Tortoise code, the seeded training run and the longest command-line chains")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "full: the full tier (official size, the original code, long runs); "
+                                       "runs with --full")
+    config.left_out = 0
+
+
+@pytest.hookimpl(tryfirst=True)          # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Without --full, the full tier is deselected. With it, the full tests of one file form one xdist group, so
+    that one worker builds that file's official-size fixtures (and the oracle's venv) once."""
+    full = [item for item in items if item.get_closest_marker("full")]
+    if config.getoption("--full"):
+        for item in full:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+    elif full:
+        config.hook.pytest_deselected(items=full)
+        items[:] = [item for item in items if not item.get_closest_marker("full")]
+        config.left_out = len(full)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """-n auto (pytest.ini): a worker per core, at most 4 (each holds its own torch and tiny models)."""
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
+
+
+# An xdist worker shares the cores with the others: torch in each uses its share of them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """xdist: the workers collect, so the count of what was left out comes back from them."""
+    node.config.left_out = max(node.config.left_out, node.workeroutput.get("left_out", 0))
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if config.left_out:
+        terminalreporter.write_line(
+            f"default tier: {config.left_out} tests of the full tier left out (official-size parity, the original "
+            "Tortoise code, training, the long chains); run everything with: python -m pytest -q --full")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """In CI every test runs: a skip there is a failure."""
+    if hasattr(session.config, "workeroutput"):                 # an xdist worker
+        session.config.workeroutput["left_out"] = session.config.left_out
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter else []
+    if os.environ.get("CI") and skipped and exitstatus == 0:
+        reporter.ensure_newline()
+        reporter.write_line(f"CI: {len(skipped)} test(s) skipped; every test must run in CI", red=True)
+        session.exitstatus = 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running a command the way a user would: a child process, or the same run in this process
+# ---------------------------------------------------------------------------------------------------
+
+def run_bounded(argv, cwd, env=None, preexec_fn=None, seconds=60):
+    """Run argv -> (exit code, stdout, stderr, seconds, peak RSS in MiB); killed after `seconds`. The peak is
+    the child's own VmHWM, polled while it runs (wait4's ru_maxrss starts from the forking parent's)."""
+    start, peak = time.monotonic(), 0
+    p = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**os.environ, **(env or {})}, preexec_fn=preexec_fn)
+    streams = {}
+    readers = [threading.Thread(target=lambda name, s: streams.update({name: s.read().decode(errors="replace")}),
+                                args=(name, s)) for name, s in (("out", p.stdout), ("err", p.stderr))]
+    for r in readers:
+        r.start()
+    while p.poll() is None:
+        try:
+            with open(f"/proc/{p.pid}/status") as f:
+                peak = max([peak] + [int(line.split()[1]) for line in f if line.startswith("VmHWM:")])
+        except (OSError, ValueError):                        # between exit and reaping
+            pass
+        if time.monotonic() - start > seconds:
+            p.kill()
+        time.sleep(0.02)
+    for r in readers:
+        r.join()
+    return p.returncode, streams["out"], streams["err"], time.monotonic() - start, peak / 1024
+
+
+# The same run without a new interpreter (6-9 s each, most of it importing torch): the script's main(argv) in
+# this process, in `cwd`, with fd 0 on /dev/null and fds 1 and 2 in files, so that what a C library writes to
+# them is seen as a child's would be. A real process is kept for what only a process shows: a preexec_fn (file
+# size limits), the locale and the terminal's encoding, FIFOs (a bug that opens one would block this process),
+# a copy of the project, signals.
+MAINS = {"clvp.py": clvp, "speak.py": speak, "convert_weights.py": convert_weights, "bench.py": bench,
+         "train.py": train}
+
+
+class TimedOut(BaseException):
+    """Raised by SIGALRM when the time is up; not an Exception, so run_command cannot make it exit code 1."""
+
+
+def memory_status():
+    with open("/proc/self/status") as f:
+        return {line.split(":")[0]: int(line.split()[1]) for line in f if line.startswith(("VmRSS", "VmHWM"))}
+
+
+@functools.cache
+def interpreter_mib():
+    """The peak RSS of a fresh interpreter that has imported the project, in MiB: what every child starts at."""
+    code = ("import clvp, speak, convert_weights, bench, train\n"
+            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
+    return int(subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+                              check=True).stdout) / 1024
+
+
+def run_in_process(script, args, cwd, env, base_mib, seconds):
+    """run_bounded's tuple for `script args`, run here. Its peak is base_mib (a fresh interpreter's) plus this
+    process's peak RSS above what it held before the run (VmHWM reset through /proc/self/clear_refs)."""
+    saved_fds, saved_streams = [os.dup(fd) for fd in (0, 1, 2)], (sys.stdin, sys.stdout, sys.stderr)
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    previous = signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimedOut(f"over {seconds} s")))
+    with open(os.devnull, "rb") as null, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, target in ((0, null), (1, out), (2, err)):
+                os.dup2(target.fileno(), fd)
+            sys.stdin, sys.stdout, sys.stderr = (open(fd, mode, buffering=1, encoding="utf-8", closefd=False)
+                                                 for fd, mode in ((0, "r"), (1, "w"), (2, "w")))
+            os.environ.update(env or {})
+            os.chdir(cwd)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")                                    # VmHWM := VmRSS
+            before, start = memory_status()["VmRSS"], time.monotonic()
+            signal.alarm(seconds)
+            try:
+                code = MAINS[script].main([str(a) for a in args])
+            except SystemExit as e:                             # --help, --version
+                code = e.code
+            finally:
+                signal.alarm(0)
+            took, peak = time.monotonic() - start, memory_status()["VmHWM"] - before
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            sys.stdin, sys.stdout, sys.stderr = saved_streams
+            for fd, copy in zip((0, 1, 2), saved_fds):
+                os.dup2(copy, fd)
+                os.close(copy)
+            os.chdir(saved_cwd)
+            os.environ.clear()
+            os.environ.update(saved_env)
+            signal.signal(signal.SIGALRM, previous)
+        out.seek(0)
+        err.seek(0)
+        return code, out.read().decode(errors="replace"), err.read().decode(errors="replace"), took, \
+            base_mib + peak / 1024
+
+
+def run_case(work, script, args, env=None, preexec_fn=None, process=False, seconds=60):
+    """run_bounded's tuple for `script args` in `work`: in this process where nothing needs a real one (MAINS)."""
+    if process or preexec_fn or script not in MAINS or any(not k.startswith("CLVP_") for k in env or {}):
+        script = script if os.path.isabs(script) else os.path.join(HERE, script)
+        return run_bounded([sys.executable, script, *map(str, args)], work, env, preexec_fn, seconds)
+    return run_in_process(script, args, work, env, interpreter_mib(), seconds)
 
 
 def maxdiff(a, b):
@@ -94,6 +287,19 @@ def tiny_checkpoint(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------------
 
 
+CACHE = Path.home() / ".cache" / "clvp-test"
+
+
+@contextlib.contextmanager
+def cache_lock(name):
+    """While held, this process alone makes or reads NAME in the test cache (xdist workers and concurrent runs
+    wait for each other)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f"{name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tortoise_src() -> Path:
     """Directory of the unpacked tortoise-tts 3.0.0 sdist.
@@ -105,17 +311,16 @@ def tortoise_src() -> Path:
         if not (root / "tortoise" / "data" / "mel_norms.pth").is_file():
             pytest.fail(f"CLVP_TORTOISE_SRC={env} does not look like the unpacked tortoise-tts sdist")
         return root
-    cache = Path.home() / ".cache" / "clvp-test"
-    root = cache / f"tortoise-tts-{TORTOISE_VERSION}"
-    if not (root / "tortoise" / "data" / "mel_norms.pth").is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        sdist = cache / f"tortoise-tts-{TORTOISE_VERSION}.tar.gz"
-        if not sdist.is_file():
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                            f"tortoise-tts=={TORTOISE_VERSION}", "-d", str(cache)], check=True)
-        with tarfile.open(sdist) as tar:
-            kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            tar.extractall(cache, **kw)
+    root = CACHE / f"tortoise-tts-{TORTOISE_VERSION}"
+    with cache_lock("tortoise-src"):
+        if not (root / "tortoise" / "data" / "mel_norms.pth").is_file():
+            sdist = CACHE / f"tortoise-tts-{TORTOISE_VERSION}.tar.gz"
+            if not sdist.is_file():
+                subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                                f"tortoise-tts=={TORTOISE_VERSION}", "-d", str(CACHE)], check=True)
+            with tarfile.open(sdist) as tar:
+                kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                tar.extractall(CACHE, **kw)
     return root
 
 

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from conftest import FULL, run_case
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -68,11 +70,12 @@ def test_bad_arguments_are_one_line():
     for args, words in ((["--tokens", 1], "--tokens"), (["--repeat", 0], "--repeat"), (["--device", "tpu9"], "device"),
                         (["--candidates", "x"], "invalid int"),
                         (["--sentences", 0], "--sentences"), (["--dtype", "float32", "float32"], "each dtype once")):
-        r = bench(*args)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and len(lines) == 1 and words in lines[0] and "Traceback" not in r.stderr, r.stderr
+        code, _, err, _, _ = run_case(HERE, "bench.py", args)            # the parser and the checks: in-process
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and words in lines[0] and "Traceback" not in err, err
 
 
+@FULL
 def test_speak_rows_against_the_original(tortoise_src):
     """--speak --compare builds the original DiffusionTts and UnivNet holding speak.py's weights (it refuses
     if any tensor does not load) and reports each row for both; the original's sampler row is its pass x 30."""

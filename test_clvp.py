@@ -30,7 +30,7 @@ import clvp
 from clvp import (CONDITIONING_SAMPLES, HOP, MIN_SAMPLES, N_FFT, N_MELS, SAMPLE_RATE, AudioError, Tokenizer,
                   bpe, clean_text, format_conditioning, load_audio, log_mel_spectrogram, mel_filterbank, merge,
                   number_to_words, to_ascii)
-from conftest import maxdiff
+from conftest import FULL, maxdiff
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = 1e-4
@@ -584,7 +584,7 @@ def reference_greedy(ref, mels, text_ids, steps):
     return out.sequences[:, 1:], torch.stack(out.logits, dim=1)
 
 
-@pytest.mark.parametrize("pair", ["tiny_pair", "official_pair"])
+@pytest.mark.parametrize("pair", ["tiny_pair", pytest.param("official_pair", marks=FULL)])
 def test_model_parity(pair, request):
     ref, model = request.getfixturevalue(pair)
     torch.manual_seed(2)
@@ -609,7 +609,7 @@ def test_model_parity(pair, request):
         assert ref_sim.logits_per_text.shape == (3, 3)
 
 
-@pytest.mark.parametrize("pair, steps", [("tiny_pair", 30), ("official_pair", 8)])
+@pytest.mark.parametrize("pair, steps", [("tiny_pair", 30), pytest.param("official_pair", 8, marks=FULL)])
 def test_decoder_logits_match_reference_generate(pair, steps, request):
     ref, model = request.getfixturevalue(pair)
     torch.manual_seed(3)
@@ -648,6 +648,7 @@ def ranks(x):
     return x.argsort().argsort().double()
 
 
+@FULL
 def test_bf16_agrees_with_fp32_at_the_official_size(official_pair):
     """bf16 weights, fp32 attention on the CPU: how far the teacher-forced logits move, and whether the 16
     CLVP scores keep their order (Spearman's rank correlation)."""
@@ -665,6 +666,7 @@ def test_bf16_agrees_with_fp32_at_the_official_size(official_pair):
     assert delta.abs().max() < BF16_MAX and delta.abs().mean() < BF16_MEAN and spearman > BF16_RANK
 
 
+@FULL
 def test_a_bf16_cache_decodes_close_to_fp32(official_pair):
     """bf16 weights and a bf16 KV cache (the rule's choice on a CPU with AVX-512 BF16; given here, so the
     test runs on any CPU): two texts' prefill and 20 cached steps, three rows, against fp32 uncached."""
@@ -815,7 +817,8 @@ def test_generate_batches_and_seed(tiny_pair):
     assert g1.candidates[0, 0] == first.argmax()
 
 
-@pytest.mark.parametrize("pair, block", [("tiny_pair", 32), ("tiny_pair", 3), ("official_pair", 8)])
+@pytest.mark.parametrize("pair, block", [("tiny_pair", 32), ("tiny_pair", 3),
+                                         pytest.param("official_pair", 8, marks=FULL)])
 def test_shared_prompts_give_each_row_its_own_texts_logits(request, monkeypatch, pair, block):
     # Prompts of different lengths, left-padded, masked and stored once per text, read by several rows of
     # each text in one batch (the shared-prompt attention), give every row the logits its text and tokens

@@ -7,7 +7,6 @@ import os
 import random
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
@@ -18,7 +17,7 @@ from transformers import ClvpFeatureExtractor
 
 import clvp
 import convert_weights
-from conftest import maxdiff, tiny_speak_file
+from conftest import maxdiff, run_case, tiny_speak_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -29,8 +28,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def run_convert(*args):
-    return subprocess.run([sys.executable, os.path.join(HERE, "convert_weights.py"), *args],
-                          capture_output=True, text=True)
+    """convert_weights.py's command line, run in this process (conftest.run_case)."""
+    code, out, err, _, _ = run_case(HERE, "convert_weights.py", args)
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
 def assert_clean_error(result, *words):

@@ -1,7 +1,8 @@
 """Hostile input at every boundary: the command lines of clvp.py, convert_weights.py and bench.py, converted
 checkpoints, the download, and the library API.
 
-Every command-line case runs the real program in a directory of its own and asserts what the project
+Every command-line case runs the real program (its main(argv) in this process, or a child process where only
+a process shows the behaviour: conftest.run_case) in a directory of its own and asserts what the project
 promises for bad input: exit code 2, exactly one line on stderr, no traceback, no file created and every
 input file byte-identical afterwards, and an end within a time and a memory bound. The API cases assert a
 ValueError that names the argument. A few valid runs at the end show that the checks refuse nothing that
@@ -13,12 +14,13 @@ import math
 import os
 import resource
 import shutil
+import signal
 import stat
 import subprocess
 import sys
-import threading
 import time
 import tracemalloc
+import types
 
 import numpy as np
 import pytest
@@ -26,7 +28,7 @@ import soundfile
 import torch
 
 import clvp
-from conftest import tiny_speak_file
+from conftest import MAINS, TimedOut, interpreter_mib, run_bounded, run_case, tiny_speak_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SECONDS, MIB = 60, 1024          # every bad input is refused within these (a normal tiny run: ~3 s, ~330 MiB)
@@ -53,36 +55,34 @@ def snapshot(root):
     return seen
 
 
-def run_bounded(argv, cwd, env=None, preexec_fn=None):
-    """Run argv -> (exit code, stdout, stderr, seconds, peak RSS in MiB); killed after SECONDS. The peak is
-    the child's own VmHWM, polled while it runs (wait4's ru_maxrss starts from the forking parent's)."""
-    start, peak = time.monotonic(), 0
-    p = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env={**os.environ, **(env or {})}, preexec_fn=preexec_fn)
-    streams = {}
-    readers = [threading.Thread(target=lambda name, s: streams.update({name: s.read().decode(errors="replace")}),
-                                args=(name, s)) for name, s in (("out", p.stdout), ("err", p.stderr))]
-    for r in readers:
-        r.start()
-    while p.poll() is None:
-        try:
-            with open(f"/proc/{p.pid}/status") as f:
-                peak = max([peak] + [int(line.split()[1]) for line in f if line.startswith("VmHWM:")])
-        except (OSError, ValueError):                        # between exit and reaping
-            pass
-        if time.monotonic() - start > SECONDS:
-            p.kill()
-        time.sleep(0.02)
-    for r in readers:
-        r.join()
-    return p.returncode, streams["out"], streams["err"], time.monotonic() - start, peak / 1024
+def test_the_in_process_runner_sees_what_a_child_would(tmp_path, monkeypatch):
+    """A case run in this process must show what a child shows: its exit code, what C code writes to fds 1 and 2
+    (here os.write) in order with Python's prints, files made in its folder, its environment, its memory above
+    a fresh interpreter's, and an end after SECONDS; and this process must be as it was afterwards."""
+    def main(argv):
+        os.write(2, b"written by C\n")
+        print("printed", argv, file=sys.stderr)
+        print(os.environ["CLVP_X"])
+        with open("made", "w") as f:
+            f.write("x")
+        big = bytearray(b"\1") * (300 * 2**20)
+        return 3 + 0 * len(big)
+    monkeypatch.setitem(MAINS, "fake.py", types.SimpleNamespace(main=main))
+    cwd = os.getcwd()
+    code, out, err, seconds, mib = run_case(tmp_path, "fake.py", ["a"], {"CLVP_X": "y"})
+    assert code == 3 and out == "y\n" and err.splitlines() == ["written by C", "printed ['a']"]
+    assert (tmp_path / "made").read_text() == "x" and os.getcwd() == cwd and "CLVP_X" not in os.environ
+    assert mib > interpreter_mib() + 290 and seconds < SECONDS
+    monkeypatch.setitem(MAINS, "hang.py", types.SimpleNamespace(main=lambda argv: time.sleep(30)))
+    with pytest.raises(TimedOut):
+        run_case(tmp_path, "hang.py", [], seconds=1)
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0) and os.getcwd() == cwd
 
 
-def refused(work, *args, words=(), script="clvp.py", env=None, preexec_fn=None, also=()):
+def refused(work, *args, words=(), script="clvp.py", env=None, preexec_fn=None, also=(), process=False):
     """Run `script args` in `work` and assert the promise for bad input; `also`: inputs outside `work`."""
     before = {**snapshot(work), **{p: snapshot(p) if os.path.isdir(p) else open(p, "rb").read() for p in also}}
-    code, out, err, seconds, mib = run_bounded([sys.executable, os.path.join(HERE, script), *map(str, args)], work,
-                                               env, preexec_fn)
+    code, out, err, seconds, mib = run_case(work, script, args, env, preexec_fn, process, SECONDS)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, (code, err[-3000:])
     for w in words:
@@ -137,11 +137,11 @@ def test_out_over_an_input_by_another_path_or_link(work):
 def test_out_onto_a_fifo_or_a_device(work):
     os.mkfifo(work / "fifo.npy")
     os.symlink("/dev/null", work / "null.npy")
-    refused(work, *rank("--out", "fifo.npy"), words=["not a regular file"])
-    refused(work, *rank("--out", "null.npy"), words=["not a regular file"])
+    refused(work, *rank("--out", "fifo.npy"), words=["not a regular file"], process=True)
+    refused(work, *rank("--out", "null.npy"), words=["not a regular file"], process=True)
     if os.geteuid() == 0:                                    # a copy of /dev/null, as the report made it
         os.mknod(work / "node.npy", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
-        refused(work, *rank("--out", "node.npy"), words=["not a regular file"])
+        refused(work, *rank("--out", "node.npy"), words=["not a regular file"], process=True)
         assert stat.S_ISCHR(os.lstat(work / "node.npy").st_mode)
 
 
@@ -240,7 +240,7 @@ def test_sample_rate_from_a_lying_header(work, rate):
 
 
 def test_endless_or_huge_text_file(work):
-    refused(work, *rank("--text-file", "/dev/zero")[2:], words=["/dev/zero", "not a regular file"])
+    refused(work, *rank("--text-file", "/dev/zero")[2:], words=["/dev/zero", "not a regular file"], process=True)
     (work / "big.txt").write_bytes(b"word " * 300_000)
     refused(work, "--text-file", "big.txt", "--audio", "voice.wav", "--checkpoint", "tiny.pt", words=["MiB"])
 
@@ -282,10 +282,10 @@ def test_a_config_with_a_billion_layers_is_refused_at_once(work):
 
 def test_fifos_are_refused_not_opened(work):
     os.mkfifo(work / "fifo")
-    refused(work, *rank("--checkpoint", "fifo"), words=["not a regular file"])
-    refused(work, *rank("--audio", "fifo"), words=["not a regular file"])
+    refused(work, *rank("--checkpoint", "fifo"), words=["not a regular file"], process=True)
+    refused(work, *rank("--audio", "fifo"), words=["not a regular file"], process=True)
     refused(work, "--tortoise-ar", "fifo", "--tortoise-clvp", "fifo", "-o", "x.pt", script="convert_weights.py",
-            words=["not a regular file"])
+            words=["not a regular file"], process=True)
 
 
 def test_only_the_first_seconds_of_a_long_clip_are_read(tmp_path):
@@ -608,7 +608,7 @@ def test_api_files(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 
 def accepted(work, *args, script="clvp.py", env=None):
-    code, out, err, seconds, mib = run_bounded([sys.executable, os.path.join(HERE, script), *map(str, args)], work, env)
+    code, out, err, seconds, mib = run_case(work, script, args, env, seconds=SECONDS)
     assert code == 0, err[-3000:]
     return out
 
@@ -954,7 +954,7 @@ def test_a_fifo_in_the_cache_is_refused_not_waited_on(work, hub_server, name):
     if name == "tokenizer.json":                              # the two weights are there and whole already
         for n in ("autoregressive.pth", "clvp2.pth"):
             shutil.copy(work / "tiny.pt", cache / n)
-    refused(work, "--download", script="convert_weights.py", env=env, words=[name])
+    refused(work, "--download", script="convert_weights.py", env=env, words=[name], process=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1183,10 +1183,10 @@ def test_a_npy_header_that_lies_about_its_shape(work):
 def test_speak_out_naming_an_input_or_a_fifo(work):
     refused(work, *speaking()[:-2], "--out", "voice.wav", script="speak.py", words=["voice.wav", "is also an input"])
     os.mkfifo(work / "fifo")
-    refused(work, *speaking()[:-2], "--out", "fifo", script="speak.py", words=["not a regular file"])
-    refused(work, *speaking("--codes", "fifo"), script="speak.py", words=["fifo", "not a regular file"])
+    refused(work, *speaking()[:-2], "--out", "fifo", script="speak.py", words=["not a regular file"], process=True)
+    refused(work, *speaking("--codes", "fifo"), script="speak.py", words=["fifo", "not a regular file"], process=True)
     refused(work, *speaking("--speak-checkpoint", "fifo", weights=True), script="speak.py",
-            words=["fifo", "not a regular file"])
+            words=["fifo", "not a regular file"], process=True)
 
 
 def test_speak_full_disk_leaves_no_partial_wav(work):

@@ -7,6 +7,7 @@ original code computes. It runs in a virtual environment of its own, made here o
 newer transformers. This file converts the two files with convert_weights.convert_tortoise, loads the result
 with clvp.load_model and compares, in fp32 on the CPU, at a tiny size and at the official size.
 """
+import hashlib
 import os
 import shutil
 import subprocess
@@ -20,9 +21,11 @@ import torch
 import bench
 import clvp
 import convert_weights
+from conftest import CACHE, FULL, TORTOISE_VERSION, cache_lock
 from convert_weights import ConversionError
 
 HERE = Path(__file__).resolve().parent
+pytestmark = FULL           # the original code runs in a venv of its own, made on first use: the full tier
 
 TOL = 1e-4
 START, STOP = 8192, 8193
@@ -39,7 +42,6 @@ VENV_PACKAGES = ["torch==2.13.0", "numpy==1.26.4", "einops==0.8.2", "rotary-embe
                  "numba==0.68.1", "llvmlite==0.50.0", "lazy-loader==0.6", "joblib==1.6.0", "decorator==5.3.1",
                  "typing-extensions==4.16.0", "msgpack==1.2.4", "pooch==1.9.0", "platformdirs==4.14.9"]
 VENV_NO_DEPS = ["transformers==4.31.0", "librosa==0.11.0", "torchaudio==2.11.1"]
-CACHE = Path.home() / ".cache" / "clvp-test"
 TIMINGS, DIFFS = {}, {}
 
 
@@ -51,7 +53,11 @@ TIMINGS, DIFFS = {}, {}
 @pytest.fixture(scope="session")
 def tortoise_python() -> Path:
     """The venv's python; the venv is (re)made when its record of installed pins is missing or differs."""
-    venv = Path(os.environ.get("CLVP_TORTOISE_VENV") or CACHE / "venv-tortoise")
+    with cache_lock("venv-tortoise"):
+        return make_venv(Path(os.environ.get("CLVP_TORTOISE_VENV") or CACHE / "venv-tortoise"))
+
+
+def make_venv(venv):
     python, record = venv / "bin" / "python", venv / "clvp-packages.txt"
     wanted = "\n".join(VENV_PACKAGES + ["--no-deps"] + VENV_NO_DEPS) + "\n"
     if record.is_file() and record.read_text() == wanted and python.exists():
@@ -71,53 +77,79 @@ def tortoise_python() -> Path:
     return python
 
 
-def run_oracle(python, src, out, size, seed, *more):
+def oracle_key(*parts):
+    """What an oracle run depends on: tortoise_oracle.py, the venv's pins, this Python, the source package and the
+    run's own arguments and input files' bytes (`parts`), hashed."""
+    h = hashlib.sha256()
+    for part in (HERE.joinpath("tortoise_oracle.py").read_bytes(), *VENV_PACKAGES, *VENV_NO_DEPS, sys.version,
+                 TORTOISE_VERSION, *parts):
+        h.update(part if isinstance(part, bytes) else str(part).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def run_oracle(python, src, name, args, inputs=()):
+    """The original code's outputs for `args`, run once and kept in ~/.cache/clvp-test/oracle/NAME-KEY (KEY:
+    oracle_key of the arguments, an argument in `inputs` by its file's bytes). A run is written to a temporary
+    folder and renamed when complete; an older run of NAME (another key) is removed. The folder is only read."""
+    key = oracle_key(src, *(Path(a).read_bytes() if a in inputs else a for a in args))
+    with cache_lock(f"oracle-{name}"):
+        return oracle_run(python, src, CACHE / "oracle" / f"{name}-{key}", name, args)
+
+
+def oracle_run(python, src, out, name, args):
+    if out.is_dir():
+        TIMINGS[f"oracle {name}"] = "cached"
+        return out
+    for old in [*out.parent.glob(f"{name}-*"), *out.parent.glob(f".{name}-*")]:    # other keys, runs cut short
+        shutil.rmtree(old, ignore_errors=True)
+    part = out.parent / f".{out.name}.{os.getpid()}"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     t0 = time.perf_counter()
-    proc = subprocess.run([str(python), str(HERE / "tortoise_oracle.py"), "--src", str(src), "--out", str(out),
-                           "--size", size, "--seed", str(seed), *more], capture_output=True, text=True, env=env)
+    proc = subprocess.run([str(python), str(HERE / "tortoise_oracle.py"), "--src", str(src), "--out", str(part),
+                           *map(str, args)], capture_output=True, text=True, env=env)
     if proc.returncode:
-        pytest.fail(f"oracle.py --size {size} {' '.join(more[:1])} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}")
-    TIMINGS[f"oracle {size}{' audio' * bool(more)}"] = time.perf_counter() - t0
+        shutil.rmtree(part, ignore_errors=True)
+        pytest.fail(f"tortoise_oracle.py {' '.join(map(str, args[:5]))} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}")
+    part.rename(out)
+    TIMINGS[f"oracle {name}"] = time.perf_counter() - t0
     return out
 
 
-def convert_and_load(directory):
-    """The two files -> our checkpoint on disk -> clvp.load_model; also the inferred config and skip list."""
+def convert_and_load(directory, into):
+    """The two files -> our checkpoint in `into` -> clvp.load_model; also the inferred config and skip list."""
     t0 = time.perf_counter()
     config, weights, skipped = convert_weights.convert_tortoise(directory / "autoregressive.pth",
                                                              directory / "clvp2.pth")
-    clvp.save_checkpoint(directory / "clvp.pt", config, weights)
+    checkpoint = into / "clvp.pt"
+    clvp.save_checkpoint(checkpoint, config, weights)
     del weights
-    model = clvp.load_model(directory / "clvp.pt", "cpu")
+    model = clvp.load_model(checkpoint, "cpu")
     TIMINGS[f"convert+load {config.decoder.dim}"] = time.perf_counter() - t0
-    return model, config, skipped
+    return dict(dir=directory, checkpoint=checkpoint, model=model, config=config, skipped=skipped,
+                expected=torch.load(directory / "expected.pt", weights_only=True))
 
 
 @pytest.fixture(scope="session")
 def tiny(tortoise_python, tortoise_src, tmp_path_factory):
-    d = run_oracle(tortoise_python, tortoise_src, tmp_path_factory.mktemp("tortoise-tiny"), "tiny", 0)
-    model, config, skipped = convert_and_load(d)
-    return dict(dir=d, model=model, config=config, skipped=skipped,
-                expected=torch.load(d / "expected.pt", weights_only=True))
+    d = run_oracle(tortoise_python, tortoise_src, "tiny", ["--size", "tiny", "--seed", 0])
+    return convert_and_load(d, tmp_path_factory.mktemp("tortoise-tiny"))
 
 
 @pytest.fixture(scope="session")
 def official(tortoise_python, tortoise_src, tmp_path_factory):
-    d = run_oracle(tortoise_python, tortoise_src, tmp_path_factory.mktemp("tortoise-official"), "official", 1)
-    model, config, skipped = convert_and_load(d)
-    (d / "clvp2.pth").unlink()
-    yield dict(dir=d, model=model, config=config, skipped=skipped,
-               expected=torch.load(d / "expected.pt", weights_only=True))
-    for name in ("autoregressive.pth", "clvp.pt"):     # 3 GB that the audio oracle and speak.py read
-        (d / name).unlink()
+    d = run_oracle(tortoise_python, tortoise_src, "official", ["--size", "official", "--seed", 1])
+    r = convert_and_load(d, tmp_path_factory.mktemp("tortoise-official"))
+    yield r
+    r["checkpoint"].unlink()        # 2.5 GB that the audio tests read
 
 
 @pytest.fixture(scope="session", autouse=True)
 def report_timings():
     yield
     if TIMINGS:
-        print("\ntest_tortoise timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in TIMINGS.items()))
+        print("\ntest_tortoise timings: " + ", ".join(f"{k} {v if isinstance(v, str) else f'{v:.1f} s'}"
+                                                     for k, v in TIMINGS.items()))
     if DIFFS:
         print("test_tortoise max |differences|: " + ", ".join(f"{k} {v:.1e}" for k, v in DIFFS.items()))
 
@@ -483,17 +515,16 @@ def audio(tortoise_python, tortoise_src, official, tmp_path_factory):
     soundfile.write(voices[0], wav[:5 * sr], sr, subtype="FLOAT")
     soundfile.write(voices[1], 0.5 * wav[::-1][:4 * sr], sr, subtype="FLOAT")
     ids = clvp.Tokenizer.from_file(HERE / "data" / "tokenizer.json").encode(CHAIN_TEXT)
-    run_oracle(tortoise_python, tortoise_src, d, "official", 3, "--audio", "--ar", str(official["dir"]),
-               "--voice", *map(str, voices), "--text-ids", ",".join(map(str, ids)))
+    o = run_oracle(tortoise_python, tortoise_src, "audio", ["--size", "official", "--seed", 3, "--audio", "--ar",
+                   official["dir"], "--voice", *voices, "--text-ids", ",".join(map(str, ids))], inputs=voices)
     t0 = time.perf_counter()
-    _, skipped = convert_weights.convert_tortoise_audio(d / "diffusion_decoder.pth", d / "vocoder.pth")
-    assert convert_weights.main(["--tortoise-diffusion", str(d / "diffusion_decoder.pth"), "--tortoise-vocoder",
-                                 str(d / "vocoder.pth"), "-o", str(d / "speak.pt")]) == 0
-    (d / "diffusion_decoder.pth").unlink()
+    _, skipped = convert_weights.convert_tortoise_audio(o / "diffusion_decoder.pth", o / "vocoder.pth")
+    assert convert_weights.main(["--tortoise-diffusion", str(o / "diffusion_decoder.pth"), "--tortoise-vocoder",
+                                 str(o / "vocoder.pth"), "-o", str(d / "speak.pt")]) == 0
     diffusion, vocoder = speak.load_speak(d / "speak.pt", "cpu", 1024)
     TIMINGS["convert+load speak.pt"] = time.perf_counter() - t0
     yield dict(dir=d, voices=voices, diffusion=diffusion, vocoder=vocoder, skipped=skipped,
-               expected=torch.load(d / "expected_audio.pt", weights_only=True), ar=official)
+               expected=torch.load(o / "expected_audio.pt", weights_only=True), ar=official)
     (d / "speak.pt").unlink()
 
 
@@ -596,7 +627,7 @@ def test_chain_through_command_line(audio, name, tmp_path, capsys):
     np.save(tmp_path / "codes.npy", e["codes"][:1].numpy())
     out = tmp_path / "speech.wav"
     code = speak.main(["--text", CHAIN_TEXT, "--audio", *map(str, audio["voices"]), "--codes", str(tmp_path / "codes.npy"),
-                       "--checkpoint", str(audio["ar"]["dir"] / "clvp.pt"), "--speak-checkpoint", str(audio["dir"] / "speak.pt"),
+                       "--checkpoint", str(audio["ar"]["checkpoint"]), "--speak-checkpoint", str(audio["dir"] / "speak.pt"),
                        "--seed", str(e["seed"]), "--diffusion-steps", str(steps), "--guidance", str(k),
                        "--diffusion-temperature", str(temperature), "--device", "cpu", "--out", str(out), "--json"])
     assert code == 0, capsys.readouterr().err

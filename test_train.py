@@ -11,6 +11,7 @@ import pytest
 
 import clvp
 import train
+from conftest import FULL, run_case
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -57,6 +58,7 @@ def short_run(tmp_path_factory):
     return json.loads(r.stdout), r.stderr, out
 
 
+@FULL
 def test_short_run_learns(short_run):
     figures, log, _ = short_run
     first, last = figures["stage1_loss"]
@@ -70,6 +72,7 @@ def test_short_run_learns(short_run):
     assert "stage 1 step" in log and "tokens/s" in log
 
 
+@FULL
 def test_the_trained_model_ranks_from_the_command_line(short_run, tmp_path):
     _, _, out = short_run
     model = clvp.load_model(out, "cpu")
@@ -88,6 +91,6 @@ def test_the_trained_model_ranks_from_the_command_line(short_run, tmp_path):
 def test_bad_arguments(tmp_path):
     for args, words in ((["--decoder-steps", "0"], "--decoder-steps"), (["--batch", "1"], "--batch"),
                         (["--out", str(tmp_path)], "is a directory")):
-        r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], capture_output=True, text=True)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and len(lines) == 1 and words in lines[0], r.stderr
+        code, _, err, _, _ = run_case(tmp_path, "train.py", args)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and words in lines[0], err
