@@ -196,7 +196,7 @@ def runs_to_time(args, device):
     base = clvp.CLVP(clvp.tiny_config() if args.tiny else clvp.Config()).to(device).eval()
     c = base.config.decoder
     with torch.no_grad():
-        base.decoder.head.bias[c.stop_token] = -1e9                        # run every one of the L steps
+        base.decoder.head.bias[c.stop_token] = -1e4      # run every one of the L steps (-1e9 is -inf in fp16)
     N, L, texts = args.candidates, args.tokens, texts_to_read(args, device)
     wav = 0.1 * torch.randn(clvp.CONDITIONING_SAMPLES, device=device)
     mels = clvp.log_mel_spectrogram(wav)[None]

@@ -1278,10 +1278,20 @@ def read_json(path, error=InputError):
     return value
 
 
+# weights_only=True is only safe from torch 2.10: before 2.6 a crafted file runs code (CVE-2025-32434), before
+# 2.10 it corrupts memory (CVE-2026-24747). requirements.txt asks for it; a file is never unpickled below it.
+SAFE_TORCH = (2, 10)
+
+
 def load_tensors(path, error=CheckpointError, what="not a readable clvp checkpoint"):
-    """torch.load of a file a user names, weights_only=True (tensors and plain containers, never code), and
-    bounded: torch.save writes a zip archive of stored records, so records that unpack to more bytes than
-    the file holds are compressed ones, refused from the zip directory before a byte inflates."""
+    """torch.load of a file a user names, weights_only=True (tensors and plain containers, never code), on a
+    torch that is safe, and bounded: torch.save writes a zip archive of stored records, so records that unpack
+    to more bytes than the file holds are compressed ones, refused from the zip directory before a byte
+    inflates."""
+    version = tuple(int(n) for n in re.match(r"(\d+)\.(\d+)", str(torch.__version__)).groups())
+    require([(version >= SAFE_TORCH, f"{path}: not read: unpickling a crafted file can run code or corrupt memory "
+              f"on torch {torch.__version__} (CVE-2025-32434, CVE-2026-24747); upgrade: pip install 'torch>=2.10'")],
+            error)
     with open_input(path, error) as f:
         size = os.fstat(f.fileno()).st_size
         try:
@@ -1381,7 +1391,8 @@ def checked_ids(ids, name, vocab_size, device, max_len=None, min_len=1):
               and not (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool)
               and min_len <= ids.shape[1] <= (max_len or math.inf),
               f"{name} must be integer ids [batch, {min_len}..{max_len or 'any'} tokens], not {describe(ids)}")])
-    low, high = (int(ids.min()), int(ids.max())) if ids.numel() else (0, 0)   # as ints: uint8 cannot hold 256
+    values = ids.cpu().numpy()                   # numpy: torch has no min/max for uint16..uint64
+    low, high = (int(values.min()), int(values.max())) if ids.numel() else (0, 0)   # as ints: uint8 cannot hold 256
     require([(0 <= low and high < vocab_size, f"{name} must be ids in 0..{vocab_size - 1}, not {low}..{high}")])
     return ids.to(device=device, dtype=torch.long)
 

@@ -56,12 +56,14 @@ def pytest_configure(config):
 
 @pytest.hookimpl(tryfirst=True)          # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Without --full, the full tier is deselected. With it, the full tests of one file form one xdist group, so
-    that one worker builds that file's official-size fixtures (and the oracle's venv) once."""
+    """Without --full, the full tier is deselected. With it, the full tests share one xdist worker (group
+    "full"), which builds each official-size fixture and the oracle's venv once, unless a test names a group
+    of its own (bench.py --speak, about as long as all the rest on a CPU without AVX-512 BF16)."""
     full = [item for item in items if item.get_closest_marker("full")]
     if config.getoption("--full"):
         for item in full:
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
+            if not item.get_closest_marker("xdist_group"):
+                item.add_marker(pytest.mark.xdist_group("full"))
     elif full:
         config.hook.pytest_deselected(items=full)
         items[:] = [item for item in items if not item.get_closest_marker("full")]

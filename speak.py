@@ -646,12 +646,17 @@ def read_codes(path, stop_token):
             shape, _, dtype = (npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0)(f)
         except (ValueError, OSError, EOFError) as e:
             raise clvp.InputError(f"not a .npy array ({clvp.first_line(e)})") from None
-        clvp.require([(len(shape) == 2 and shape[0] >= 1 and 1 <= shape[1] <= 500 and dtype.kind in "iu",
+        clvp.require([(version in ((1, 0), (2, 0), (3, 0)), f"not a .npy array (format version {version})")])
+        clvp.require([(len(shape) == 2 and all(type(n) is int for n in shape) and shape[0] >= 1 and
+                       1 <= shape[1] <= 500 and dtype.kind in "iu",
                        f"must be integer tokens [k, 1..500], not {dtype} {list(shape)}")])
         clvp.require([(f.tell() + math.prod(shape) * dtype.itemsize == size,
                        f"its header says {dtype} {list(shape)}, but the file holds {size} bytes")])
         f.seek(0)
-        codes = np.load(f, allow_pickle=False)
+        try:
+            codes = np.load(f, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise clvp.InputError(f"not a .npy array ({clvp.first_line(e)})") from None
         clvp.require([(0 <= codes.min() and codes.max() <= stop_token, f"tokens must be in 0..{stop_token}")])
     return clvp.fix_candidates(torch.from_numpy(codes[:1].astype(np.int64)), stop_token, 500)[0]
 

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import FULL, run_case
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -76,6 +78,7 @@ def test_bad_arguments_are_one_line():
 
 
 @FULL
+@pytest.mark.xdist_group("bench --speak")      # a worker of its own: 131 s on a Xeon with AMX, 14 min on AVX2
 def test_speak_rows_against_the_original(tortoise_src):
     """--speak --compare builds the original DiffusionTts and UnivNet holding speak.py's weights (it refuses
     if any tensor does not load) and reports each row for both; the original's sampler row is its pass x 30."""

@@ -1222,3 +1222,56 @@ def test_speak_checkpoint_missing_or_download_options_misused(work):
             words=["none.pt: no such file"])
     refused(work, "--speak", "--hf", "x", "-o", "x.pt", script="convert_weights.py",
             words=["--speak only applies with --download"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Third round (issue 26). A torch whose weights_only unpickler is not safe never opens a checkpoint.
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("version", ["2.5.1", "2.9.1+cpu", "1.13.0"])
+def test_an_unsafe_torch_never_unpickles(work, monkeypatch, version):
+    """Faked through torch.__version__ (the command lines run in this process): each program that would
+    unpickle refuses in one line naming the CVEs and the upgrade, before the file is opened (a path that does
+    not exist is refused for the torch, not for being absent)."""
+    monkeypatch.setattr(torch, "__version__", version)
+    says = ["CVE-2025-32434", "CVE-2026-24747", "pip install 'torch>=2.10'", f"torch {version}"]
+    refused(work, *rank("--out", "best.npy"), words=["tiny.pt", *says])
+    refused(work, *rank("--checkpoint", "absent.pt"), words=["absent.pt", *says])
+    refused(work, "--tortoise-ar", "tiny.pt", "--tortoise-clvp", "tiny.pt", "-o", "x.pt", script="convert_weights.py",
+            words=["tiny.pt", *says])
+    tiny_speak_file(work / "speak.pt")
+    refused(work, *speaking(weights=True), script="speak.py", words=[*says])
+    monkeypatch.setattr(torch, "__version__", "2.10.0")
+    assert clvp.load_tensors(work / "tiny.pt")["format"] == "clvp"
+
+
+@pytest.mark.parametrize("dtype, bits", [(torch.uint16, 16), (torch.uint32, 32), (torch.uint64, 64)])
+def test_wide_unsigned_ids_are_ids(model, dtype, bits):
+    """torch has no min/max for uint16..uint64 (NotImplementedError); their range is read exactly all the same."""
+    ids = torch.tensor([[5, 200, 255]], dtype=dtype)
+    assert torch.equal(model.text_features(ids), model.text_features(ids.long()))
+    with pytest.raises(clvp.InputError, match=f"speech_ids must be ids in 0..8191, not 0..{2**bits - 1}"):
+        model.speech_features(torch.tensor([[0, 2**bits - 1]], dtype=dtype))
+
+
+def test_npy_files_numpy_itself_refuses(work):
+    """A .npy of format 4.0 (a well-formed 2.0 file with the version byte changed), and a bool in its shape:
+    one line each, not the exit code 1 of an unguarded np.load."""
+    with open(work / "v4.npy", "wb") as f:
+        np.lib.format.write_array_header_2_0(f, {"descr": "<i8", "fortran_order": False, "shape": (1, 5)})
+        f.write(bytes(40))
+    data = bytearray((work / "v4.npy").read_bytes())
+    data[6] = 4
+    (work / "v4.npy").write_bytes(bytes(data))
+    refused(work, *speaking("--codes", "v4.npy"), script="speak.py", words=["v4.npy", "not a .npy array",
+                                                                            "format version (4, 0)"])
+    npy_claiming(work / "bool.npy", (True, 5), data=bytes(40))
+    refused(work, *speaking("--codes", "bool.npy"), script="speak.py", words=["[k, 1..500]", "[True, 5]"])
+
+
+def test_bench_runs_in_float16(tmp_path):
+    """bench.py's own stop-token bias is finite in fp16 (its -1e9 was -inf there, refused as the weights' fault)."""
+    code, out, err, _, _ = run_case(tmp_path, "bench.py", ["--tiny", "--candidates", 2, "--tokens", 6, "--repeat", 1,
+                                                           "--dtype", "float16", "--json"])
+    assert code == 0, err
+    assert json.loads(out)["results"]["clvp.py float16"]["steps"] == 5          # every step ran, none stopped

@@ -4,8 +4,10 @@ tortoise_oracle.py builds Tortoise's own UnifiedVoice and CLVP (tortoise-tts 3.0
 it pins) with random weights, saves them in the layout of the official files and records what the
 original code computes. It runs in a virtual environment of its own, made here on first use
 (~/.cache/clvp-test/venv-tortoise, or $CLVP_TORTOISE_VENV), because the project's environment has a
-newer transformers. This file converts the two files with convert_weights.convert_tortoise, loads the result
-with clvp.load_model and compares, in fp32 on the CPU, at a tiny size and at the official size.
+newer transformers; what it records is kept in ~/.cache/clvp-test/oracle, keyed by everything it depends on
+(run_oracle). This file converts the two files with convert_weights.convert_tortoise, loads the result with
+clvp.load_model and compares, in fp32 on the CPU, at a tiny size and at the official size. All of it is the
+full tier (pytest --full).
 """
 import hashlib
 import os
