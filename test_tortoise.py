@@ -90,11 +90,12 @@ def oracle_key(*parts):
     return h.hexdigest()[:16]
 
 
-def run_oracle(python, src, name, args, inputs=()):
+def run_oracle(python, src, name, args, inputs=None):
     """The original code's outputs for `args`, run once and kept in ~/.cache/clvp-test/oracle/NAME-KEY (KEY:
-    oracle_key of the arguments, an argument in `inputs` by its file's bytes). A run is written to a temporary
-    folder and renamed when complete; an older run of NAME (another key) is removed. The folder is only read."""
-    key = oracle_key(src, *(Path(a).read_bytes() if a in inputs else a for a in args))
+    oracle_key of the arguments, an argument in `inputs` by what it maps to there: a temporary file by its
+    content). A run is written to a temporary folder and renamed when complete; an older run of NAME (another
+    key) is removed. The folder is only read."""
+    key = oracle_key(src, *((inputs or {}).get(a, a) for a in args))
     with cache_lock(f"oracle-{name}"):
         return oracle_run(python, src, CACHE / "oracle" / f"{name}-{key}", name, args)
 
@@ -518,7 +519,9 @@ def audio(tortoise_python, tortoise_src, official, tmp_path_factory):
     soundfile.write(voices[1], 0.5 * wav[::-1][:4 * sr], sr, subtype="FLOAT")
     ids = clvp.Tokenizer.from_file(HERE / "data" / "tokenizer.json").encode(CHAIN_TEXT)
     o = run_oracle(tortoise_python, tortoise_src, "audio", ["--size", "official", "--seed", 3, "--audio", "--ar",
-                   official["dir"], "--voice", *voices, "--text-ids", ",".join(map(str, ids))], inputs=voices)
+                   official["dir"], "--voice", *voices, "--text-ids", ",".join(map(str, ids))],
+                   # by their samples: libsndfile stamps the time into a float WAV's PEAK chunk
+                   inputs={v: soundfile.read(v, dtype="float32")[0].tobytes() for v in voices})
     t0 = time.perf_counter()
     _, skipped = convert_weights.convert_tortoise_audio(o / "diffusion_decoder.pth", o / "vocoder.pth")
     assert convert_weights.main(["--tortoise-diffusion", str(o / "diffusion_decoder.pth"), "--tortoise-vocoder",
