@@ -1659,7 +1659,10 @@ def write_atomically(path, write):
     """Call write(file) on a temporary file beside `path`, then rename it into place: the file appears
     whole or not at all, even on an error, a full disk or Ctrl-C. Only a regular file is ever replaced,
     and an error names `path`, not the temporary file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".clvp-", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".clvp-", suffix=".tmp")
+    except OSError as e:                                     # no inode left: the message names the user's path
+        raise OSError(e.errno, e.strerror or first_line(e), path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             target, hook = RecordingFile(f), sys.unraisablehook

@@ -340,6 +340,7 @@ class Hub(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), HubHandler)
         self.files, self.requests, self.sent = dict(files), [], 0
         self.drop_once, self.always_short, self.fail_once, self.ignore_range = set(), set(), set(), False
+        self.trickle = set()             # sent at about 1 KiB/s
         self.fail_code = 500
 
     @property
@@ -385,7 +386,16 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
             body = body[:len(body) // 2]
             self.close_connection = True
         s.sent += len(body)   # counted first: the client may finish before write() returns
-        self.wfile.write(body)
+        try:
+            if name in s.trickle:
+                for i in range(0, len(body), 64):
+                    self.wfile.write(body[i:i + 64])
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            else:
+                self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):            # the client gave up
+            self.close_connection = True
 
 
 @pytest.fixture

@@ -569,6 +569,7 @@ AUDIO_FILES = {                      # --download --speak: speak.py's two stages
 }
 CHUNK = 2**20    # bytes read and written at a time
 TIMEOUT = 30     # seconds without a byte before a try counts as failed
+STALL = (30, 1024)  # under 1 KiB/s for 30 s ends a download: a trickle never trips TIMEOUT
 
 
 def official_urls(files=OFFICIAL_FILES):
@@ -643,12 +644,20 @@ def _fetch(url, part, progress):
         total = int(total) if total and total.isdigit() else None
         show = progress and sys.stderr.isatty()
         start, first = time.monotonic(), have
+        window = start, have         # the stall check: bytes that arrived since window[0]
         try:
             with open_part(part) as f:
                 f.truncate(have)     # "ab" writes at the end, which is now `have`
-                while chunk := response.read(CHUNK):
+                while chunk := response.read1(CHUNK):      # read1: what has arrived, so a trickle is seen
                     f.write(chunk)
                     have += len(chunk)
+                    seconds = time.monotonic() - window[0]
+                    if seconds >= STALL[0]:
+                        rate = (have - window[1]) / seconds
+                        if rate < STALL[1]:
+                            raise DownloadError(f"{url}: stalled at {rate:.0f} bytes/s over {seconds:.0f} s; the {have} "
+                                                f"bytes fetched are kept in {part}: run the same command again to resume")
+                        window = time.monotonic(), have
                     if show and total:
                         mib, rate = have / 2**20, (have - first) / 2**20 / max(time.monotonic() - start, 1e-3)
                         print(f"\r{os.path.basename(url)}: {100 * have // total:3d}% {mib:.1f}/{total / 2**20:.1f}"
@@ -845,6 +854,8 @@ def convert_audio(args):
     with clvp.prefixed("-o ", ConversionError):
         clvp.check_output(args.output, [args.tortoise_diffusion, args.tortoise_vocoder])
     blob, skipped = convert_tortoise_audio(args.tortoise_diffusion, args.tortoise_vocoder)
+    for part in ("diffusion", "vocoder"):                 # --dtype: the storage precision, as for clvp.pt
+        blob[part] = {k: v.to(getattr(torch, args.dtype)) if v.is_floating_point() else v for k, v in blob[part].items()}
     clvp.write_atomically(args.output, lambda f: torch.save(blob, f))
     for name in skipped if args.verbose else []:
         print(f"skipped {name}")

@@ -281,6 +281,23 @@ def test_existing_dest_is_not_fetched_again(hub, tmp_path):
     assert hub.requests == [] and read(path) == b"already here"
 
 
+def test_a_trickle_is_stopped_and_the_part_kept(hub, tmp_path, monkeypatch):
+    """A server that sends under STALL's rate for its window (here 10 kB/s over 1 s; 1 KiB/s over 30 s in use)
+    ends the download with one error naming the speed and how to resume; the .part stays and a later run
+    resumes from it."""
+    monkeypatch.setattr(convert_weights, "STALL", (1, 10_000))
+    hub.trickle.add("big.bin")
+    part = tmp_path / "big.bin.part"
+    with pytest.raises(convert_weights.DownloadError, match=r"stalled at \d+ bytes/s over 1 s") as e:
+        fetch(hub, tmp_path)
+    assert f"kept in {part}: run the same command again to resume" in str(e.value)
+    kept = part.stat().st_size
+    assert 0 < kept < len(BIG) and len(hub.requests) == 1          # not retried: a retry would trickle too
+    hub.trickle.discard("big.bin")
+    path, _ = fetch(hub, tmp_path)
+    assert read(path) == BIG and hub.requests[-1] == ("big.bin", f"bytes={kept}-")
+
+
 def test_download_official(hub, tmp_path, monkeypatch):
     monkeypatch.setenv("CLVP_HUB_URL", hub.url + "/")
     monkeypatch.setenv("CLVP_CACHE", str(tmp_path / "cache"))

@@ -28,6 +28,7 @@ import soundfile
 import torch
 
 import clvp
+import convert_weights
 from conftest import MAINS, TimedOut, interpreter_mib, run_bounded, run_case, tiny_speak_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1275,3 +1276,29 @@ def test_bench_runs_in_float16(tmp_path):
                                                            "--dtype", "float16", "--json"])
     assert code == 0, err
     assert json.loads(out)["results"]["clvp.py float16"]["steps"] == 5          # every step ran, none stopped
+
+
+def test_a_stalled_download_ends_in_one_line_and_keeps_the_part(work, hub_server, tmp_path_factory, monkeypatch):
+    """convert_weights.py --download from a server that trickles (STALL made 10 kB/s over 1 s here): one line
+    with the speed and how to resume, exit 2, the .part kept in the cache."""
+    monkeypatch.setattr(convert_weights, "STALL", (1, 10_000))
+    hub_server.files.update({n: bytes(200_000) for n in ("autoregressive.pth", "clvp2.pth", "tokenizer.json",
+                                                         "mel_norms.pth")})
+    hub_server.trickle.update(hub_server.files)
+    cache = tmp_path_factory.mktemp("cache")
+    line = refused(work, "--download", script="convert_weights.py",
+                   env={"CLVP_HUB_URL": hub_server.url, "CLVP_CACHE": str(cache)},
+                   words=["stalled at", "bytes/s", "run the same command again to resume"])
+    [part] = cache.glob("*.part")
+    assert str(part) in line and 0 < part.stat().st_size < 200_000
+
+
+def test_no_inode_left_names_the_users_path(work, tiny_hf_dir, monkeypatch):
+    """The temporary file cannot even be made (no free inodes, ENOSPC from mkstemp): one line naming -o's path,
+    not the hidden temporary name."""
+    def no_inodes(dir=None, prefix="", suffix=""):
+        raise OSError(28, "No space left on device", os.path.join(dir, prefix + "x1y2" + suffix))
+    monkeypatch.setattr(clvp.tempfile, "mkstemp", no_inodes)
+    line = refused(work, "--hf", tiny_hf_dir, "-o", "clvp.pt", script="convert_weights.py",
+                   words=["clvp.pt", "No space left on device"], also=[tiny_hf_dir])
+    assert ".clvp-" not in line

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import clvp
+import convert_weights
 import speak
 from conftest import tiny_speak_file
 
@@ -254,6 +255,23 @@ def test_convert_tortoise_audio_files(tmp_path):
     proc = subprocess.run([sys.executable, str(HERE / "convert_weights.py"), *map(str, args[:2]), "-o",
                            str(tmp_path / "x.pt")], capture_output=True, text=True)
     assert proc.returncode == 2 and "both --tortoise-diffusion and --tortoise-vocoder" in proc.stderr
+
+
+def test_convert_tortoise_audio_files_in_half_precision(tmp_path):
+    """--dtype applies to speak.pt as to clvp.pt: float16 halves the file, and speak.py loads it as the fp32
+    weights rounded to fp16."""
+    diffusion, _ = tiny_speak_file(tmp_path / "blob.pt")
+    blob = torch.load(tmp_path / "blob.pt", weights_only=True)
+    torch.save(blob["diffusion"], tmp_path / "diffusion_decoder.pth")
+    torch.save({"model_g": blob["vocoder"]}, tmp_path / "vocoder.pth")
+    for dtype in ("float32", "float16"):
+        assert convert_weights.main(["--tortoise-diffusion", str(tmp_path / "diffusion_decoder.pth"), "--tortoise-vocoder",
+                                     str(tmp_path / "vocoder.pth"), "-o", str(tmp_path / f"{dtype}.pt"),
+                                     "--dtype", dtype]) == 0
+    assert (tmp_path / "float16.pt").stat().st_size < 0.55 * (tmp_path / "float32.pt").stat().st_size
+    loaded, _ = speak.load_speak(tmp_path / "float16.pt", "cpu", 64)
+    for k, v in diffusion.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v.half().to(v.dtype)), k
 
 
 def test_bf16_audio_stages_agree_with_fp32():
