@@ -28,13 +28,14 @@ import json
 import math
 import os
 import re
+import signal
 import stat
 import sys
 import tempfile
+import threading
 import time
 import unicodedata
 import warnings
-import zipfile
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
@@ -337,8 +338,9 @@ class Tokenizer:
 #
 # The conditioning encoder reads the reference voice as Tortoise's TorchMelSpectrogram made it: 22.05 kHz,
 # STFT (n_fft 1024, hop 256, Hann), power, an 80-band mel filterbank (HTK mel scale, Slaney area
-# normalization, 0-8000 Hz), natural log, and a per-band division by mel_norms.pth. It is written here
-# with torch.stft and a filterbank built by hand; the numbers match transformers' ClvpFeatureExtractor.
+# normalization, 0-8000 Hz), natural log, and a per-band division by Tortoise's mel_norms.pth (shipped
+# as data/mel_norms.safetensors). It is written here with torch.stft and a filterbank built by hand; the
+# numbers match transformers' ClvpFeatureExtractor.
 # Where this differs from Tortoise on purpose: load_audio averages all channels (Tortoise keeps the
 # first) and resamples with scipy's polyphase filter (Tortoise: torchaudio's sinc); format_conditioning
 # keeps the first 6 s where Tortoise cuts a random 6 s window, so the same clip always scores the same.
@@ -1054,12 +1056,13 @@ def rank(model, text_ids, tokens, options, progress=None):
 # ---------------------------------------------------------------------------------------------------
 # Loading: one file holds config, weights, tokenizer and mel norms
 #
-# convert_weights.py writes it from official checkpoints (save_checkpoint, in Part II). It is read with
-# torch.load(weights_only=True), which refuses anything but tensors and plain containers, so a checkpoint
-# can never run code, and it is validated whole before the model is built.
+# convert_weights.py writes it from official checkpoints (save_checkpoint, in Part II). It is a
+# safetensors file: raw tensors and a JSON header, read by a few lines of Part II, so a checkpoint can
+# never run code; the header is checked whole before a tensor is read, and the numbers before the model
+# is built.
 # ---------------------------------------------------------------------------------------------------
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2                                   # 1 was a torch.save pickle
 
 
 def default_checkpoint():
@@ -1069,7 +1072,7 @@ def default_checkpoint():
 
 def load_model(path, device=None):
     """Read a converted checkpoint -> CLVP in eval mode, fp32, on `device` (CUDA when present)."""
-    device, (config, weights, tokenizer, mel_norms) = resolve_device(device), read_tensors(path)
+    device, (config, weights, tokenizer, mel_norms) = resolve_device(device), read_checkpoint(path)
     with torch.device("meta"):                               # no memory, no random init: weights come next
         model = CLVP(config)
     model.load_state_dict(weights, assign=True)
@@ -1237,8 +1240,8 @@ def check_mel_norms(norms, name="mel_norms"):
 # open_input is the only way the project opens a file to read: a regular file, checked on the open file
 # itself (so a file swapped after the check is never read), handed on as a file object. soundfile then
 # reads the format from the header, never from the name: '-' is not standard input, 'x.raw' is not a
-# headerless format, and a name that is not UTF-8 is just a name. load_tensors bounds torch.load by the
-# zip directory before anything inflates; quiet_c_stderr keeps a C library's own notes off stderr.
+# headerless format, and a name that is not UTF-8 is just a name. quiet_c_stderr keeps a C library's
+# own notes off stderr.
 # ---------------------------------------------------------------------------------------------------
 
 def open_input(path, error=InputError):
@@ -1276,36 +1279,6 @@ def read_json(path, error=InputError):
         raise error(f"{path}: not readable JSON ({first_line(e)})") from None
     require([(isinstance(value, dict), f"{path}: not a JSON object")], error)
     return value
-
-
-# weights_only=True is only safe from torch 2.10: before 2.6 a crafted file runs code (CVE-2025-32434), before
-# 2.10 it corrupts memory (CVE-2026-24747). requirements.txt asks for it; a file is never unpickled below it.
-SAFE_TORCH = (2, 10)
-
-
-def load_tensors(path, error=CheckpointError, what="not a readable clvp checkpoint"):
-    """torch.load of a file a user names, weights_only=True (tensors and plain containers, never code), on a
-    torch that is safe, and bounded: torch.save writes a zip archive of stored records, so records that unpack
-    to more bytes than the file holds are compressed ones, refused from the zip directory before a byte
-    inflates."""
-    version = tuple(int(n) for n in re.match(r"(\d+)\.(\d+)", str(torch.__version__)).groups())
-    require([(version >= SAFE_TORCH, f"{path}: not read: unpickling a crafted file can run code or corrupt memory "
-              f"on torch {torch.__version__} (CVE-2025-32434, CVE-2026-24747); upgrade: pip install 'torch>=2.10'")],
-            error)
-    with open_input(path, error) as f:
-        size = os.fstat(f.fileno()).st_size
-        try:
-            with zipfile.ZipFile(f) as archive:
-                unpacked = sum(record.file_size for record in archive.infolist())
-        except (zipfile.BadZipFile, ValueError, EOFError, OSError) as e:
-            raise error(f"{path}: {what} (not the zip archive torch.save writes: {first_line(e)})") from None
-        require([(unpacked <= size, f"{path}: {what} (its records unpack to {unpacked} bytes from a file of "
-                  f"{size}; torch.save never compresses them)")], error)
-        f.seek(0)
-        try:
-            return torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise error(f"{path}: {what} ({first_line(e)})") from None
 
 
 @contextlib.contextmanager
@@ -1532,79 +1505,12 @@ def resolve_device(name=None):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Weights and checkpoints
-# ---------------------------------------------------------------------------------------------------
-
-def expected_shapes(config):
-    """{name: shape} of every weight of a CLVP with this config, built on the meta device (no memory)."""
-    with torch.device("meta"):
-        return {k: list(v.shape) for k, v in CLVP(config).state_dict().items()}
-
-
-def check_weights(expected, weights, source, note=""):
-    """expected: {name: shape}. Raise one CheckpointError naming every missing, unexpected or mis-shaped
-    tensor of `weights`; `note` says where the expected shapes come from."""
-    missing = [k for k in expected if k not in weights]
-    unexpected = [k for k in weights if k not in expected]
-    misfits = [f"{k} is {list(weights[k].shape)}, expected {list(shape)}" for k, shape in expected.items()
-               if k in weights and list(weights[k].shape) != list(shape)]
-    problems = [f"{len(missing)} tensor(s) missing: " + ", ".join(missing)] if missing else []
-    problems += [f"{len(unexpected)} unexpected tensor(s): " + ", ".join(unexpected)] if unexpected else []
-    problems += [f"{len(misfits)} tensor(s) of the wrong shape{note}: " + "; ".join(misfits)] if misfits else []
-    require([(not problems, f"{source}: " + "; ".join(problems))], CheckpointError)
-
-
-def check_checkpoint(blob):
-    """Everything load_model relies on, checked before anything is built: -> (config, weights, tokenizer or
-    None, mel norms or None), or an InputError that names the key and the problem."""
-    require([(isinstance(blob, dict) and blob.get("format") == "clvp",
-              "not a clvp checkpoint (convert official weights with convert_weights.py)")])
-    require([(type(blob.get("version")) is int and blob["version"] == FORMAT_VERSION,
-              f"checkpoint format version {blob.get('version')!r}; this clvp.py reads version {FORMAT_VERSION}")])
-    config = Config.from_dict(blob.get("config"))
-    weights = blob.get("weights")
-    require([(isinstance(weights, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                for k, v in weights.items()), "weights: not a dict of named tensors")])
-    check_weights(expected_shapes(config), weights, "weights")
-    for name, t in weights.items():
-        require([(plain(t) and t.is_floating_point() and all_finite(t), f"weights: {name} must hold finite "
-                  f"floating-point numbers, not {t.dtype}" + (f" {t.layout} on {t.device}" if not plain(t) else
-                                                              " with NaN or infinities" * t.is_floating_point()))])
-    scale = float(weights["logit_scale"])
-    require([(scale <= MAX_LOGIT_SCALE, f"weights: logit_scale {scale:g} is over ln(10^4) = {MAX_LOGIT_SCALE:.2f}; "
-              "exp of it would overflow the scores")])
-    tokenizer, norms = blob.get("tokenizer"), blob.get("mel_norms")
-    if tokenizer is not None:
-        require([(isinstance(tokenizer, dict) and set(tokenizer) == {"vocab", "merges"},
-                  "tokenizer: not a dict of vocab and merges")])
-        tokenizer = Tokenizer(tokenizer["vocab"], tokenizer["merges"])
-        top = min(config.decoder.text_vocab_size, config.text.vocab_size)
-        require([(max(tokenizer.vocab.values()) < top,
-                  f"tokenizer: ids up to {max(tokenizer.vocab.values())}, but the text tables hold {top}")])
-    if norms is not None:
-        check_mel_norms(norms)
-    return config, weights, tokenizer, norms
-
-
-def read_tensors(path, what="not a readable clvp checkpoint", check=check_checkpoint):
-    """A file of tensors a user names -> check(its contents), a CheckpointError naming the file."""
-    blob = load_tensors(path, CheckpointError, what)
-    with prefixed(f"{path}: ", CheckpointError):
-        return check(blob)
-
-
-def read_mel_norms(path):
-    """A mel_norms.pth file -> its [80] divisors, checked."""
-    return read_tensors(path, "not a mel_norms.pth of plain tensors", lambda norms: check_mel_norms(norms) or norms)
-
-
-# ---------------------------------------------------------------------------------------------------
 # Outputs: checked before any work, written whole
 # ---------------------------------------------------------------------------------------------------
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DATA = os.path.join(HERE, "data")                    # Tortoise's tokenizer.json, mel_norms.pth
-SHIPPED = [os.path.join(DATA, "tokenizer.json"), os.path.join(DATA, "mel_norms.pth")]
+DATA = os.path.join(HERE, "data")                    # Tortoise's tokenizer.json and mel norms
+SHIPPED = [os.path.join(DATA, "tokenizer.json"), os.path.join(DATA, "mel_norms.safetensors")]
 
 
 def project_files():
@@ -1665,12 +1571,13 @@ def write_atomically(path, write):
         raise OSError(e.errno, e.strerror or first_line(e), path) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            target, hook = RecordingFile(f), sys.unraisablehook
-            sys.unraisablehook = lambda report: None         # soundfile's C callback prints the error it hit;
-            try:                                             # target keeps it, to raise once
-                write(target)
+            target, hook, swallowed = RecordingFile(f), sys.unraisablehook, []
+            sys.unraisablehook = lambda report: swallowed.append(report.exc_value)   # soundfile's C callback
+            try:                                             # swallows what it hits (a full disk, Ctrl-C) and
+                write(target)                                # fails later with a vaguer error: raise the first
             except Exception:
-                raise target.error or sys.exc_info()[1]
+                stop = [e for e in swallowed if not isinstance(e, Exception)]
+                raise (stop[0] if stop else target.error or sys.exc_info()[1]) from None
             finally:
                 sys.unraisablehook = hook
         umask = os.umask(0)
@@ -1686,17 +1593,249 @@ def write_atomically(path, write):
         raise
 
 
+# ---------------------------------------------------------------------------------------------------
+# Tensor files: safetensors, read and written by hand
+#
+# clvp.pt, speak.pt and data/mel_norms.safetensors are safetensors files: 8 bytes giving the header's
+# length, a JSON header {name: {"dtype", "shape", "data_offsets": [start, end]}, "__metadata__": {key:
+# text}}, then each tensor's raw little-endian bytes. Nothing in such a file can run, and every byte of
+# it can be accounted for before one is read: the header is bounded, its names unique, its dtypes known,
+# each shape fills exactly its byte range, and the ranges tile the rest of the file without a gap or an
+# overlap, so the tensors never add up to more than the file. A caller's check then sees the header as a
+# blob of tensors on the meta device (names, shapes, dtypes; no memory), and only a file it accepts is
+# read, each tensor straight into its own memory.
+#
+# A blob is how the project holds such a file in memory: a tensor named "group.name" is blob[group][name]
+# (clvp.pt's "weights", speak.pt's "diffusion" and "vocoder"), a name without a dot is blob[name], and
+# each metadata entry is blob[key] as JSON (the format, its version, the config, the tokenizer).
+# ---------------------------------------------------------------------------------------------------
+
+TENSOR_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}
+MAX_HEADER_BYTES = 16 * 2**20    # an official clvp.pt's header, tokenizer included, is about 40 KiB
+MAX_DIMS, MAX_DIM = 8, 2**31 - 1
+OLD_FORMAT = b"PK\x03\x04"        # a zip archive: what torch.save wrote, before this format
+
+
+def unique_keys(pairs):
+    """json.loads' object_pairs_hook: an object whose names repeat is refused (json.loads would keep the last)."""
+    seen = set()
+    for name, _ in pairs:
+        require([(name not in seen, f"the name {name!r} appears twice")], ValueError)
+        seen.add(name)
+    return dict(pairs)
+
+
+def tensor_header(f, size):
+    """The header of an open safetensors file of `size` bytes -> (metadata, [(start, end, name, dtype, shape)]
+    sorted by start), checked whole; an InputError says what is wrong."""
+    n = int.from_bytes(f.read(8), "little")
+    require([(n <= MAX_HEADER_BYTES, f"a header of {n} bytes, over the {MAX_HEADER_BYTES // 2**20} MiB a tensor "
+              "file's header may have"),
+             (size >= 8 and 2 <= n <= size - 8, f"a header of {n} bytes in a file of {size}")])
+    try:
+        header = json.loads(f.read(n), object_pairs_hook=unique_keys)
+    except (ValueError, RecursionError) as e:               # not JSON, not UTF-8, nested too deeply, a name twice
+        raise InputError(f"its header is not readable JSON ({first_line(e)})") from None
+    require([(isinstance(header, dict), "its header is not a JSON object")])
+    metadata = header.pop("__metadata__", {})
+    require([(isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values()),
+              "__metadata__ is not an object of texts")])
+    entries = []
+    for name, info in header.items():
+        ok = isinstance(info, dict) and set(info) == {"dtype", "shape", "data_offsets"}
+        shape, offsets = (info["shape"], info["data_offsets"]) if ok else ([], [])
+        require([(ok and info["dtype"] in TENSOR_DTYPES and isinstance(shape, list) and len(shape) <= MAX_DIMS and
+                  all(type(d) is int and 0 <= d <= MAX_DIM for d in shape) and isinstance(offsets, list) and
+                  len(offsets) == 2 and all(type(o) is int for o in offsets),
+                  f"tensor {name!r}: not a known dtype ({', '.join(TENSOR_DTYPES)}), a shape of at most {MAX_DIMS} "
+                  f"sizes under 2^31, and two data_offsets")])
+        entries.append((*offsets, name, TENSOR_DTYPES[info["dtype"]], shape))
+    end_of_last = 0
+    for start, end, name, dtype, shape in sorted(entries, key=lambda e: e[:2]):
+        require([(start == end_of_last, f"tensor {name!r} starts at byte {start} of the data, not at "
+                  f"{end_of_last} where the one before it ends (a gap or an overlap)"),
+                 (end - start == math.prod(shape) * dtype.itemsize, f"tensor {name!r}: {dtype} {shape} is "
+                  f"{math.prod(shape) * dtype.itemsize} bytes, not the {end - start} of its offsets")])
+        end_of_last = end
+    require([(end_of_last == size - 8 - n, f"its tensors end at byte {end_of_last} of the data, which holds "
+              f"{size - 8 - n}")])
+    return metadata, sorted(entries, key=lambda e: e[:2])
+
+
+def as_blob(metadata, tensors):
+    """A header's metadata and {name: tensor} -> the blob (see above)."""
+    blob, groups = {}, set()
+    for key, text in metadata.items():
+        try:
+            blob[key] = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise InputError(f"__metadata__ {key!r} is not JSON ({first_line(e)})") from None
+    for name, t in tensors.items():
+        group, _, rest = name.partition(".")
+        require([(group not in blob or rest and group in groups, f"tensor {name!r} collides with the entry {group!r}")])
+        if rest:
+            groups.add(group)
+            blob.setdefault(group, {})[rest] = t
+        else:
+            blob[name] = t
+    return blob
+
+
+def read_tensor_file(path, check, error=CheckpointError, view=as_blob):
+    """A safetensors file a user names -> its blob, view(metadata, tensors). check(that view) sees the header
+    alone first, its tensors on the meta device, and refuses the file with an InputError before any tensor
+    memory is allocated. A torch.save file of an earlier clvp is refused with the command that rewrites it."""
+    with open_input(path, error) as f, prefixed(f"{path}: ", error):
+        size = os.fstat(f.fileno()).st_size
+        require([(f.read(4) != OLD_FORMAT, "a file in the format before this one (a torch.save pickle, which clvp "
+                  f"no longer reads); rewrite it once with: python convert_weights.py --upgrade {path}")])
+        f.seek(0)
+        try:
+            metadata, entries = tensor_header(f, size)
+            skeleton = view(metadata, {name: torch.empty(shape, dtype=dtype, device="meta")
+                                       for _, _, name, dtype, shape in entries})
+        except InputError as e:
+            raise InputError(f"not a readable tensor file: {e}") from None
+        check(skeleton)
+        tensors = {}
+        for start, end, name, dtype, shape in entries:          # in file order: one forward pass over the disk
+            t = tensors[name] = torch.empty(shape, dtype=dtype)
+            require([(f.readinto(t.view(-1).view(torch.uint8).numpy()) == end - start,
+                      f"the file ended inside tensor {name!r} (was it changed while being read?)")])
+        return view(metadata, tensors)
+
+
+def tensor_file_bytes(blob):
+    """A blob -> (header bytes, [tensors in file order]): the inverse of as_blob and tensor_header."""
+    metadata, tensors = {}, {}
+    for key, value in blob.items():
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value
+        elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+            tensors.update({f"{key}.{name}": t for name, t in value.items()})
+        else:
+            metadata[key] = json.dumps(value)
+    header, offset = {"__metadata__": metadata}, 0
+    dtype_names = {dtype: name for name, dtype in TENSOR_DTYPES.items()}
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": dtype_names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)                          # tensors start 8-byte aligned, as the format advises
+    return len(text).to_bytes(8, "little") + text, list(tensors.values())
+
+
+def write_tensor_file(path, blob):
+    """Write a blob as a safetensors file, whole or not at all (write_atomically)."""
+    header, tensors = tensor_file_bytes(blob)
+
+    def write(f):
+        f.write(header)
+        for t in tensors:
+            f.write(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy())
+    write_atomically(path, write)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weights and checkpoints
+# ---------------------------------------------------------------------------------------------------
+
+def expected_shapes(config):
+    """{name: shape} of every weight of a CLVP with this config, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        return {k: list(v.shape) for k, v in CLVP(config).state_dict().items()}
+
+
+def check_weights(expected, weights, source, note=""):
+    """expected: {name: shape}. Raise one CheckpointError naming every missing, unexpected or mis-shaped
+    tensor of `weights`; `note` says where the expected shapes come from."""
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    misfits = [f"{k} is {list(weights[k].shape)}, expected {list(shape)}" for k, shape in expected.items()
+               if k in weights and list(weights[k].shape) != list(shape)]
+    problems = [f"{len(missing)} tensor(s) missing: " + ", ".join(missing)] if missing else []
+    problems += [f"{len(unexpected)} unexpected tensor(s): " + ", ".join(unexpected)] if unexpected else []
+    problems += [f"{len(misfits)} tensor(s) of the wrong shape{note}: " + "; ".join(misfits)] if misfits else []
+    require([(not problems, f"{source}: " + "; ".join(problems))], CheckpointError)
+
+
+def check_checkpoint(blob):
+    """What load_model relies on in clvp.pt's header, checked before a tensor is read: -> (config, weights,
+    tokenizer or None, mel norms or None), or an InputError that names the key and the problem. The
+    tensors may be on the meta device; check_numbers looks at them once they are read."""
+    require([(blob.get("format") == "clvp", "not a clvp checkpoint (convert official weights with "
+              "convert_weights.py)")])
+    require([(type(blob.get("version")) is int and blob["version"] == FORMAT_VERSION,
+              f"checkpoint format version {blob.get('version')!r}; this clvp.py reads version {FORMAT_VERSION}")])
+    config, weights = Config.from_dict(blob.get("config")), blob.get("weights", {})
+    require([(isinstance(weights, dict) and all(isinstance(t, torch.Tensor) for t in weights.values()),
+              "weights: not a group of tensors")])
+    check_weights(expected_shapes(config), weights, "weights")
+    require([(t.is_floating_point(), f"weights: {name} must hold floating-point numbers, not {t.dtype}")
+             for name, t in weights.items()])
+    tokenizer, norms = blob.get("tokenizer"), blob.get("mel_norms")
+    if tokenizer is not None:
+        require([(isinstance(tokenizer, dict) and set(tokenizer) == {"vocab", "merges"},
+                  "tokenizer: not an object of vocab and merges")])
+        tokenizer = Tokenizer(tokenizer["vocab"], tokenizer["merges"])
+        top = min(config.decoder.text_vocab_size, config.text.vocab_size)
+        require([(max(tokenizer.vocab.values()) < top,
+                  f"tokenizer: ids up to {max(tokenizer.vocab.values())}, but the text tables hold {top}")])
+    require([(norms is None or isinstance(norms, torch.Tensor), "mel_norms: not a tensor")])
+    return config, weights, tokenizer, norms
+
+
+def check_finite(weights, source):
+    """Every tensor of {name: tensor} holds finite numbers, or a CheckpointError names the first that does not."""
+    require([(all_finite(t), f"{source}: {name} must hold finite numbers, not NaN or infinities")
+             for name, t in weights.items()], CheckpointError)
+
+
+def check_numbers(weights, norms):
+    """clvp.pt's numbers, once read: finite weights, a logit scale whose exp fits, usable mel norms."""
+    check_finite(weights, "weights")
+    scale = float(weights["logit_scale"])
+    require([(scale <= MAX_LOGIT_SCALE, f"weights: logit_scale {scale:g} is over ln(10^4) = {MAX_LOGIT_SCALE:.2f}; "
+              "exp of it would overflow the scores")])
+    if norms is not None:
+        check_mel_norms(norms)
+
+
+def read_checkpoint(path):
+    """clvp.pt -> (config, weights, tokenizer or None, mel norms or None), or a CheckpointError naming the file."""
+    blob = read_tensor_file(path, check_checkpoint)
+    with prefixed(f"{path}: ", CheckpointError):
+        config, weights, tokenizer, norms = check_checkpoint(blob)
+        check_numbers(weights, norms)
+    return config, weights, tokenizer, norms
+
+
+def read_mel_norms(path):
+    """data/mel_norms.safetensors: the one tensor mel_norms, [80] divisors, checked."""
+    def check(blob):
+        require([(set(blob) == {"mel_norms"}, "not a mel norms file: it must hold one tensor, mel_norms")])
+    blob = read_tensor_file(path, check)
+    with prefixed(f"{path}: ", CheckpointError):
+        check_mel_norms(blob["mel_norms"])
+    return blob["mel_norms"]
+
 
 def save_checkpoint(path, config, weights, tokenizer=None, mel_norms=None, dtype=None):
-    """Write config, weights (optionally cast to dtype), tokenizer and mel norms as one file, after the
-    checks load_model makes: a file that this writes, load_model reads."""
+    """Write config, weights (optionally cast to dtype), tokenizer and mel norms as clvp.pt, after the checks
+    load_model makes: a file that this writes, load_model reads."""
     weights = {k: v.detach().to("cpu", dtype=dtype or v.dtype).contiguous() for k, v in weights.items()}
-    blob = {"format": "clvp", "version": FORMAT_VERSION, "config": asdict(config), "weights": weights,
-            "tokenizer": None if tokenizer is None else {"vocab": tokenizer.vocab, "merges": tokenizer.merges},
-            "mel_norms": None if mel_norms is None else torch.as_tensor(mel_norms, dtype=torch.float32)}
+    blob = {"format": "clvp", "version": FORMAT_VERSION, "config": asdict(config), "weights": weights}
+    if tokenizer is not None:
+        blob["tokenizer"] = {"vocab": tokenizer.vocab, "merges": tokenizer.merges}
+    if mel_norms is not None:
+        blob["mel_norms"] = torch.as_tensor(mel_norms, dtype=torch.float32).contiguous()
     with prefixed("not written: ", CheckpointError):
         check_checkpoint(blob)
-    write_atomically(path, lambda f: torch.save(blob, f))
+        check_numbers(weights, blob.get("mel_norms"))
+    write_tensor_file(path, blob)
 
 
 # ===================================================================================================
@@ -1979,15 +2118,41 @@ def print_table(text, gen, out, seconds, together=1, rows=10):
     print(f"best {len(gen.best)} candidate(s), tokens {list(gen.best.shape)}, written to {out}")
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, as Ctrl-C raises KeyboardInterrupt: a file being
+    written is removed on the way out (write_atomically), and the run ends in one line."""
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop(signum, frame):
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stopped_by_signals():
+    """Inside the block SIGTERM and SIGHUP raise Stopped (in the main thread, where Python runs handlers);
+    the earlier handlers come back after it."""
+    names = [signal.SIGTERM, signal.SIGHUP] if threading.current_thread() is threading.main_thread() else []
+    before = {n: signal.signal(n, stop) for n in names}
+    try:
+        yield
+    finally:
+        for n, handler in before.items():
+            signal.signal(n, handler)
+
+
 def run_command(prog, work):
     """How every command of this project ends: work() -> its exit code. An InputError (the user's mistake) or
     an OSError (a full disk, a file gone) is one line on stderr and exit code 2; anything else is a bug in
     this program: one line naming it, exit code 1, and CLVP_TRACEBACK=1 shows where. Warnings are shown only
-    after a run that succeeds, so an error stays one line; Ctrl-C is exit code 130."""
+    after a run that succeeds, so an error stays one line. Ctrl-C, SIGTERM and SIGHUP end it the same way,
+    one line and no half-written file, with exit code 128 + the signal's number (130, 143, 129)."""
     for stream in (sys.stdout, sys.stderr):                 # a name that is not UTF-8, an ASCII terminal
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, stopped_by_signals():
         warnings.simplefilter("default")
         try:
             code = work()
@@ -1998,9 +2163,11 @@ def run_command(prog, work):
             where = f"{e.filename}: " if e.filename else ""
             print(f"{prog}: error: {where}{e.strerror or first_line(e)}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print(f"\n{prog}: interrupted; nothing half-written is left", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt as e:
+            signum = getattr(e, "signum", signal.SIGINT)
+            print(f"\n{prog}: {'interrupted' if signum == signal.SIGINT else f'stopped by {e}'}; nothing "
+                  "half-written is left", file=sys.stderr)
+            return 128 + signum
         except Exception as e:
             if os.environ.get("CLVP_TRACEBACK"):
                 raise

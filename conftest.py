@@ -280,7 +280,7 @@ def tiny_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     clvp.save_checkpoint(path, config, clvp.CLVP(config).state_dict(),
                          clvp.Tokenizer.from_file(os.path.join(clvp.DATA, "tokenizer.json")),
-                         torch.load(os.path.join(clvp.DATA, "mel_norms.pth"), weights_only=True))
+                         clvp.read_mel_norms(clvp.SHIPPED[1]))
     return str(path)
 
 
@@ -419,7 +419,7 @@ def tiny_speak_file(path, edit=lambda blob: None):
             voc[k + "_v"], voc[k + "_g"] = v, v.flatten(1).norm(dim=1).view(-1, 1, 1)
         else:
             voc[k] = v
-    blob = {"format": "speak", "version": 1, "diffusion": diffusion.state_dict(), "vocoder": voc}
+    blob = {"format": "speak", "version": speak.SPEAK_VERSION, "diffusion": diffusion.state_dict(), "vocoder": voc}
     edit(blob)
-    torch.save(blob, path)
+    clvp.write_tensor_file(path, blob)
     return diffusion, vocoder

@@ -3,9 +3,11 @@
     python convert_weights.py --tortoise-ar autoregressive.pth --tortoise-clvp clvp2.pth -o clvp.pt
     python convert_weights.py --hf DIR -o clvp.pt [--dtype float16]
     python convert_weights.py --download            # fetch the official files, write ~/.cache/clvp/clvp.pt
+    python convert_weights.py --upgrade clvp.pt     # a file an earlier clvp wrote with torch.save, rewritten
 
 Tortoise's own files: autoregressive.pth (the decoder and its conditioning encoder) and clvp2.pth (the
-text and speech encoders), with tokenizer.json and mel_norms.pth (copies ship in data/).
+text and speech encoders), with tokenizer.json and mel_norms.pth (copies ship in data/, the norms as
+mel_norms.safetensors).
 
 DIR is what transformers' `ClvpModelForConditionalGeneration.save_pretrained` writes: config.json and
 model.safetensors or pytorch_model.bin (sharded or not), plus, when present, the tokenizer's
@@ -14,11 +16,10 @@ vocab.json/merges.txt and the feature extractor's preprocessor_config.json (whic
 Every tensor is renamed into clvp.py's layout by a table (hf_weight_map). The only arithmetic is
 layout: separate q/k/v projections are stacked into one [q; k; v] matrix, and GPT-2's Conv1D weights,
 stored [in, out], are transposed into Linear's [out, in]. Nothing is unpickled: safetensors files are
-read by a few lines below and .bin files with torch.load(weights_only=True).
+read by clvp.py's reader and .bin/.pth files with torch.load(weights_only=True), on a torch >= 2.10 only.
+What it writes (clvp.pt, speak.pt) is a safetensors file: clvp.py and speak.py never unpickle.
 """
 import http.client
-import json
-import math
 import os
 import re
 import ssl
@@ -42,12 +43,8 @@ class ConversionError(clvp.InputError):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Reading tensors without unpickling
+# Reading tensors: safetensors by clvp's reader; official pickles bounded, and only on a safe torch
 # ---------------------------------------------------------------------------------------------------
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool}
-
 
 def read_json(path):
     """A JSON object from a file the user named, or a ConversionError naming the file."""
@@ -55,47 +52,40 @@ def read_json(path):
 
 
 def read_safetensors(path):
-    """A .safetensors file is an 8-byte header length, a JSON header, then raw little-endian bytes. Every
-    tensor's dtype and shape must fill exactly its byte range, and the ranges lie in the file, in order.
-    The header is checked whole before any tensor is read; then each tensor is read on its own into its
-    own buffer, so the peak is the tensors themselves plus nothing the size of the file."""
-    clvp.check_input_file(path, ConversionError)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f, clvp.prefixed(f"{path}: not a readable safetensors file: ", ConversionError):
-        n = int.from_bytes(f.read(8), "little")
-        clvp.require([(size >= 8 and n <= min(size - 8, 10**8), f"a header of {n} bytes in a file of {size}")])
+    """A .safetensors file -> {name: tensor}, through clvp's reader: the header checked whole first, then
+    each tensor read into its own memory, so the peak is the tensors themselves."""
+    return clvp.read_tensor_file(path, lambda tensors: None, ConversionError, view=lambda metadata, tensors: tensors)
+
+
+# weights_only=True is only safe from torch 2.10: before 2.6 a crafted file runs code (CVE-2025-32434), before
+# 2.10 it corrupts memory (CVE-2026-24747). requirements.txt asks for it; a file is never unpickled below it.
+SAFE_TORCH = (2, 10)
+
+
+def load_plain(path, what="cannot be read as plain tensors; files that need to unpickle code are refused"):
+    """torch.load of an official pickle, weights_only=True (tensors and plain containers, never code), on a
+    torch that is safe, and bounded: torch.save writes a zip archive of stored records, so records that unpack
+    to more bytes than the file holds are compressed ones, refused from the zip directory before a byte
+    inflates. Only this file unpickles; clvp.py and speak.py read safetensors."""
+    version = tuple(int(n) for n in re.match(r"(\d+)\.(\d+)", str(torch.__version__)).groups())
+    clvp.require([(version >= SAFE_TORCH, f"{path}: not read: unpickling a crafted file can run code or corrupt "
+                   f"memory on torch {torch.__version__} (CVE-2025-32434, CVE-2026-24747); upgrade: "
+                   "pip install 'torch>=2.10'")], ConversionError)
+    with clvp.open_input(path, ConversionError) as f:
+        size = os.fstat(f.fileno()).st_size
         try:
-            header = json.loads(f.read(n))
-        except (ValueError, RecursionError) as e:
-            raise clvp.InputError(f"its header is not JSON ({clvp.first_line(e)})") from None
-        clvp.require([(isinstance(header, dict), "the header is not a JSON object")])
-        entries, end_of_last = [], 0
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            clvp.require([(isinstance(info, dict) and info.get("dtype") in SAFETENSORS_DTYPES and
-                           isinstance(info.get("shape"), list) and isinstance(info.get("data_offsets"), list) and
-                           len(info["data_offsets"]) == 2, f"tensor {name}: not a dtype, shape and data_offsets")])
-            entries.append((info["data_offsets"], name, SAFETENSORS_DTYPES[info["dtype"]], info["shape"]))
-        for (start, end), name, dtype, shape in sorted(entries, key=lambda e: e[0]):
-            clvp.require([(all(type(x) is int and x >= 0 for x in (start, end, *shape)) and end_of_last <= start
-                           <= end <= size - 8 - n and end - start == math.prod(shape) * dtype.itemsize,
-                           f"tensor {name}: {dtype} {shape} does not fit bytes {start}..{end}")])
-            end_of_last = end
-        tensors = {}
-        for (start, end), name, dtype, shape in entries:
-            f.seek(8 + n + start)
-            t = torch.empty(shape, dtype=dtype)
-            clvp.require([(f.readinto(t.reshape(-1).view(torch.uint8).numpy()) == end - start,
-                           f"tensor {name}: the file ends early")])
-            tensors[name] = t
-        return tensors
-
-
-def load_plain(path):
-    """clvp's bounded torch.load: tensors and plain containers only, so a file that needs code is refused."""
-    return clvp.load_tensors(path, ConversionError, "cannot be read as plain tensors; files that need to unpickle "
-                                                    "code are refused")
+            with zipfile.ZipFile(f) as archive:
+                unpacked = sum(record.file_size for record in archive.infolist())
+        except (zipfile.BadZipFile, ValueError, EOFError, OSError) as e:
+            raise ConversionError(f"{path}: {what} (not the zip archive torch.save writes: {clvp.first_line(e)})"
+                                  ) from None
+        clvp.require([(unpacked <= size, f"{path}: {what} (its records unpack to {unpacked} bytes from a file of "
+                       f"{size}; torch.save never compresses them)")], ConversionError)
+        f.seek(0)
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ConversionError(f"{path}: {what} ({clvp.first_line(e)})") from None
 
 
 def checked_state(state, path, what="a state dict of tensors"):
@@ -729,13 +719,21 @@ def download_official(directory=None, progress=True, files=OFFICIAL_FILES):
 
 
 def shipped(name):
-    """tokenizer.json or mel_norms.pth as shipped in data/ (the official files, Apache-2.0)."""
+    """tokenizer.json or mel_norms.safetensors as shipped in data/ (the official files, Apache-2.0)."""
     return os.path.join(clvp.DATA, name)
 
 
 def read_mel_norms(path):
+    """Tortoise's mel_norms.pth (a pickle: what --download fetches) or data/mel_norms.safetensors -> [80]."""
+    with clvp.open_input(path, ConversionError) as f:
+        pickled = f.read(4) == clvp.OLD_FORMAT
     with clvp.prefixed("", ConversionError):
-        return clvp.read_mel_norms(path)
+        if not pickled:
+            return clvp.read_mel_norms(path)
+        norms = load_plain(path)
+        with clvp.prefixed(f"{path}: "):
+            clvp.check_mel_norms(norms)
+        return norms
 
 
 def read_tokenizer(path):
@@ -772,8 +770,15 @@ def convert_tortoise_audio(diffusion_path, vocoder_path):
     blob = {"format": speak.SPEAK_FORMAT, "version": speak.SPEAK_VERSION, "vocoder": vocoder,
             "diffusion": {k: v for k, v in diffusion.items() if not k.startswith(DIFFUSION_UNUSED)}}
     with clvp.prefixed(f"{diffusion_path}, {vocoder_path}: ", ConversionError):
-        speak.check_speak_checkpoint(blob, None)
+        check_speak(blob)
     return blob, skipped
+
+
+def check_speak(blob):
+    """What speak.py's reader checks, before speak.pt is written: a file this writes, speak.py reads."""
+    _, diffusion, vocoder = speak.check_speak_checkpoint(blob, None)
+    clvp.check_finite(diffusion, "diffusion")
+    clvp.check_finite(vocoder, "vocoder")
 
 
 def fetch_and_convert_audio(directory=None, progress=True):
@@ -782,7 +787,7 @@ def fetch_and_convert_audio(directory=None, progress=True):
     paths = download_official(directory, progress, AUDIO_FILES)
     out = os.path.join(os.path.dirname(paths["vocoder.pth"]), "speak.pt")
     blob, _ = convert_tortoise_audio(paths["diffusion_decoder.pth"], paths["vocoder.pth"])
-    clvp.write_atomically(out, lambda f: torch.save(blob, f))
+    clvp.write_tensor_file(out, blob)
     return out
 
 
@@ -794,7 +799,8 @@ def build_parser():
     p.add_argument("--tortoise-ar", metavar="PATH", help="Tortoise's autoregressive.pth")
     p.add_argument("--tortoise-clvp", metavar="PATH", help="Tortoise's clvp2.pth")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json for --tortoise-* (default: data/tokenizer.json)")
-    p.add_argument("--mel-norms", metavar="PATH", help="mel_norms.pth for --tortoise-* (default: data/mel_norms.pth)")
+    p.add_argument("--mel-norms", metavar="PATH", help="Tortoise's mel_norms.pth for --tortoise-* (default: "
+                   "data/mel_norms.safetensors, the same numbers)")
     p.add_argument("--tortoise-diffusion", metavar="PATH", help="Tortoise's diffusion_decoder.pth (with "
                    "--tortoise-vocoder: writes speak.py's speak.pt)")
     p.add_argument("--tortoise-vocoder", metavar="PATH", help="Tortoise's vocoder.pth")
@@ -807,12 +813,16 @@ def build_parser():
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="storage precision of the weights (float16 halves the file)")
     p.add_argument("--verbose", action="store_true", help="list the source tensors that clvp.py does not use")
+    p.add_argument("--upgrade", metavar="PATH", help="rewrite a clvp.pt or speak.pt that an earlier clvp saved "
+                   "with torch.save in today's format, in place")
     return p
 
 
 def convert(args):
     """The conversion the arguments ask for, every input and the output checked before any work."""
     clvp.require([(args.download or not args.speak, "--speak only applies with --download")], ConversionError)
+    if args.upgrade:
+        return upgrade(args)
     if args.download:
         print(f"wrote {fetch_and_convert(args.cache, progress=True)}")
         if args.speak:
@@ -826,7 +836,7 @@ def convert(args):
         raise ConversionError("say where to write the checkpoint with -o PATH")
     if not args.hf and not (args.tortoise_ar and args.tortoise_clvp):
         raise ConversionError("the Tortoise layout needs both --tortoise-ar and --tortoise-clvp")
-    tokenizer_path, norms_path = args.tokenizer or shipped("tokenizer.json"), args.mel_norms or shipped("mel_norms.pth")
+    tokenizer_path, norms_path = args.tokenizer or shipped("tokenizer.json"), args.mel_norms or shipped("mel_norms.safetensors")
     inputs = hf_inputs(args.hf) if args.hf else [args.tortoise_ar, args.tortoise_clvp, tokenizer_path, norms_path]
     with clvp.prefixed("-o ", ConversionError):
         clvp.check_output(args.output, inputs)
@@ -856,12 +866,46 @@ def convert_audio(args):
     blob, skipped = convert_tortoise_audio(args.tortoise_diffusion, args.tortoise_vocoder)
     for part in ("diffusion", "vocoder"):                 # --dtype: the storage precision, as for clvp.pt
         blob[part] = {k: v.to(getattr(torch, args.dtype)) if v.is_floating_point() else v for k, v in blob[part].items()}
-    clvp.write_atomically(args.output, lambda f: torch.save(blob, f))
+    with clvp.prefixed(f"{args.output}: not written in {args.dtype}: ", ConversionError):
+        check_speak(blob)
+    clvp.write_tensor_file(args.output, blob)
     for name in skipped if args.verbose else []:
         print(f"skipped {name}")
     n = sum(v.numel() for part in ("diffusion", "vocoder") for v in blob[part].values())
     print(f"wrote {args.output} ({os.path.getsize(args.output) / 2**20:.1f} MiB, {n / 1e6:.1f} M parameters; "
           f"{len(skipped)} training-only tensors skipped)")
+    return 0
+
+
+def upgrade(args):
+    """--upgrade PATH: a clvp.pt or speak.pt of format version 1 (a torch.save pickle, read once here on a safe
+    torch) -> the same contents as a safetensors file, checked as clvp.py and speak.py check them, replacing
+    the old file only once the new one is whole."""
+    path = args.upgrade
+    clvp.require([(not any(getattr(args, k) for k in ("hf", "tortoise_ar", "tortoise_clvp", "tortoise_diffusion",
+                                                       "tortoise_vocoder", "download", "output")),
+                   "--upgrade PATH rewrites PATH in place; give it alone")], ConversionError)
+    with clvp.prefixed("--upgrade ", ConversionError):
+        clvp.check_output(path)
+    old = load_plain(path, "not a clvp.pt or speak.pt of the old format")
+    kind = old.get("format") if isinstance(old, dict) and old.get("version") == 1 else None
+    clvp.require([(kind in ("clvp", "speak"), f"{path}: not a clvp.pt or speak.pt of format version 1")],
+                 ConversionError)
+    groups = {"clvp": ("weights",), "speak": ("diffusion", "vocoder")}[kind]
+    others = ("config", "tokenizer", "mel_norms") if kind == "clvp" else ()
+    blob = {k: checked_state(v, path, f"a {kind} file: {k} must be a group of tensors") if k in groups else v
+            for k, v in old.items() if k in groups + others and v is not None}
+    blob["format"] = kind
+    with clvp.prefixed(f"{path}: ", ConversionError):
+        if kind == "clvp":
+            blob["version"] = clvp.FORMAT_VERSION
+            _, weights, _, norms = clvp.check_checkpoint(blob)
+            clvp.check_numbers(weights, norms)
+        else:
+            blob["version"] = speak.SPEAK_VERSION
+            check_speak(blob)
+    clvp.write_tensor_file(path, blob)
+    print(f"rewrote {path} as format version {blob['version']} (safetensors)")
     return 0
 
 

@@ -14,7 +14,6 @@ any work; Part III is the command line. It imports clvp for everything before th
 loading, the decoder, generation and ranking) and for its boundary helpers; clvp.py imports nothing of
 this file. Numbers match the original Tortoise code on the same weights (test_tortoise.py).
 """
-import functools
 import json
 import math
 import os
@@ -154,14 +153,11 @@ def voice_mels(paths, device):
 # already-scaled scores. scaled_dot_product_attention takes the bias as an additive mask.
 # ---------------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=8)     # every block of every step asks for the same length
-def relative_buckets(length, device, buckets=32, max_distance=64):
-    """[length, length] bucket of (key - query), T5's non-causal rule, in the original's float32 steps."""
-    pos = torch.arange(length, device=device)
-    n = pos[:, None] - pos[None, :]                                   # query - key
+def relative_buckets(distance, buckets=32, max_distance=64):
+    """The bucket of each (query - key) distance, T5's non-causal rule, in the original's float32 steps."""
     half = buckets // 2
-    ret = (n < 0).long() * half
-    n = n.abs()
+    ret = (distance < 0).long() * half
+    n = distance.abs()
     exact = half // 2
     large = exact + (torch.log(n.float() / exact) / math.log(max_distance / exact) * (half - exact)).long()
     return ret + torch.where(n < exact, n, large.clamp(max=half - 1))
@@ -171,16 +167,16 @@ class RelativePositionBias(nn.Module):
     def __init__(self, heads):
         super().__init__()
         self.relative_attention_bias = nn.Embedding(32, heads)
-        self.cached = (None, None)
 
-    def forward(self, length, scale):
-        """[heads, length, length]: each head's bias for every (query, key) pair, times scale. Every step asks
-        for the same length, so it is kept until the length or the table changes."""
-        table = self.relative_attention_bias.weight
-        key = (length, table.device, table.dtype, table.data_ptr(), table._version, scale)
-        if self.cached[0] != key:
-            self.cached = (key, F.embedding(relative_buckets(length, table.device), table).permute(2, 0, 1) * scale)
-        return self.cached[1]
+    def forward(self, length, scale, dtype):
+        """[heads, length, length]: each head's bias, times scale, for (query, key) with the queries in
+        reverse order. The bias depends on query - key only, so one row of 2 * length - 1 values per head
+        holds all of it; with the queries reversed, row i of the matrix is that row's window [i, i + length),
+        and unfold reads every window in place. A [heads, length, length] table would be 300 MB per block
+        for a 500-token line, and 3 GB if each of the 10 blocks kept one between steps."""
+        distance = torch.arange(length - 1, -length, -1, device=self.relative_attention_bias.weight.device)
+        row = (self.relative_attention_bias(relative_buckets(distance)).T * scale).to(dtype)   # [heads, 2L - 1]
+        return row.unfold(1, length, 1)
 
 
 class AttentionBlock(nn.Module):
@@ -196,8 +192,8 @@ class AttentionBlock(nn.Module):
         B, C, T = x.shape
         qkv = self.qkv(self.norm(x)).view(B, self.heads, 3, C // self.heads, T)
         q, k, v = qkv.transpose(-1, -2).unbind(2)                     # [B, heads, T, head_dim] each
-        bias = self.relative_pos_embeddings(T, (C // self.heads) ** 0.5)             # [heads, T, T]
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None].to(q.dtype))
+        bias = self.relative_pos_embeddings(T, (C // self.heads) ** 0.5, q.dtype)    # [heads, T, T], a view
+        a = F.scaled_dot_product_attention(q.flip(2), k, v, attn_mask=bias[None]).flip(2)  # queries reversed, back
         return x + self.proj_out(a.transpose(-1, -2).reshape(B, C, T))
 
 
@@ -517,27 +513,37 @@ def speak(model, diffusion, vocoder, text_ids, mels, voice, codes, o: SpeakOptio
     latent = model.voice_latent(mels)[None]                                                      # [1, D]
     latents = speech_latents(model, latent, text_ids[None], codes)[:, :calm_length(codes[0])].float()   # [1, S, D]
     length = latents.shape[1] * 4 * SAMPLE_RATE // clvp.SAMPLE_RATE     # 4 mel frames of 22.05 kHz per code
-    conditioning = diffusion.timestep_independent(latents.to(voice.dtype), voice, length)          # [1, dim, L]
+    conditioning = diffusion.timestep_independent(finite(latents, "the AR latents").to(voice.dtype), voice,
+                                                  length)                                         # [1, dim, L]
     times["latents"] = time.perf_counter() - t0
     generator = torch.Generator(voice.device).manual_seed(o.seed) if o.seed is not None else None
     t0 = time.perf_counter()
-    mel = sample_mel(diffusion, conditioning, o.steps, o.guidance, o.temperature, o.sampler, generator, progress)
+    mel = sample_mel(diffusion, finite(conditioning, "the diffusion's conditioning"), o.steps, o.guidance,
+                     o.temperature, o.sampler, generator, progress)
     times["diffusion"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if progress:
         progress.show("vocoder")
-    wav = vocode(vocoder, mel, generator)
+    wav = vocode(vocoder, finite(mel, "the diffusion's mel"), generator)
     times["vocoder"] = time.perf_counter() - t0
-    return wav.float()
+    return finite(wav.float(), "the vocoder's waveform")
 
 
 # ===================================================================================================
 # Part II: boundaries. speak.pt, --codes and the options are checked whole before anything is built.
 # ===================================================================================================
 
-SPEAK_FORMAT, SPEAK_VERSION = "speak", 1
+SPEAK_FORMAT, SPEAK_VERSION = "speak", 2      # version 1 was a torch.save pickle
 MAX_LAYERS, MAX_WIDTH = 1024, 16384
 MAX_CODES_BYTES = 2**24                      # a [k, 500] int64 array is 4 kB per row
+
+
+def finite(t, stage):
+    """t, when every number in it is finite: each stage's output is checked before the next stage reads it,
+    and the waveform before a sample is written (as 16-bit PCM a NaN would pass for -32768)."""
+    clvp.require([(clvp.all_finite(t), f"{stage} overflowed (inf or NaN): the weights are too large for this "
+                   "dtype (try --dtype float32, or check the checkpoints)")])
+    return t
 
 
 def default_speak_checkpoint():
@@ -583,27 +589,26 @@ def fold_weight_norm(state, source="vocoder"):
 
 
 def check_tensors(module_or_shapes, weights, source):
-    """Every tensor present, of its shape, floating point and finite, via clvp's weight check."""
+    """Every tensor present, of its shape, floating point, via clvp's weight check (on the meta device too)."""
     with torch.device("meta"):
         expected = {k: list(v.shape) for k, v in module_or_shapes().state_dict().items()}
     clvp.check_weights(expected, weights, source)
-    for name, t in weights.items():
-        clvp.require([(t.is_floating_point() and clvp.all_finite(t),
-                       f"{source}: {name} must hold finite floating-point numbers")], clvp.CheckpointError)
+    clvp.require([(t.is_floating_point(), f"{source}: {name} must hold floating-point numbers, not {t.dtype}")
+                  for name, t in weights.items()], clvp.CheckpointError)
 
 
 def check_speak_checkpoint(blob, latent_dim):
-    """speak.pt -> (DiffusionConfig, diffusion weights, folded vocoder weights), or a CheckpointError."""
-    clvp.require([(isinstance(blob, dict) and blob.get("format") == SPEAK_FORMAT,
+    """speak.pt's header -> (DiffusionConfig, diffusion weights, folded vocoder weights), or a CheckpointError.
+    The tensors may still be on the meta device (read_tensor_file's first look); the numbers are checked
+    once read."""
+    clvp.require([(blob.get("format") == SPEAK_FORMAT,
                    "not a speak checkpoint (convert Tortoise's files with convert_weights.py)")], clvp.CheckpointError)
     clvp.require([(blob.get("version") == SPEAK_VERSION, f"speak checkpoint version {blob.get('version')!r}; "
                    f"this speak.py reads version {SPEAK_VERSION}")], clvp.CheckpointError)
     parts = [blob.get("diffusion"), blob.get("vocoder")]
-    clvp.require([(isinstance(p, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) and clvp.plain(v)
-                                               and v.is_floating_point() for k, v in p.items()),
-                   f"{name}: not a dict of named floating-point tensors (dense, in memory)")
-                  for name, p in zip(("diffusion", "vocoder"), parts)],
-                 clvp.CheckpointError)
+    clvp.require([(isinstance(p, dict) and all(isinstance(v, torch.Tensor) and v.is_floating_point()
+                                               for v in p.values()), f"{name}: not a group of floating-point tensors")
+                  for name, p in zip(("diffusion", "vocoder"), parts)], clvp.CheckpointError)
     config = diffusion_config(parts[0], latent_dim)
     check_tensors(lambda: DiffusionTts(config), parts[0], "diffusion")
     vocoder = fold_weight_norm(parts[1])
@@ -611,11 +616,19 @@ def check_speak_checkpoint(blob, latent_dim):
     return config, parts[0], vocoder
 
 
+def read_speak_checkpoint(path, latent_dim):
+    """speak.pt -> (DiffusionConfig, diffusion weights, folded vocoder weights), checked, numbers included."""
+    blob = clvp.read_tensor_file(path, lambda blob: check_speak_checkpoint(blob, latent_dim))
+    with clvp.prefixed(f"{path}: ", clvp.CheckpointError):
+        config, diffusion, vocoder = check_speak_checkpoint(blob, latent_dim)
+        clvp.check_finite(diffusion, "diffusion")
+        clvp.check_finite(vocoder, "vocoder")
+    return config, diffusion, vocoder
+
+
 def load_speak(path, device, latent_dim, dtype=torch.float32):
     """speak.pt -> (DiffusionTts, UnivNet) in eval mode, in dtype, on device; validated before building."""
-    blob = clvp.load_tensors(path, clvp.CheckpointError, "not a readable speak checkpoint")
-    with clvp.prefixed(f"{path}: ", clvp.CheckpointError):
-        config, diffusion_weights, vocoder_weights = check_speak_checkpoint(blob, latent_dim)
+    config, diffusion_weights, vocoder_weights = read_speak_checkpoint(path, latent_dim)
     with torch.device("meta"):
         diffusion, vocoder = DiffusionTts(config), UnivNet()
     diffusion.load_state_dict(diffusion_weights, assign=True)
@@ -742,6 +755,7 @@ def run(args):
     mels = clvp.voice_mels(model, args.audio)
     dtype = diffusion.unconditioned_embedding.dtype
     voice = diffusion.voice_latent(voice_mels(args.audio, device).to(dtype))   # [1, 2 * dim], once per voice
+    finite(voice, "the diffusion's voice latent")
     times, samples = {"decoding": 0.0, "latents": 0.0, "diffusion": 0.0, "vocoder": 0.0}, 0
 
     def write(f):            # --text-file: the lines joined, as read.py does, each written as soon as it is made,

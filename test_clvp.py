@@ -272,8 +272,9 @@ transformers.logging.set_verbosity_error()  # the extractor warns on every call 
 
 @pytest.fixture(scope="session")
 def mel_norms(tortoise_src) -> torch.Tensor:
+    """Tortoise's own mel_norms.pth, which data/mel_norms.safetensors holds exactly."""
     norms = torch.load(tortoise_src / "tortoise" / "data" / "mel_norms.pth", weights_only=True)
-    assert norms.shape == (N_MELS,)
+    assert norms.shape == (N_MELS,) and torch.equal(clvp.read_mel_norms(clvp.SHIPPED[1]), norms)
     return norms
 
 

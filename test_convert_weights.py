@@ -118,7 +118,7 @@ def test_convert_carries_tokenizer_and_mel_norms(tiny_pair, tokenizer_json, tmp_
     (tmp_path / "src" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(model["merges"]) + "\n")
     transformers.ClvpTokenizer(str(tmp_path / "src" / "vocab.json"),
                                str(tmp_path / "src" / "merges.txt")).save_pretrained(tmp_path)
-    norms = torch.load(os.path.join(HERE, "data", "mel_norms.pth"), weights_only=True)
+    norms = clvp.read_mel_norms(clvp.SHIPPED[1])
     ClvpFeatureExtractor(mel_norms=norms.tolist()).save_pretrained(tmp_path)
     assert convert_weights.main(["--hf", str(tmp_path), "-o", str(tmp_path / "c.pt")]) == 0
     loaded = clvp.load_model(tmp_path / "c.pt", "cpu")
@@ -345,7 +345,7 @@ def test_download_speak_fetches_and_converts_the_audio_files(hub, tmp_path, monk
     import speak
     made = tmp_path / "made.pt"
     diffusion, vocoder = tiny_speak_file(made)
-    blob = torch.load(made, weights_only=True)
+    blob = clvp.read_tensor_file(made, lambda blob: None)
     files = {"diffusion_decoder.pth": {**blob["diffusion"], "mel_head.weight": torch.zeros(3)},
              "vocoder.pth": {"model_g": blob["vocoder"]}}
     for name, state in files.items():
@@ -362,3 +362,36 @@ def test_download_speak_fetches_and_converts_the_audio_files(hub, tmp_path, monk
         assert torch.equal(loaded.state_dict()[k], v), k
     for k, v in vocoder.state_dict().items():
         assert (folded.state_dict()[k] - v).abs().max() <= 1e-6, k
+
+
+def test_upgrade_rewrites_files_of_the_pickle_format_in_place(tmp_path, tiny_checkpoint):
+    """clvp.pt and speak.pt as clvp wrote them before format version 2 (torch.save of a dict): clvp.py and
+    speak.py refuse them in one line naming the command; the command rewrites them in place, same numbers."""
+    import speak
+    blob = clvp.read_tensor_file(tiny_checkpoint, lambda blob: None)
+    torch.save({**blob, "version": 1, "extra": torch.zeros(1)}, tmp_path / "clvp.pt")
+    tiny_speak_file(tmp_path / "new.pt")
+    old_speak = {**clvp.read_tensor_file(tmp_path / "new.pt", lambda blob: None), "version": 1}
+    torch.save(old_speak, tmp_path / "speak.pt")
+    for name, load in [("clvp.pt", lambda p: clvp.load_model(p, "cpu")),
+                       ("speak.pt", lambda p: speak.load_speak(p, "cpu", 64))]:
+        with pytest.raises(clvp.CheckpointError, match=f"rewrite it once with: python convert_weights.py --upgrade "
+                                                       f".*{name}$"):
+            load(tmp_path / name)
+        code, out, err = run_case(tmp_path, "convert_weights.py", ["--upgrade", name])[:3]
+        assert code == 0 and err == "" and f"rewrote {name} as format version 2" in out, err
+        load(tmp_path / name)
+    new = clvp.read_tensor_file(tmp_path / "clvp.pt", lambda blob: None)
+    assert set(new) == {"format", "version", "config", "weights", "tokenizer", "mel_norms"}
+    assert new["config"] == blob["config"] and new["tokenizer"] == blob["tokenizer"]
+    assert all(torch.equal(new["weights"][k], v) for k, v in blob["weights"].items())
+    assert torch.equal(new["mel_norms"], blob["mel_norms"])
+    assert clvp.read_tensor_file(tmp_path / "speak.pt", lambda blob: None)["version"] == 2
+    for args, words in [(["--upgrade", "clvp.pt"], "not the zip archive torch.save writes"),
+                        (["--upgrade", "clvp.pt", "-o", "x.pt"], "give it alone"),
+                        (["--upgrade", "absent.pt"], "no such file")]:
+        code, _, err = run_case(tmp_path, "convert_weights.py", args)[:3]
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    torch.save({"format": "clvp", "version": 2}, tmp_path / "odd.pt")
+    code, _, err = run_case(tmp_path, "convert_weights.py", ["--upgrade", "odd.pt"])[:3]
+    assert code == 2 and "not a clvp.pt or speak.pt of format version 1" in err, err

@@ -269,10 +269,10 @@ def test_check_memory_counts_the_cache_and_the_candidates(monkeypatch, tiny_chec
 
 
 def crafted(work, name, change, source="tiny.pt"):
-    """A copy of a checkpoint with change(blob) applied."""
-    blob = torch.load(work / source, weights_only=True)
+    """A copy of a checkpoint with change(blob) applied, written as it is, unchecked."""
+    blob = clvp.read_tensor_file(work / source, lambda blob: None)
     change(blob)
-    torch.save(blob, work / name)
+    clvp.write_tensor_file(work / name, blob)
     return name
 
 
@@ -332,12 +332,13 @@ BAD_BLOBS = [
     ("config.decoder.start_token", 9000, "start_token and stop_token must be two different ids"),
     ("config.decoder.text_stop_token", 300, "text_start_token and text_stop_token must be below"),
     ("config", [1, 2], "config must be a dict"),
-    ("weights.logit_scale", torch.tensor(2), "logit_scale must hold finite floating-point numbers, not torch.int64"),
+    ("weights.logit_scale", torch.tensor(2), "logit_scale must hold floating-point numbers, not torch.int64"),
     ("weights.logit_scale", torch.tensor(True), "not torch.bool"),
-    ("weights.logit_scale", torch.tensor(1 + 2j), "not torch.complex64"),
-    ("weights.logit_scale", torch.tensor(float("nan")), "logit_scale must hold finite"),
+    ("weights.logit_scale", torch.tensor(float("nan")), "logit_scale must hold finite numbers"),
     ("weights.decoder.text_embedding.weight", "inf", "decoder.text_embedding.weight must hold finite"),
-    ("weights", [1], "weights: not a dict of named tensors"),
+    ("weights", [1], "weights: not a group of tensors"),
+    ("weights", {"a": 1}, "weights: not a group of tensors"),
+    ("tokenizer", "vocab", "tokenizer: not an object of vocab and merges"),
     ("tokenizer.vocab.[UNK]", KeyError, "the tokens [UNK] and [SPACE]"),
     ("tokenizer.vocab.[SPACE]", KeyError, "the tokens [UNK] and [SPACE]"),
     ("tokenizer.merges", [["q", "qq"]], "merge ['q', 'qq'] is not two tokens"),
@@ -345,8 +346,9 @@ BAD_BLOBS = [
     ("mel_norms", torch.ones(79), "mel_norms must be 80 finite non-zero divisors"),
     ("mel_norms", torch.zeros(80), "mel_norms must be 80 finite non-zero divisors"),
     ("mel_norms", torch.full((80,), float("nan")), "mel_norms must be 80"),
-    ("version", "1", "checkpoint format version '1'; this clvp.py reads version 1"),
-    ("version", 2, "checkpoint format version 2"),
+    ("version", "2", "checkpoint format version '2'; this clvp.py reads version 2"),
+    ("version", 3, "checkpoint format version 3"),
+    ("mel_norms", [1.0] * 80, "mel_norms: not a tensor"),
     ("format", "other", "not a clvp checkpoint"),
 ]
 
@@ -386,34 +388,96 @@ def test_save_checkpoint_refuses_what_load_model_would(tiny_checkpoint, tmp_path
 
 
 def safetensors_bytes(header, body=b""):
-    raw = json.dumps(header).encode()
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
     return len(raw).to_bytes(8, "little") + raw + body
 
 
+def f32(offsets, shape=(1,)):
+    return {"dtype": "F32", "shape": list(shape), "data_offsets": list(offsets)}
+
+
+# Lying headers. Each is refused by the one reader (clvp.read_tensor_file) before a tensor is allocated; the
+# last few only mean something to a blob (clvp.pt, speak.pt), so the converter, which reads plain tensors,
+# does not see them.
 BAD_SAFETENSORS = [
     ("list header", safetensors_bytes([1, 2]), "not a JSON object"),
-    ("header past the end", (10**9).to_bytes(8, "little") + b"{}", "a header of 1000000000 bytes"),
-    ("negative offset", safetensors_bytes({"a": {"dtype": "F32", "shape": [1], "data_offsets": [-4, 0]}}, b"\0" * 8),
-     "does not fit"),
-    ("offset past the end", safetensors_bytes({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8),
-     "does not fit"),
-    ("overlapping", safetensors_bytes({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                                       "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12),
-     "does not fit"),
-    ("wrong size", safetensors_bytes({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8),
-     "does not fit"),
+    ("empty file", b"", "a header of 0 bytes in a file of 0"),
+    ("header past the end", (10**6).to_bytes(8, "little") + b"{}", "a header of 1000000 bytes in a file of 10"),
+    ("header length 2^64-1", b"\xff" * 8 + b"{}", "over the 16 MiB"),
+    ("not UTF-8", safetensors_bytes(b"\xff\xfe{}"), "not readable JSON"),
+    ("nested 10^5 deep", safetensors_bytes(b"[" * 10**5 + b"]" * 10**5), "not readable JSON"),
+    ("duplicate names", safetensors_bytes(b'{"a": %s, "a": %s}' % (json.dumps(f32([0, 4])).encode(),
+                                                                   json.dumps(f32([4, 8])).encode()), b"\0" * 8),
+     "the name 'a' appears twice"),
+    ("negative offset", safetensors_bytes({"a": f32([-4, 0])}, b"\0" * 8), "tensor 'a' starts at byte -4"),
+    ("offset past the end", safetensors_bytes({"a": f32([0, 16], [4])}, b"\0" * 8),
+     "its tensors end at byte 16 of the data, which holds 8"),
+    ("overlapping", safetensors_bytes({"a": f32([0, 8], [2]), "b": f32([4, 12], [2])}, b"\0" * 12),
+     "tensor 'b' starts at byte 4 of the data, not at 8 where the one before it ends (a gap or an overlap)"),
+    ("a gap", safetensors_bytes({"a": f32([0, 4]), "b": f32([8, 12])}, b"\0" * 12), "tensor 'b' starts at byte 8"),
+    ("wrong size", safetensors_bytes({"a": f32([0, 8], [3])}, b"\0" * 8), "[3] is 12 bytes, not the 8 of its offsets"),
     ("unknown dtype", safetensors_bytes({"a": {"dtype": "F8", "shape": [1], "data_offsets": [0, 1]}}, b"\0"),
-     "not a readable safetensors file"),
+     "not a known dtype"),
+    ("product overflows", safetensors_bytes({"a": f32([0, 4], [2**31 - 1] * 8)}, b"\0" * 4),
+     f"is {(2**31 - 1)**8 * 4} bytes, not the 4"),
+    ("a size of 2^40", safetensors_bytes({"a": f32([0, 4], [2**40, 0])}, b"\0" * 4), "sizes under 2^31"),
+    ("a negative size", safetensors_bytes({"a": f32([0, 4], [-1])}, b"\0" * 4), "sizes under 2^31"),
+    ("a size that is true", safetensors_bytes({"a": f32([0, 4], [True])}, b"\0" * 4), "sizes under 2^31"),
+    ("an unknown field", safetensors_bytes({"a": {**f32([0, 4]), "x": 1}}, b"\0" * 4), "not a known dtype"),
+    ("metadata of numbers", safetensors_bytes({"__metadata__": {"format": 1}}), "__metadata__ is not an object of texts"),
+    ("metadata not JSON", safetensors_bytes({"__metadata__": {"format": "{clvp"}}),
+     "__metadata__ 'format' is not JSON"),
+    ("a tensor and a group", safetensors_bytes({"weights": f32([0, 4]), "weights.a": f32([4, 8])}, b"\0" * 8),
+     "tensor 'weights.a' collides with the entry 'weights'"),
+    ("a tensor into metadata", safetensors_bytes({"__metadata__": {"config": "{}"}, "config.a": f32([0, 4])},
+                                                 b"\0" * 4), "tensor 'config.a' collides with the entry 'config'"),
 ]
+BLOB_ONLY = 3                                        # the last cases, which only a blob's reader sees
 
 
 @pytest.mark.parametrize("name, data, words", BAD_SAFETENSORS, ids=[c[0] for c in BAD_SAFETENSORS])
 def test_bad_safetensors(work, tiny_hf_dir, name, data, words):
-    d = work / "hf"
-    d.mkdir()
-    shutil.copy(tiny_hf_dir / "config.json", d / "config.json")
-    (d / "model.safetensors").write_bytes(data)
-    refused(work, "--hf", "hf", "-o", "out.pt", script="convert_weights.py", words=["model.safetensors", words])
+    (work / "bad.pt").write_bytes(data)
+    refused(work, *rank("--checkpoint", "bad.pt"), words=["bad.pt: not a readable tensor file: ", words])
+    tiny_speak_file(work / "speak.pt")
+    refused(work, *speaking("--speak-checkpoint", "bad.pt", weights=True), script="speak.py", words=["bad.pt", words])
+    if name not in [c[0] for c in BAD_SAFETENSORS[-BLOB_ONLY:]]:
+        d = work / "hf"
+        d.mkdir()
+        shutil.copy(tiny_hf_dir / "config.json", d / "config.json")
+        (d / "model.safetensors").write_bytes(data)
+        refused(work, "--hf", "hf", "-o", "out.pt", script="convert_weights.py", words=["model.safetensors", words])
+
+
+def test_a_header_of_100_mb_is_refused_unread(work):
+    """The 8-byte length says 100 MB and the file holds them: refused from the length, in bounded memory."""
+    with open(work / "big.pt", "wb") as f:
+        f.write((10**8).to_bytes(8, "little") + b"{" + b" " * (10**8 - 2) + b"}")
+    refused(work, *rank("--checkpoint", "big.pt"), words=["big.pt", "a header of 100000000 bytes, over the 16 MiB"],
+            process=True)
+
+
+def test_safetensors_files_agree_with_the_safetensors_library(tmp_path, tiny_checkpoint):
+    """What clvp writes, the reference library reads, and the other way round, every dtype, byte for byte."""
+    import safetensors.torch
+    blob = clvp.read_tensor_file(tiny_checkpoint, lambda blob: None)
+    theirs = safetensors.torch.load_file(tiny_checkpoint)
+    assert set(theirs) == {f"weights.{k}" for k in blob["weights"]} | {"mel_norms"}
+    assert all(torch.equal(theirs[f"weights.{k}"], v) for k, v in blob["weights"].items())
+    with open(tiny_checkpoint, "rb") as f:                       # metadata: each entry JSON text
+        n = int.from_bytes(f.read(8), "little")
+        assert json.loads(json.loads(f.read(n))["__metadata__"]["config"]) == blob["config"]
+    tensors = {"f64": torch.randn(3, dtype=torch.float64), "bf16": torch.randn(2, 3).bfloat16(),
+               "f16": torch.randn(5).half(), "i64": torch.arange(4), "i32": torch.arange(3, dtype=torch.int32),
+               "i16": torch.arange(2, dtype=torch.int16), "i8": torch.arange(-2, 2, dtype=torch.int8),
+               "u8": torch.arange(7, dtype=torch.uint8), "bool": torch.tensor([True, False]), "scalar": torch.tensor(1.5),
+               "empty": torch.zeros(0, 4)}
+    safetensors.torch.save_file(tensors, tmp_path / "theirs.safetensors", metadata={"k": "[1, 2]"})
+    mine = clvp.read_tensor_file(tmp_path / "theirs.safetensors", lambda blob: None)
+    assert mine["k"] == [1, 2] and all(torch.equal(mine[k], v) and mine[k].dtype == v.dtype for k, v in tensors.items())
+    clvp.write_tensor_file(tmp_path / "mine.safetensors", {**tensors, "k": [1, 2]})
+    back = safetensors.torch.load_file(tmp_path / "mine.safetensors")
+    assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in tensors.items())
 
 
 BAD_HF_FILES = [
@@ -724,14 +788,16 @@ def test_load_model_bad_files(tiny_checkpoint, tmp_path):
     text = tmp_path / "notes.pt"
     text.write_text("hello")
     other = tmp_path / "other.pt"
-    torch.save({"a": torch.zeros(1)}, other)
-    blob = torch.load(good, weights_only=True)
+    clvp.write_tensor_file(other, {"a": torch.zeros(1)})
+    old = tmp_path / "old.pt"
+    torch.save({"format": "clvp", "version": 1}, old)
+    blob = clvp.read_tensor_file(good, lambda blob: None)
     del blob["weights"]["decoder.head.bias"]
     blob["weights"]["logit_scale"] = torch.zeros(3)
     broken = tmp_path / "broken.pt"
-    torch.save(blob, broken)
-    cases = [(truncated, "not a readable"), (text, "not a readable"), (other, "not a clvp checkpoint"),
-             (tmp_path / "missing.pt", "no such file"), (tmp_path, "directory")]
+    clvp.write_tensor_file(broken, blob)
+    cases = [(truncated, "not a readable tensor file"), (text, "not a readable"), (other, "not a clvp checkpoint"),
+             (old, "convert_weights.py --upgrade"), (tmp_path / "missing.pt", "no such file"), (tmp_path, "directory")]
     for path, words in cases:
         with pytest.raises(clvp.CheckpointError, match=words):
             clvp.load_model(path, "cpu")
@@ -774,7 +840,7 @@ def test_cli_bad_checkpoint(tmp_path, capsys, monkeypatch):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     code, err = run_main(capsys, "--text", "Hi.", "--audio", VOICE, "--checkpoint", bad)
-    assert code == 2 and len(err) == 1 and "bad.pt: not a readable clvp checkpoint" in err[0]
+    assert code == 2 and len(err) == 1 and "bad.pt: not a readable tensor file" in err[0]
     assert sorted(os.listdir(tmp_path)) == ["bad.pt"]
 
 
@@ -861,7 +927,7 @@ def project(tmp_path, tiny_checkpoint):
     ("train.py", ["--encoder-steps", "1", "--decoder-steps", "1", "--out"]),
     ("convert_weights.py", ["--tortoise-ar", "tiny.pt", "--tortoise-clvp", "tiny.pt", "-o"]),
 ])
-@pytest.mark.parametrize("target", ["data/tokenizer.json", "data/mel_norms.pth", "examples/voice.wav", "clvp.py",
+@pytest.mark.parametrize("target", ["data/tokenizer.json", "data/mel_norms.safetensors", "examples/voice.wav", "clvp.py",
                                     "./speak.py", "README.md", "requirements-dev.txt"])
 def test_no_output_over_a_file_of_the_project(project, script, args, target):
     refused(project, *args, target, script=str(project / script), env=NO_PYC,       # named as an input, or as
@@ -954,7 +1020,7 @@ def test_a_fifo_in_the_cache_is_refused_not_waited_on(work, hub_server, name):
     env = {"CLVP_HUB_URL": hub_server.url, "CLVP_CACHE": str(cache)}
     if name == "tokenizer.json":                              # the two weights are there and whole already
         for n in ("autoregressive.pth", "clvp2.pth"):
-            shutil.copy(work / "tiny.pt", cache / n)
+            torch.save({"a": torch.zeros(1)}, cache / n)
     refused(work, "--download", script="convert_weights.py", env=env, words=[name], process=True)
 
 
@@ -982,9 +1048,10 @@ def test_a_text_file_of_digits_is_refused_at_once(work):
 
 
 def compressed_checkpoint(work, name, inflated=1_200_000_000):
-    """tiny.pt with one record replaced by `inflated` zero bytes, deflate-compressed: 1.2 MB more on disk."""
+    """A torch.save file with one record replaced by `inflated` zero bytes, deflate-compressed: 1.2 MB on disk."""
     import zipfile
-    with zipfile.ZipFile(work / "tiny.pt") as src, zipfile.ZipFile(work / name, "w", zipfile.ZIP_DEFLATED) as out:
+    torch.save({"x": torch.zeros(1000)}, work / "plain.pth")
+    with zipfile.ZipFile(work / "plain.pth") as src, zipfile.ZipFile(work / name, "w", zipfile.ZIP_DEFLATED) as out:
         for record in src.infolist():
             data = src.read(record)
             with out.open(record.filename, "w", force_zip64=True) as f:
@@ -993,7 +1060,7 @@ def compressed_checkpoint(work, name, inflated=1_200_000_000):
                         f.write(bytes(2**24))
                 else:
                     f.write(data)
-    assert os.path.getsize(work / name) < os.path.getsize(work / "tiny.pt") + 2 * 2**20
+    assert os.path.getsize(work / name) < 2 * 2**20
     return name
 
 
@@ -1010,7 +1077,7 @@ def test_a_compressed_record_is_refused_before_it_inflates(work):
         before = snapshot(work)
         code, _, err, _, mib = run_bounded([sys.executable, os.path.join(HERE, script), *map(str, args)], work)
         assert code == 2 and len(err.strip().splitlines()) == 1 and snapshot(work) == before, err
-        assert name == "base" or "torch.save never compresses them" in err, err
+        assert name == "base" or ("torch.save never compresses them" if name == "convert" else "--upgrade") in err, err
         peaks[name] = mib
     assert max(peaks.values()) - peaks["base"] < 100, peaks          # MiB above the same run's baseline
 
@@ -1031,9 +1098,6 @@ def test_candidate_and_clip_counts_have_limits(work):
 @pytest.mark.parametrize("change, words", [
     (lambda b: b["weights"].update(logit_scale=torch.tensor(100.0)), ["logit_scale 100", "ln(10^4)"]),
     (lambda b: b.update(mel_norms=torch.full((80,), 1e-40)), ["mel_norms", "at least 0.001"]),
-    (lambda b: b["weights"].update(logit_scale=torch.empty((), device="meta")), ["logit_scale", "meta"]),
-    (lambda b: b["weights"].update({"decoder.head.bias": b["weights"]["decoder.head.bias"].to_sparse()}),
-     ["decoder.head.bias", "sparse"]),
 ])
 def test_checkpoints_valid_only_until_used(work, change, words):
     name = crafted(work, "late.pt", change)
@@ -1197,7 +1261,7 @@ def test_speak_full_disk_leaves_no_partial_wav(work):
 
 @pytest.mark.parametrize("edit, says", [
     (lambda b: b.update(format="other"), "not a speak checkpoint"),
-    (lambda b: b.update(version=2), "version 2"),
+    (lambda b: b.update(version=1), "version 1"),
     (lambda b: b["diffusion"].pop("out.2.bias"), "missing: out.2.bias"),
     (lambda b: b["diffusion"].update({"inp_block.weight": torch.zeros(64, 100, 5)}), "inp_block.weight is [64, 100, 5]"),
     (lambda b: b["diffusion"]["time_embed.0.weight"].fill_(float("nan")), "finite"),
@@ -1207,10 +1271,9 @@ def test_speak_full_disk_leaves_no_partial_wav(work):
     (lambda b: b["diffusion"].update({"layers.0.attn.relative_pos_embeddings.relative_attention_bias.weight":
                                       torch.zeros(32)}), "relative_attention_bias.weight must have 2 dimensions"),
     (lambda b: b["vocoder"].update({"conv_pre.weight_v": torch.zeros(32)}), "conv_pre.weight_v must have 2 or more"),
-    (lambda b: b["vocoder"].update({"conv_pre.weight_v": torch.zeros(32, 64, 7, device="meta")}),
-     "vocoder: not a dict of named floating-point tensors"),
+    (lambda b: b.update(vocoder=[1]), "vocoder: not a group of floating-point tensors"),
     (lambda b: b["diffusion"].update({"out.2.bias": torch.zeros(100, dtype=torch.long)}),
-     "diffusion: not a dict of named floating-point tensors"),
+     "diffusion: not a group of floating-point tensors"),
     (lambda b: b["vocoder"].update({"conv_pre.weight_v": torch.zeros(32, 64, 7)}), "finite"),
 ])
 def test_bad_speak_checkpoint(work, edit, says):
@@ -1226,24 +1289,26 @@ def test_speak_checkpoint_missing_or_download_options_misused(work):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Third round (issue 26). A torch whose weights_only unpickler is not safe never opens a checkpoint.
+# Third round (issue 26). A torch whose weights_only unpickler is not safe never opens a pickle; the
+# project's own files are safetensors, which no torch unpickles.
 # ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("version", ["2.5.1", "2.9.1+cpu", "1.13.0"])
 def test_an_unsafe_torch_never_unpickles(work, monkeypatch, version):
-    """Faked through torch.__version__ (the command lines run in this process): each program that would
-    unpickle refuses in one line naming the CVEs and the upgrade, before the file is opened (a path that does
-    not exist is refused for the torch, not for being absent)."""
+    """Faked through torch.__version__ (the command lines run in this process): the converter, the one program
+    that unpickles, refuses in one line naming the CVEs and the upgrade, before the file is opened (a path
+    that does not exist is refused for the torch, not for being absent). clvp.py reads its checkpoint."""
+    torch.save({"a": torch.zeros(1)}, work / "ar.pth")
     monkeypatch.setattr(torch, "__version__", version)
     says = ["CVE-2025-32434", "CVE-2026-24747", "pip install 'torch>=2.10'", f"torch {version}"]
-    refused(work, *rank("--out", "best.npy"), words=["tiny.pt", *says])
-    refused(work, *rank("--checkpoint", "absent.pt"), words=["absent.pt", *says])
-    refused(work, "--tortoise-ar", "tiny.pt", "--tortoise-clvp", "tiny.pt", "-o", "x.pt", script="convert_weights.py",
-            words=["tiny.pt", *says])
-    tiny_speak_file(work / "speak.pt")
-    refused(work, *speaking(weights=True), script="speak.py", words=[*says])
+    for ar in ("ar.pth", "absent.pth"):
+        refused(work, "--tortoise-ar", ar, "--tortoise-clvp", "ar.pth", "-o", "x.pt", script="convert_weights.py",
+                words=[ar, *says])
+    torch.save({"format": "clvp", "version": 1}, work / "old.pt")
+    refused(work, "--upgrade", "old.pt", script="convert_weights.py", words=["old.pt", *says])
+    accepted(work, *rank("--out", "best.npy"))
     monkeypatch.setattr(torch, "__version__", "2.10.0")
-    assert clvp.load_tensors(work / "tiny.pt")["format"] == "clvp"
+    assert convert_weights.load_plain(work / "ar.pth")["a"].shape == (1,)
 
 
 @pytest.mark.parametrize("dtype, bits", [(torch.uint16, 16), (torch.uint32, 32), (torch.uint64, 64)])
@@ -1302,3 +1367,89 @@ def test_no_inode_left_names_the_users_path(work, tiny_hf_dir, monkeypatch):
     line = refused(work, "--hf", tiny_hf_dir, "-o", "clvp.pt", script="convert_weights.py",
                    words=["clvp.pt", "No space left on device"], also=[tiny_hf_dir])
     assert ".clvp-" not in line
+
+
+# Audio that is not a number is never written: each stage's output is checked before the next reads it.
+def big(group, name, value=1e38):
+    return lambda blob: blob[group][name].fill_(value)
+
+
+@pytest.mark.parametrize("edit, extra, stage", [
+    (big("diffusion", "out.2.weight"), [], "the diffusion's mel"),
+    (big("diffusion", "out.2.weight"), ["--pcm16"], "the diffusion's mel"),
+    (big("diffusion", "unconditioned_embedding"), ["--guidance", "1"], "the diffusion's mel"),
+    (big("diffusion", "inp_block.weight", 1e5), ["--dtype", "float16"], "overflowed"),
+    (big("diffusion", "latent_conditioner.0.weight"), [], "the diffusion's conditioning"),
+    (big("vocoder", "res_stack.0.kernel_predictor.kernel_conv.weight_g"), ["--pcm16"], "the vocoder's waveform"),
+])
+def test_audio_that_is_not_a_number_is_never_written(work, edit, extra, stage):
+    tiny_speak_file(work / "speak.pt", edit)
+    refused(work, *speaking(*extra, weights=True), script="speak.py", words=[stage, "overflowed (inf or NaN)"])
+
+
+def test_codes_overflowing_only_in_the_ar_latents_are_refused(work):
+    """clvp.py accepts this checkpoint (its logits stay finite); the latents speak.py reads from it do not."""
+    crafted(work, "latent.pt", lambda b: b["weights"]["decoder.final_norm.weight"].fill_(3e38))
+    np.save(work / "codes.npy", np.full((1, 20), 30, np.int64))
+    tiny_speak_file(work / "speak.pt")
+    refused(work, *speaking("--codes", "codes.npy", "--checkpoint", "latent.pt", weights=True), script="speak.py",
+            words=["the AR latents overflowed"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Signals while a file is written: Ctrl-C, SIGTERM and SIGHUP end every program the same way.
+# ---------------------------------------------------------------------------------------------------
+
+SIGNALLED_WRITE = """
+import os, signal, sys, numpy as np, soundfile, clvp
+signum, how = int(sys.argv[1]), sys.argv[2]
+
+class Signalling:                      # the signal arrives inside a write: in Python, or in libsndfile's callback
+    def __init__(self, f):
+        self.f = f
+    def write(self, data):
+        os.kill(os.getpid(), signum)
+        return self.f.write(data)
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+def write(f):
+    if how == "plain":
+        Signalling(f).write(b"x" * 1000)
+    else:
+        with soundfile.SoundFile(Signalling(f), "w", 24000, 1, "FLOAT", format="WAV") as wav:
+            wav.write(np.zeros(100000, np.float32))
+
+sys.exit(clvp.run_command("x.py", lambda: clvp.write_atomically("out.wav", write)))
+"""
+
+
+@pytest.mark.parametrize("how", ["plain", "libsndfile"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_inside_a_write_leaves_the_old_output_and_no_temporary_file(tmp_path, signum, how):
+    (tmp_path / "out.wav").write_bytes(b"earlier")
+    p = subprocess.run([sys.executable, "-c", SIGNALLED_WRITE, str(int(signum)), how], cwd=tmp_path, text=True,
+                       capture_output=True, env={**os.environ, "PYTHONPATH": HERE}, timeout=60)
+    name = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    assert p.returncode == 128 + signum and p.stderr.strip() == f"x.py: {name}; nothing half-written is left", p.stderr
+    assert os.listdir(tmp_path) == ["out.wav"] and (tmp_path / "out.wav").read_bytes() == b"earlier"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_speak_py_stopped_while_writing_leaves_no_temporary_file(work, signum):
+    """A real run, stopped while its WAV is open (the temporary file exists): one line, 128 + n, the earlier
+    output untouched, nothing hidden left beside it."""
+    (work / "lines.txt").write_text("A line to speak.\n" * 200)
+    (work / "never.wav").write_bytes(b"earlier")
+    args = [*SPEAK, "--text-file", "lines.txt", "--audio", "voice.wav", "--out", "never.wav"]
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "speak.py"), *map(str, args)], cwd=work,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not any(n.startswith(".clvp-") for n in os.listdir(work)) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signum)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signum and err.strip().splitlines() == [
+        f"speak.py: stopped by {signal.Signals(signum).name}; nothing half-written is left"], err
+    assert not [n for n in os.listdir(work) if n.startswith(".clvp-")]
+    assert (work / "never.wav").read_bytes() == b"earlier"

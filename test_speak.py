@@ -179,10 +179,30 @@ def test_guided_pair_batched_equals_two_calls():
 
 
 def test_relative_buckets():
-    b = speak.relative_buckets(200, torch.device("cpu"))
+    pos = torch.arange(200)
+    b = speak.relative_buckets(pos[:, None] - pos[None, :])         # [query, key]
     assert b[5, 5] == 0 and b[5, 6] == 17 and b[6, 5] == 1            # key after the query: the upper half
     assert b[0, 7] == 16 + 7 and b[0, 8] == 16 + 8 and b[0, 199] == 31 and b[199, 0] == 15
     assert (b[0, 8:] >= b[0, 7]).all() and (b[0, 9:].diff() >= 0).all()
+
+
+@pytest.mark.parametrize("length", [1, 2, 37])
+def test_the_windowed_bias_is_the_whole_table_with_the_queries_reversed(length):
+    """The bias as an unfold view of one row per head equals the [heads, L, L] table the original builds
+    (the bucket of query - key, looked up per head), its query rows reversed; attention given the reversed
+    queries and reversed back equals attention with the whole table (to float32 rounding: the kernel's sums
+    depend a little on a row's place)."""
+    torch.manual_seed(0)
+    block = speak.AttentionBlock(32, 4)
+    pos = torch.arange(length)
+    table = block.relative_pos_embeddings.relative_attention_bias(speak.relative_buckets(pos[:, None] - pos[None, :]))
+    table = table.permute(2, 0, 1) * 8 ** 0.5                                               # [heads, L, L]
+    assert torch.equal(block.relative_pos_embeddings(length, 8 ** 0.5, torch.float32), table.flip(1))
+    x = torch.randn(2, 32, length)
+    with torch.no_grad():
+        q, k, v = block.qkv(block.norm(x)).view(2, 4, 3, 8, length).transpose(-1, -2).unbind(2)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=table[None])
+        assert (block(x) - (x + block.proj_out(a.transpose(-1, -2).reshape(2, 32, length)))).abs().max() < 1e-5
 
 
 def test_location_variable_conv_with_one_kernel_is_a_conv():
@@ -235,7 +255,7 @@ def test_speech_latents_are_causal(tiny_checkpoint):
 def test_convert_tortoise_audio_files(tmp_path):
     blob_path = tmp_path / "blob.pt"
     diffusion, vocoder = tiny_speak_file(blob_path)
-    blob = torch.load(blob_path, weights_only=True)
+    blob = clvp.read_tensor_file(blob_path, lambda blob: None)
     state = dict(blob["diffusion"], **{"code_embedding.weight": torch.zeros(8193, 64), "mel_head.bias": torch.zeros(100)})
     torch.save(state, tmp_path / "diffusion_decoder.pth")
     torch.save({"model_g": blob["vocoder"], "optim_g": {}}, tmp_path / "vocoder.pth")
@@ -261,7 +281,7 @@ def test_convert_tortoise_audio_files_in_half_precision(tmp_path):
     """--dtype applies to speak.pt as to clvp.pt: float16 halves the file, and speak.py loads it as the fp32
     weights rounded to fp16."""
     diffusion, _ = tiny_speak_file(tmp_path / "blob.pt")
-    blob = torch.load(tmp_path / "blob.pt", weights_only=True)
+    blob = clvp.read_tensor_file(tmp_path / "blob.pt", lambda blob: None)
     torch.save(blob["diffusion"], tmp_path / "diffusion_decoder.pth")
     torch.save({"model_g": blob["vocoder"]}, tmp_path / "vocoder.pth")
     for dtype in ("float32", "float16"):

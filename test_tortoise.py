@@ -444,11 +444,11 @@ def test_hf_and_tortoise_paths_give_identical_tensors(tiny, tmp_path):
         assert weights[k].dtype == tortoise_weights[k].dtype and torch.equal(weights[k], tortoise_weights[k]), k
 
 
-def test_download_and_convert_against_a_local_hub(tiny, hub_server, tmp_path):
+def test_download_and_convert_against_a_local_hub(tiny, hub_server, tmp_path, tortoise_src):
     for name in ("autoregressive.pth", "clvp2.pth"):
         hub_server.files[name] = (tiny["dir"] / name).read_bytes()
-    for name in ("tokenizer.json", "mel_norms.pth"):
-        hub_server.files[name] = (HERE / "data" / name).read_bytes()
+    for name in ("tokenizer.json", "mel_norms.pth"):                # the official files, as Tortoise ships them
+        hub_server.files[name] = (tortoise_src / "tortoise" / "data" / name).read_bytes()
     hub_server.drop_once.add("autoregressive.pth")                 # a dropped connection mid-file
     cache = tmp_path / "cache"
     proc_env = {**os.environ, "CLVP_HUB_URL": hub_server.url, "CLVP_CACHE": str(cache)}
@@ -478,10 +478,21 @@ def test_download_and_convert_against_a_local_hub(tiny, hub_server, tmp_path):
 def test_full_disk_leaves_nothing(tiny, tmp_path, monkeypatch, capsys):
     import errno
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    class Full:                                        # a disk that fills after the header's first bytes
+        def __init__(self, f):
+            self.f, self.written = f, 0
 
-    monkeypatch.setattr(torch, "save", full)
+        def write(self, data):
+            self.written += memoryview(data).nbytes
+            if self.written > 1000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    recording = clvp.RecordingFile
+    monkeypatch.setattr(clvp, "RecordingFile", lambda f: recording(Full(f)))
     out = tmp_path / "out" / "clvp.pt"
     out.parent.mkdir()
     code = convert_weights.main(["--tortoise-ar", str(tiny["dir"] / "autoregressive.pth"),
@@ -551,7 +562,7 @@ def test_resample_and_univnet_mel(audio):
 
 def test_voice_latents(audio):
     e, model = audio["expected"], audio["ar"]["model"]
-    norms = clvp.read_mel_norms(HERE / "data" / "mel_norms.pth")
+    norms = clvp.read_mel_norms(clvp.SHIPPED[1])
     mels = torch.stack([clvp.log_mel_spectrogram(clvp.format_conditioning(clvp.load_audio(p)), norms) for p in audio["voices"]])
     with torch.no_grad():
         voice = audio["diffusion"].voice_latent(speak.voice_mels(audio["voices"], "cpu"))
