@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import resource
 import signal
 import stat
 import sys
@@ -789,14 +790,16 @@ class CLVP(nn.Module):
 
     def text_features(self, text_ids):
         """Raw text ids [B, T] -> [B, 768], projected, not normalized. Like Tortoise's reranking, the
-        encoder sees the ids followed by one stop token."""
-        text_ids = checked_ids(text_ids, "text_ids", self.config.text.vocab_size, self.logit_scale.device)
+        encoder sees the ids followed by one stop token. T is at most what the decoder reads (404)."""
+        text_ids = checked_ids(text_ids, "text_ids", self.config.text.vocab_size, self.logit_scale.device,
+                               self.config.decoder.text_positions)
         return self.text_encoder(F.pad(text_ids, (0, 1), value=self.config.decoder.text_stop_token))
 
     def speech_features(self, speech_ids):
-        """Speech tokens [B, S] (already fixed, see fix_candidates) -> [B, 768], not normalized."""
+        """Speech tokens [B, S] (already fixed, see fix_candidates) -> [B, 768], not normalized. S is at most
+        what the decoder makes (608)."""
         return self.speech_encoder(checked_ids(speech_ids, "speech_ids", self.config.speech.vocab_size,
-                                               self.logit_scale.device))
+                                               self.logit_scale.device, self.config.decoder.speech_positions))
 
     def similarity(self, text_ids, speech_ids):
         """Scaled cosine similarity [B_text, B_speech]: the CLVP score."""
@@ -1456,12 +1459,19 @@ def checked_generate_args(model, text_ids, mels, options, overrides):
 
 
 def free_memory(device):
-    """Bytes that can still be allocated on `device` (None where this system does not say)."""
+    """Bytes that can still be allocated on `device` (None where this system does not say): on the CPU, the
+    smaller of what the system has available and what `ulimit -v` leaves this process."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
         with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit != resource.RLIM_INFINITY:
+            with open("/proc/self/status") as f:
+                used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+            free = min(free, max(0, limit - used))
+        return free
     except (OSError, StopIteration, ValueError):
         return None
 
@@ -1526,21 +1536,33 @@ def check_output(path, inputs=()):
     not a directory, device or anything but a regular file) and is none of the `inputs` nor of the
     project's own files, compared both as resolved paths and as files (hard links). An InputError says
     why not."""
-    path = os.fspath(path)
-    require([(path and not path.endswith(("/", os.sep)), f"{path!r}: not a file name")])
-    parent = os.path.dirname(os.path.abspath(path))
-    require([(os.path.isdir(parent), f"{path}: directory {parent} does not exist"),
-             (not os.path.isdir(path), f"{path}: is a directory"),
-             (not os.path.lexists(path) or os.path.isfile(path), f"{path}: exists and is not a regular file; refusing "
-              "to replace it"),
-             (os.access(parent, os.W_OK | os.X_OK), f"{path}: directory {parent} is not writable")])
-    require([(len(os.fsencode(os.path.basename(path))) <= os.pathconf(parent, "PC_NAME_MAX"),
-              f"{path[:60]}...: file name too long")])
-    for source in [*inputs, *project_files()]:
-        require([(not (os.path.exists(source) and (os.path.realpath(source) == os.path.realpath(path) or
-                                                   os.path.exists(path) and os.path.samefile(source, path))),
-                  f"{path}: is also an input ({source}); refusing to write over it" if source in inputs else
-                  f"{path}: is {source}, a file of this project; refusing to write over it")])
+    check_outputs([path], inputs)
+
+
+def check_outputs(paths, inputs=()):
+    """check_output for many paths (one per line of a --text-file): each source is resolved and each
+    directory checked once, so 250,000 outputs take seconds, not minutes."""
+    sources = {os.path.realpath(s): s for s in [*inputs, *project_files()] if os.path.exists(s)}
+    files = {(st.st_dev, st.st_ino): s for s, st in ((s, os.stat(s)) for s in sources.values())}
+    name_max = {}                                            # directory -> its longest file name
+    for path in map(os.fspath, paths):
+        require([(path and not path.endswith(("/", os.sep)), f"{path!r}: not a file name")])
+        parent = os.path.dirname(os.path.abspath(path))
+        if parent not in name_max:
+            require([(os.path.isdir(parent), f"{path}: directory {parent} does not exist"),
+                     (os.access(parent, os.W_OK | os.X_OK), f"{path}: directory {parent} is not writable")])
+            name_max[parent] = os.pathconf(parent, "PC_NAME_MAX")
+        require([(not os.path.isdir(path), f"{path}: is a directory"),
+                 (not os.path.lexists(path) or os.path.isfile(path), f"{path}: exists and is not a regular file; "
+                  "refusing to replace it"),
+                 (len(os.fsencode(os.path.basename(path))) <= name_max[parent],
+                  f"{path[:60]}...: file name too long")])
+        source = sources.get(os.path.realpath(path))
+        if source is None and os.path.exists(path):
+            st = os.stat(path)
+            source = files.get((st.st_dev, st.st_ino))
+        require([(source is None, f"{path}: is also an input ({source}); refusing to write over it" if source in inputs
+                  else f"{path}: is {source}, a file of this project; refusing to write over it")])
 
 
 class RecordingFile:
@@ -2055,9 +2077,8 @@ def prepare_run(args, device, options):
     texts = read_texts(args)
     outs = output_paths(args.out, len(texts))
     inputs = [*args.audio, args.text_file or "", "" if args.random_init else args.checkpoint or default_checkpoint()]
-    for out in outs:
-        with prefixed("--out "):
-            check_output(out, [i for i in inputs if i])
+    with prefixed("--out "):
+        check_outputs(outs, [i for i in inputs if i])
     for path in args.audio:
         check_input_file(path, AudioError)
     model = prepare_model(args, device)

@@ -546,6 +546,19 @@ def finite(t, stage):
     return t
 
 
+def check_speak_memory(config, tokens, guided, dtype, device):
+    """Refuse, before any work, a line the audio stages cannot hold: `tokens` codes make L mel frames, and the
+    diffusion's attention holds [rows, heads, L, L] scores (rows 2 when guided) a few times over while
+    UnivNet holds about 0.6 MB per frame (measured: 1.5 and 1.1 GiB at L = 2176, 500 tokens, fp32)."""
+    frames = tokens * 4 * SAMPLE_RATE // clvp.SAMPLE_RATE
+    attention = 3 * (1 + guided) * config.heads * frames**2 * dtype.itemsize
+    need = max(attention, frames * 600_000 * dtype.itemsize // 4)
+    free = clvp.free_memory(device)
+    clvp.require([(free is None or need <= 0.75 * free, f"a line of up to {tokens} speech tokens ({frames} mel frames) "
+                   f"needs about {need / 2**30:.1f} GiB for the audio stages, more than 3/4 of the {(free or 0) / 2**30:.1f}"
+                   f" GiB free: ask for fewer tokens (--max-tokens) or speak shorter lines")])
+
+
 def default_speak_checkpoint():
     """Where speak.py looks for speak.pt by default: beside clvp.pt in the cache."""
     return os.path.join(os.path.dirname(clvp.default_checkpoint()), "speak.pt")
@@ -694,6 +707,14 @@ def speak_options(args):
 # ===================================================================================================
 
 RANDOM_TOKENS = 40                  # codes per candidate with --random-init unless --max-tokens says (about 2 s)
+RIFF_BYTES = 2**32 - 2**16          # a RIFF WAV's sizes are 32-bit: 4 GiB is 12.4 h of float32 at 24 kHz
+
+
+def wav_container(lines, tokens, pcm16):
+    """'WAV', or 'RF64' where `lines` lines of up to `tokens` codes could pass RIFF's 4 GiB (a 1 MiB text file
+    can: about 18 h). RF64 is the same WAV with 64-bit sizes, which libsndfile, sox and ffmpeg read."""
+    samples = lines * (tokens * 4 * SAMPLE_RATE // clvp.SAMPLE_RATE) * 256
+    return "RF64" if samples * (2 if pcm16 else 4) > RIFF_BYTES else "WAV"
 
 
 def build_parser():
@@ -743,6 +764,10 @@ def prepare(args):
     else:
         diffusion, vocoder = load_speak(speak_path, device, model.config.decoder.dim, getattr(torch, args.dtype))
     ids = [clvp.encode_text(model, t) for t in texts]
+    if codes is None:
+        clvp.check_memory(model, max(len(i) for i in ids), decoding)
+    check_speak_memory(diffusion.config, decoding.max_new_tokens if codes is None else calm_length(codes),
+                       options.guidance > 0, getattr(torch, args.dtype), device)
     return device, decoding, options, model, diffusion, vocoder, texts, ids, codes
 
 
@@ -757,10 +782,11 @@ def run(args):
     voice = diffusion.voice_latent(voice_mels(args.audio, device).to(dtype))   # [1, 2 * dim], once per voice
     finite(voice, "the diffusion's voice latent")
     times, samples = {"decoding": 0.0, "latents": 0.0, "diffusion": 0.0, "vocoder": 0.0}, 0
+    container = wav_container(len(ids), decoding.max_new_tokens if codes is None else calm_length(codes), args.pcm16)
 
     def write(f):            # --text-file: the lines joined, as read.py does, each written as soon as it is made,
         nonlocal samples     # so memory holds one line's audio, never the whole file's
-        with soundfile.SoundFile(f, "w", SAMPLE_RATE, 1, "PCM_16" if args.pcm16 else "FLOAT", format="WAV") as wav:
+        with soundfile.SoundFile(f, "w", SAMPLE_RATE, 1, "PCM_16" if args.pcm16 else "FLOAT", format=container) as wav:
             for text_ids in ids:
                 progress = clvp.Progress(not quiet)
                 t0 = time.perf_counter()

@@ -28,6 +28,7 @@ import soundfile
 import torch
 
 import clvp
+import speak
 import convert_weights
 from conftest import MAINS, TimedOut, interpreter_mib, run_bounded, run_case, tiny_speak_file
 
@@ -613,6 +614,8 @@ MELS = torch.zeros(1, 80, 40)
     (lambda m: m.text_features(torch.tensor([5, 6])), "text_ids must be integer ids [batch"),
     (lambda m: m.text_features(torch.tensor([[0.5]])), "text_ids must be integer ids"),
     (lambda m: m.speech_features(torch.tensor([[9000]])), "speech_ids must be ids in 0..8191"),
+    (lambda m: m.text_features(torch.zeros(1, 405, dtype=torch.long)), "text_ids must be integer ids [batch, 1..404"),
+    (lambda m: m.speech_features(torch.zeros(1, 10**6, dtype=torch.long)), "speech_ids must be integer ids [batch, 1..608"),
     (lambda m: m.similarity(torch.tensor([[-1]]), torch.tensor([[3]])), "text_ids must be ids in 0..255"),
     (lambda m: m.generate(torch.tensor([256]), MELS), "text_ids must be ids in 0..255"),
     (lambda m: m.generate(torch.ones(500, dtype=torch.long), MELS), "text_ids must be integer ids [batch, 1..401"),
@@ -1040,6 +1043,15 @@ def test_the_cleaners_run_in_linear_time_on_long_runs_of_digits(text):
     assert time.perf_counter() - start < 10
 
 
+def test_a_megabyte_of_short_lines_has_its_outputs_checked_in_one_pass(work):
+    """262,143 lines, so 262,143 outputs, each compared with every input and project file: once per source,
+    not once per line (which took minutes). The last one is the voice clip, hard-linked."""
+    (work / "short.txt").write_text("Hi.\n" * (2**20 // 4 - 1))
+    os.link(work / "voice.wav", work / "o-262143.npy")
+    refused(work, "--text-file", "short.txt", "--audio", "voice.wav", "--checkpoint", "tiny.pt", "--out", "o.npy",
+            words=["o-262143.npy: is also an input (voice.wav)"])
+
+
 def test_a_text_file_of_digits_is_refused_at_once(work):
     (work / "digits.txt").write_text("7" * (2**20 - 1))
     line = refused(work, "--text-file", "digits.txt", "--audio", "voice.wav", "--checkpoint", "tiny.pt",
@@ -1453,3 +1465,29 @@ def test_speak_py_stopped_while_writing_leaves_no_temporary_file(work, signum):
         f"speak.py: stopped by {signal.Signals(signum).name}; nothing half-written is left"], err
     assert not [n for n in os.listdir(work) if n.startswith(".clvp-")]
     assert (work / "never.wav").read_bytes() == b"earlier"
+
+
+def test_speak_py_refuses_a_line_it_cannot_hold_with_the_figure(work, monkeypatch):
+    """The audio stages' memory grows with the square of a line's frames: 500 tokens at the official size
+    with guidance is about 1.5 GiB; with 1 GiB free that is refused before any work, with the figure."""
+    tiny_speak_file(work / "speak.pt")
+    config = speak.DiffusionConfig()
+    with pytest.raises(clvp.InputError, match=r"500 speech tokens \(2176 mel frames\) needs about 1\.7 GiB .* of the "
+                                              r"1\.0 GiB free: ask for fewer tokens"):
+        monkeypatch.setattr(clvp, "free_memory", lambda device: 2**30)
+        speak.check_speak_memory(config, 500, True, torch.float32, torch.device("cpu"))
+    speak.check_speak_memory(config, 100, True, torch.float32, torch.device("cpu"))
+    refused(work, *speaking("--max-tokens", 500, weights=True), script="speak.py",
+            words=["500 speech tokens", "GiB free"])
+
+
+def test_ulimit_v_counts_as_the_memory_there_is(work):
+    """free_memory reads `ulimit -v` as well as the system's: 160 texts decoded together, 1024 candidates
+    each, need about 4 GiB; under a 4 GiB limit that is refused with the limit's figure, not left to fail
+    halfway through an allocation."""
+    (work / "lines.txt").write_text("A line to speak.\n" * 160)
+    limit = 4 * 2**30
+    line = refused(work, "--text-file", "lines.txt", "--audio", "voice.wav", "--checkpoint", "tiny.pt", "--candidates",
+                   1024, "--batch-size", 1024 * 160, "--max-tokens", 500, words=["GiB free"],
+                   preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    assert float(line.split(" GiB free")[0].split()[-1]) < 4, line

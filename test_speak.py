@@ -56,6 +56,21 @@ def test_json_pcm16_and_seeded_repeats(tmp_path):
     assert math.isclose(report["seconds"], soundfile.info(b).frames / 24000, abs_tol=1e-3)
 
 
+def test_an_output_that_could_pass_4_gib_is_rf64(tmp_path, monkeypatch):
+    """RIFF's sizes stop at 4 GiB: a 1 MiB text file of 500-token lines could pass them, so such a run writes
+    RF64. Shown with the limit lowered to a few bytes: the same samples, in RF64, read back whole."""
+    assert speak.wav_container(1, 500, False) == "WAV" and speak.wav_container(10_000, 500, False) == "RF64"
+    assert speak.wav_container(1927, 500, False) == "WAV" and speak.wav_container(1928, 500, False) == "RF64"
+    assert speak.wav_container(3855, 500, True) == "WAV" and speak.wav_container(3856, 500, True) == "RF64"
+    args = [*FAST, "--text", "Hi.", "--audio", VOICE, "--seed", "7", "--pcm16"]
+    assert speak.main([*map(str, args), "--out", str(tmp_path / "riff.wav")]) == 0
+    monkeypatch.setattr(speak, "RIFF_BYTES", 1000)
+    assert speak.main([*map(str, args), "--out", str(tmp_path / "rf64.wav")]) == 0
+    assert soundfile.info(tmp_path / "riff.wav").format == "WAV" and soundfile.info(tmp_path / "rf64.wav").format == "RF64"
+    assert (tmp_path / "rf64.wav").read_bytes()[:4] == b"RF64"
+    assert np.array_equal(soundfile.read(tmp_path / "riff.wav")[0], soundfile.read(tmp_path / "rf64.wav")[0])
+
+
 def test_codes_and_text_file_lines_join(tmp_path):
     codes = tmp_path / "best.npy"
     row = np.random.default_rng(0).integers(0, 8192, (2, 30))

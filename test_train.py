@@ -94,3 +94,12 @@ def test_bad_arguments(tmp_path):
         code, _, err, _, _ = run_case(tmp_path, "train.py", args)
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and words in lines[0], err
+
+
+def test_the_top_batch_is_refused_with_its_figure_where_it_cannot_fit(tmp_path, monkeypatch):
+    """--batch 512 peaks at about 8.4 GiB: with 4 GiB free it is refused before any work, naming the figure."""
+    monkeypatch.setattr(clvp, "free_memory", lambda device: 4 * 2**30)
+    code, _, err, _, _ = run_case(tmp_path, "train.py", ["--batch", "512", "--out", "toy.pt"])
+    assert code == 2 and err.strip() == ("train.py: error: --batch 512 needs about 8.5 GiB, more than 3/4 of the "
+                                         "4.0 GiB free: use a smaller --batch"), err
+    assert os.listdir(tmp_path) == []

@@ -47,6 +47,8 @@ SILENCE = clvp.FIX_STOP_CODE      # 83: Tortoise's own code for silence
 ONSET = 100                       # code ONSET + i opens character i: each letter is heard starting
 SUSTAIN = 200                     # codes SUSTAIN + 4f .. + 3 hold a sound of family f: shared, so ambiguous
 CODES = 512                       # the toy's speech vocabulary; the start and stop tokens are 512 and 513
+MEMORY = (1.5 * 2**30, 14 * 2**20)  # bytes: a run's peak is about [0] + [1] * --batch (measured: 1.2, 3.4 and
+                                    # 8.4 GiB at --batch 32, 128 and 512, AMD EPYC, torch 2.13)
 
 
 def speak(text, rng, noise=0.03):
@@ -308,7 +310,11 @@ def train(args):
                   clvp.within("--seed", args.seed, 0, 2**32 - 1)])
     with clvp.prefixed("--out "):
         clvp.check_output(args.out)           # never examples/voice.wav, data/ or the source
+    need, free = MEMORY[0] + MEMORY[1] * args.batch, clvp.free_memory(torch.device("cpu"))
+    clvp.require([(free is None or need <= 0.75 * free, f"--batch {args.batch} needs about {need / 2**30:.1f} GiB, "
+                   f"more than 3/4 of the {(free or 0) / 2**30:.1f} GiB free: use a smaller --batch")])
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    log(f"--batch {args.batch}: this run needs about {need / 2**30:.1f} GiB of memory")
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     tokenizer = clvp.Tokenizer.from_file(os.path.join(clvp.DATA, "tokenizer.json"))
