@@ -7,6 +7,7 @@
     python bench.py --sentences 8 --batch-size 64                     # 8 sentences together vs one at a time
     python bench.py --attention            # the decode step's attention six ways: why the caches are what they are
     python bench.py --speak --compare      # speak.py's audio stages against the original Tortoise code
+    python bench.py --load                 # loading clvp.pt, from a fresh process to a model in memory
 
 The whole job is timed (conditioning, prefill, decoding, reranking) on random weights with the stop
 token banned, so every candidate runs exactly --tokens steps. Forward hooks on the decoder timestamp
@@ -492,9 +493,49 @@ def build_parser():
     p.add_argument("--speak", action="store_true", help="only time speak.py's audio stages (fp32, CPU; with --compare "
                    "against the original's DiffusionTts and UnivNet), at --seconds of audio")
     p.add_argument("--seconds", type=float, default=3.0, help="audio length for --speak (default 3)")
+    p.add_argument("--load", action="store_true", help="only time load_model, from a fresh process to a model in "
+                   "memory, on a clvp.pt of random weights (official shapes, or --tiny), --repeat times")
     p.add_argument("--attention", action="store_true", help="only time a decode step's attention in fp32 and bf16, "
                    "four ways, at 100 and 500 cached positions (ms, all layers, --candidates rows)")
     return p
+
+
+LOAD_CHILD = """
+import sys, time
+import bench, clvp, torch
+with bench.PeakMemory(torch.device("cpu")) as peak:
+    start = time.perf_counter()
+    model = clvp.load_model(sys.argv[1], "cpu")
+    seconds = time.perf_counter() - start
+print(seconds, peak.bytes, sum(t.nbytes for t in model.state_dict().values()))
+"""
+
+
+def load_rows(args):
+    """--load: load_model on a clvp.pt of random fp32 weights (the official shapes, or --tiny) written to a
+    temporary folder, each run in a fresh process: seconds and peak MiB above the process's baseline (the
+    median of --repeat), beside the weights' MiB."""
+    config = clvp.tiny_config() if args.tiny else clvp.Config()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "clvp.pt")
+        weights = {k: torch.randn(shape) * 0.02 for k, shape in clvp.expected_shapes(config).items()}
+        weights["logit_scale"] = torch.tensor(1.0)
+        clvp.save_checkpoint(path, config, weights, mel_norms=clvp.read_mel_norms(clvp.SHIPPED[1]))
+        del weights
+        with open(path, "rb") as f:                      # on disk, then in the page cache: no run waits on
+            os.fsync(f.fileno())                         # the writing, each reads from memory
+            while f.read(2**24):
+                pass
+        runs = []
+        for _ in range(args.repeat):
+            r = subprocess.run([sys.executable, "-c", LOAD_CHILD, path], capture_output=True, text=True,
+                               cwd=os.path.dirname(os.path.abspath(__file__)))
+            clvp.require([(r.returncode == 0, f"the load run failed: {clvp.first_line(r.stderr or '?')}")])
+            runs.append([float(x) for x in r.stdout.split()])
+        size = os.path.getsize(path)
+    seconds, peak, weights = (statistics.median(run[i] for run in runs) for i in range(3))
+    return {"cpu": cpu_facts(), "file MiB": round(size / 2**20), "weights MiB": round(weights / 2**20),
+            "load s": round(seconds, 3), "peak memory MiB": round(peak / 2**20), "runs": args.repeat}
 
 
 def measure(args):
@@ -509,6 +550,9 @@ def measure(args):
         clvp.require([(1 <= args.seconds <= 30, f"--seconds must be in 1..30, not {args.seconds}")])
         report = audio_rows(args)
         print(json.dumps(report, indent=None if args.json else 1))
+        return 0
+    if args.load:
+        print(json.dumps(load_rows(args), indent=None if args.json else 1))
         return 0
     if args.attention:
         config, free = clvp.tiny_config() if args.tiny else clvp.Config(), clvp.free_memory(device)

@@ -21,6 +21,7 @@ Part III is the command line. Shapes are noted as [batch, ..., dim]. Numbers mat
 this file follows. convert_weights.py (checkpoints, downloads) and bench.py import this file, never back.
 """
 import argparse
+import concurrent.futures
 import contextlib
 import errno
 import functools
@@ -1721,12 +1722,25 @@ def read_tensor_file(path, check, error=CheckpointError, view=as_blob):
         except InputError as e:
             raise InputError(f"not a readable tensor file: {e}") from None
         check(skeleton)
-        tensors = {}
-        for start, end, name, dtype, shape in entries:          # in file order: one forward pass over the disk
-            t = tensors[name] = torch.empty(shape, dtype=dtype)
-            require([(f.readinto(t.view(-1).view(torch.uint8).numpy()) == end - start,
-                      f"the file ended inside tensor {name!r} (was it changed while being read?)")])
+        base, tensors = f.tell(), {name: torch.empty(shape, dtype=dtype) for _, _, name, dtype, shape in entries}
+        with concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+            whole = pool.map(lambda e: read_exactly(f.fileno(), tensors[e[2]].view(-1).view(torch.uint8).numpy(),
+                                                    base + e[0]), entries)
+            require([(all(whole), "the file ended inside a tensor (was it changed while being read?)")])
         return view(metadata, tensors)
+
+
+def read_exactly(fd, buffer, offset):
+    """Fill `buffer` from file descriptor fd at `offset` -> False if the file ends first. read_tensor_file
+    reads its tensors with these side by side: the copy and the page faults of fresh memory, not the disk,
+    bound a read from the page cache (2.5 GB: 1.5 s on one thread, 0.85 s on two; AMD EPYC, 2 cores)."""
+    view = memoryview(buffer).cast("B")
+    while view:
+        n = os.preadv(fd, [view], offset)
+        if n == 0:
+            return False
+        view, offset = view[n:], offset + n
+    return True
 
 
 def tensor_file_bytes(blob):

@@ -100,3 +100,11 @@ def test_speak_rows_against_the_original(tortoise_src):
     for name in ("one network pass, bf16 (original: fp32)", "vocoder, bf16 (original: fp32)",
                  "ultra_fast, 30 steps, bf16 (original: fp32, 30 x one pass)"):
         assert rows[name]["speak.py s"] > 0 and rows[name]["original s"] > 0, name
+
+
+def test_load_reports_time_and_peak_memory(tmp_path):
+    code, out, err, _, _ = run_case(tmp_path, "bench.py", ["--load", "--tiny", "--repeat", "2", "--json"])
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["runs"] == 2 and report["load s"] > 0 and report["peak memory MiB"] >= 0
+    assert report["file MiB"] >= report["weights MiB"] >= 0 and report["cpu"]["model"]
