@@ -1567,9 +1567,8 @@ def check_outputs(paths, inputs=()):
 
 
 class RecordingFile:
-    """A binary file that remembers why a write failed: torch.save reports a full disk only as an 'unexpected
-    pos' RuntimeError, numpy as 'requested and written', soundfile as an AssertionError; this keeps the
-    OSError that says why."""
+    """A binary file that remembers why a write failed: numpy reports a full disk only as 'requested and
+    written', soundfile as an AssertionError; this keeps the OSError that says why."""
     def __init__(self, f):
         self.f, self.error = f, None
 
@@ -1792,9 +1791,11 @@ def check_weights(expected, weights, source, note=""):
     unexpected = [k for k in weights if k not in expected]
     misfits = [f"{k} is {list(weights[k].shape)}, expected {list(shape)}" for k, shape in expected.items()
                if k in weights and list(weights[k].shape) != list(shape)]
-    problems = [f"{len(missing)} tensor(s) missing: " + ", ".join(missing)] if missing else []
-    problems += [f"{len(unexpected)} unexpected tensor(s): " + ", ".join(unexpected)] if unexpected else []
-    problems += [f"{len(misfits)} tensor(s) of the wrong shape{note}: " + "; ".join(misfits)] if misfits else []
+    def some(names, sep=", ", most=8):                   # a file of 10^5 stray tensors still gets one short line
+        return sep.join(names[:most]) + (f"{sep}and {len(names) - most} more" if len(names) > most else "")
+    problems = [f"{len(missing)} tensor(s) missing: " + some(missing)] if missing else []
+    problems += [f"{len(unexpected)} unexpected tensor(s): " + some(unexpected)] if unexpected else []
+    problems += [f"{len(misfits)} tensor(s) of the wrong shape{note}: " + some(misfits, "; ")] if misfits else []
     require([(not problems, f"{source}: " + "; ".join(problems))], CheckpointError)
 
 

@@ -450,6 +450,14 @@ def test_bad_safetensors(work, tiny_hf_dir, name, data, words):
         refused(work, "--hf", "hf", "-o", "out.pt", script="convert_weights.py", words=["model.safetensors", words])
 
 
+def test_a_hundred_thousand_stray_tensors_are_one_short_line(work):
+    """A header may name 10^5 tensors within its 16 MiB: refused from the header, named a few at a time."""
+    crafted(work, "stray.pt", lambda b: b["weights"].update({f"stray{i}": torch.zeros(1) for i in range(100_000)}))
+    line = refused(work, *rank("--checkpoint", "stray.pt"), words=["100000 unexpected tensor(s): stray0, stray1",
+                                                                  "and 99992 more"])
+    assert len(line) < 500, line
+
+
 def test_a_header_of_100_mb_is_refused_unread(work):
     """The 8-byte length says 100 MB and the file holds them: refused from the length, in bounded memory."""
     with open(work / "big.pt", "wb") as f:
