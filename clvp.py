@@ -1635,7 +1635,7 @@ def write_atomically(path, write):
 TENSOR_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                  "BOOL": torch.bool}
-MAX_HEADER_BYTES = 16 * 2**20    # an official clvp.pt's header, tokenizer included, is about 40 KiB
+MAX_HEADER_BYTES = 16 * 2**20    # an official clvp.pt's header, 778 tensors and the tokenizer, is 93 KiB
 MAX_DIMS, MAX_DIM = 8, 2**31 - 1
 OLD_FORMAT = b"PK\x03\x04"        # a zip archive: what torch.save wrote, before this format
 
