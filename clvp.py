@@ -1675,7 +1675,8 @@ def tensor_header(f, size):
                   f"sizes under 2^31, and two data_offsets")])
         entries.append((*offsets, name, TENSOR_DTYPES[info["dtype"]], shape))
     end_of_last = 0
-    for start, end, name, dtype, shape in sorted(entries, key=lambda e: e[:2]):
+    entries.sort(key=lambda e: e[:2])
+    for start, end, name, dtype, shape in entries:
         require([(start == end_of_last, f"tensor {name!r} starts at byte {start} of the data, not at "
                   f"{end_of_last} where the one before it ends (a gap or an overlap)"),
                  (end - start == math.prod(shape) * dtype.itemsize, f"tensor {name!r}: {dtype} {shape} is "
@@ -1683,7 +1684,7 @@ def tensor_header(f, size):
         end_of_last = end
     require([(end_of_last == size - 8 - n, f"its tensors end at byte {end_of_last} of the data, which holds "
               f"{size - 8 - n}")])
-    return metadata, sorted(entries, key=lambda e: e[:2])
+    return metadata, entries
 
 
 def as_blob(metadata, tensors):
@@ -1802,7 +1803,7 @@ def check_weights(expected, weights, source, note=""):
 def check_checkpoint(blob):
     """What load_model relies on in clvp.pt's header, checked before a tensor is read: -> (config, weights,
     tokenizer or None, mel norms or None), or an InputError that names the key and the problem. The
-    tensors may be on the meta device; check_numbers looks at them once they are read."""
+    tensors may be on the meta device; checked_checkpoint looks at their numbers once they are read."""
     require([(blob.get("format") == "clvp", "not a clvp checkpoint (convert official weights with "
               "convert_weights.py)")])
     require([(type(blob.get("version")) is int and blob["version"] == FORMAT_VERSION,
@@ -1831,23 +1832,25 @@ def check_finite(weights, source):
              for name, t in weights.items()], CheckpointError)
 
 
-def check_numbers(weights, norms):
-    """clvp.pt's numbers, once read: finite weights, a logit scale whose exp fits, usable mel norms."""
+def checked_checkpoint(blob):
+    """clvp.pt's contents once read -> check_checkpoint's (config, weights, tokenizer or None, mel norms or
+    None), the numbers checked too: finite weights, a logit scale whose exp fits, usable mel norms. Reading
+    and writing a clvp.pt both end here."""
+    config, weights, tokenizer, norms = check_checkpoint(blob)
     check_finite(weights, "weights")
     scale = float(weights["logit_scale"])
     require([(scale <= MAX_LOGIT_SCALE, f"weights: logit_scale {scale:g} is over ln(10^4) = {MAX_LOGIT_SCALE:.2f}; "
               "exp of it would overflow the scores")])
     if norms is not None:
         check_mel_norms(norms)
+    return config, weights, tokenizer, norms
 
 
 def read_checkpoint(path):
     """clvp.pt -> (config, weights, tokenizer or None, mel norms or None), or a CheckpointError naming the file."""
     blob = read_tensor_file(path, check_checkpoint)
     with prefixed(f"{path}: ", CheckpointError):
-        config, weights, tokenizer, norms = check_checkpoint(blob)
-        check_numbers(weights, norms)
-    return config, weights, tokenizer, norms
+        return checked_checkpoint(blob)
 
 
 def read_mel_norms(path):
@@ -1870,8 +1873,7 @@ def save_checkpoint(path, config, weights, tokenizer=None, mel_norms=None, dtype
     if mel_norms is not None:
         blob["mel_norms"] = torch.as_tensor(mel_norms, dtype=torch.float32).contiguous()
     with prefixed("not written: ", CheckpointError):
-        check_checkpoint(blob)
-        check_numbers(weights, blob.get("mel_norms"))
+        checked_checkpoint(blob)
     write_tensor_file(path, blob)
 
 

@@ -770,15 +770,8 @@ def convert_tortoise_audio(diffusion_path, vocoder_path):
     blob = {"format": speak.SPEAK_FORMAT, "version": speak.SPEAK_VERSION, "vocoder": vocoder,
             "diffusion": {k: v for k, v in diffusion.items() if not k.startswith(DIFFUSION_UNUSED)}}
     with clvp.prefixed(f"{diffusion_path}, {vocoder_path}: ", ConversionError):
-        check_speak(blob)
+        speak.checked_speak_checkpoint(blob, None)
     return blob, skipped
-
-
-def check_speak(blob):
-    """What speak.py's reader checks, before speak.pt is written: a file this writes, speak.py reads."""
-    _, diffusion, vocoder = speak.check_speak_checkpoint(blob, None)
-    clvp.check_finite(diffusion, "diffusion")
-    clvp.check_finite(vocoder, "vocoder")
 
 
 def fetch_and_convert_audio(directory=None, progress=True):
@@ -867,7 +860,7 @@ def convert_audio(args):
     for part in ("diffusion", "vocoder"):                 # --dtype: the storage precision, as for clvp.pt
         blob[part] = {k: v.to(getattr(torch, args.dtype)) if v.is_floating_point() else v for k, v in blob[part].items()}
     with clvp.prefixed(f"{args.output}: not written in {args.dtype}: ", ConversionError):
-        check_speak(blob)
+        speak.checked_speak_checkpoint(blob, None)
     clvp.write_tensor_file(args.output, blob)
     for name in skipped if args.verbose else []:
         print(f"skipped {name}")
@@ -899,11 +892,10 @@ def upgrade(args):
     with clvp.prefixed(f"{path}: ", ConversionError):
         if kind == "clvp":
             blob["version"] = clvp.FORMAT_VERSION
-            _, weights, _, norms = clvp.check_checkpoint(blob)
-            clvp.check_numbers(weights, norms)
+            clvp.checked_checkpoint(blob)
         else:
             blob["version"] = speak.SPEAK_VERSION
-            check_speak(blob)
+            speak.checked_speak_checkpoint(blob, None)
     clvp.write_tensor_file(path, blob)
     print(f"rewrote {path} as format version {blob['version']} (safetensors)")
     return 0

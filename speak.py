@@ -629,14 +629,20 @@ def check_speak_checkpoint(blob, latent_dim):
     return config, parts[0], vocoder
 
 
+def checked_speak_checkpoint(blob, latent_dim):
+    """speak.pt's contents once read -> check_speak_checkpoint's tuple, every number finite too. Reading and
+    writing a speak.pt (convert_weights.py) both end here."""
+    config, diffusion, vocoder = check_speak_checkpoint(blob, latent_dim)
+    clvp.check_finite(diffusion, "diffusion")
+    clvp.check_finite(vocoder, "vocoder")
+    return config, diffusion, vocoder
+
+
 def read_speak_checkpoint(path, latent_dim):
     """speak.pt -> (DiffusionConfig, diffusion weights, folded vocoder weights), checked, numbers included."""
     blob = clvp.read_tensor_file(path, lambda blob: check_speak_checkpoint(blob, latent_dim))
     with clvp.prefixed(f"{path}: ", clvp.CheckpointError):
-        config, diffusion, vocoder = check_speak_checkpoint(blob, latent_dim)
-        clvp.check_finite(diffusion, "diffusion")
-        clvp.check_finite(vocoder, "vocoder")
-    return config, diffusion, vocoder
+        return checked_speak_checkpoint(blob, latent_dim)
 
 
 def load_speak(path, device, latent_dim, dtype=torch.float32):
