@@ -118,7 +118,7 @@ def bare_matmul_ms(model, n, context, device, repeat=5):
 def attention_choices(config, rows, device, contexts=(100, 500), repeat=3):
     """{cached positions: {way: ms}}: the attention of one decode step through every layer, six ways: torch's
     SDPA over a [positions, rows, heads, head_dim] cache (the layout before the shared prompt), in fp32 and
-    bf16, and clvp.py's KVCache.attend with a 45-position prompt shared by all rows, in both. It is the
+    bf16, and clvp.py's StepCache.attend with a 45-position prompt shared by all rows, in both. It is the
     measurement behind clvp.attention_dtype and clvp.cache_dtype."""
     c, sdpa, f32, b16 = config.decoder, torch.nn.functional.scaled_dot_product_attention, torch.float32, torch.bfloat16
     hd, layers, table, P = c.dim // c.heads, range(c.layers), {}, 45
@@ -132,11 +132,11 @@ def attention_choices(config, rows, device, contexts=(100, 500), repeat=3):
         for dtype, name in ((f32, "fp32"), (b16, "bf16")):
             prompts = clvp.PromptCache(c, 1, P, device, dtype)
             prompts.k.normal_(), prompts.v.normal_()
-            cache = clvp.KVCache(prompts, torch.zeros(rows, dtype=torch.long, device=device), n - P + 1)
+            cache = clvp.StepCache(prompts, torch.zeros(rows, dtype=torch.long, device=device), n - P + 1)
             cache.k.normal_(), cache.v.normal_()
             qd = q.to(dtype)
-            ways[f"{name} shared-prompt cache, KVCache.attend"] = lambda cache=cache, qd=qd: [
-                cache.attend(i, qd, qd, qd, n - P) for i in layers]
+            ways[f"{name} shared-prompt cache, StepCache.attend"] = lambda cache=cache, qd=qd: [
+                cache.attend(i, qd, qd, qd, n) for i in layers]
         table[n] = {way: best_ms(f, repeat, device) for way, f in ways.items()}
     return table
 
@@ -184,7 +184,7 @@ class Run:
     name: str
     run: object               # L -> the generation
     decoder: torch.nn.Module  # the module whose forward hook marks each step
-    model: clvp.CLVP = None   # ours, for the bytes read per step and the bare matrix products; None: transformers'
+    model: clvp.DecoderAndCLVP = None   # ours, for the bytes read per step and the bare matrix products; None: transformers'
     rows: int = 0             # rows decoded together
     dtype: str = "float32"
     way: str = "alone"        # "alone", "together" or "one at a time" (with --sentences)
@@ -194,7 +194,7 @@ def runs_to_time(args, device):
     """[Run]: clvp.py in each --dtype (and, with --sentences, one sentence at a time as well as all together),
     and transformers in fp32 with --compare."""
     torch.manual_seed(0)
-    base = clvp.CLVP(clvp.tiny_config() if args.tiny else clvp.Config()).to(device).eval()
+    base = clvp.DecoderAndCLVP(clvp.tiny_config() if args.tiny else clvp.Config()).to(device).eval()
     c = base.config.decoder
     with torch.no_grad():
         base.decoder.head.bias[c.stop_token] = -1e4      # run every one of the L steps (-1e9 is -inf in fp16)

@@ -4,7 +4,7 @@ Tortoise turns text into speech in three stages. A GPT-2 style decoder, prompted
 sentence, samples many candidate sequences of discrete "speech tokens". CLVP (Contrastive
 Language-Voice Pretraining, CLIP for text and speech tokens) scores every candidate against the
 sentence and keeps the best. A diffusion model and a vocoder then turn the winners into audio; those
-last stages are outside this file.
+last stages are in speak.py.
 
     text --clean_text--> --Tokenizer--> ids ---------------------------.
     voice.wav --load_audio--> --log_mel_spectrogram--> mel             |
@@ -13,10 +13,12 @@ last stages are outside this file.
         ids --Encoder(text)--> text features     candidates --Encoder(speech)--> speech features
         cosine similarity * exp(logit_scale) --> scores --> best candidates
 
-Part I, the lesson, follows that order: configuration, text, audio, the networks, the CLVP model,
-generation and reranking, loading. Part II, the boundaries, checks what a user hands in and writes files
-whole; a lesson function calls it in one line, so a piece of Part I copies out by deleting that line.
-Part III is the command line. Shapes are noted as [batch, ..., dim]. Numbers match the Hugging Face port
+The file has four parts. Part I, the lesson, is that pipeline in its plainest correct form, in that
+order, ending in speech_tokens(), which puts it together. Part II, the engine, is the same generation,
+fast; it gives the lesson's numbers (test_clvp.py), and the command line runs it unless told
+--engine lesson. Part III, the boundaries, checks what a user hands in and writes files whole; a
+lesson function calls it in at most one line, so a piece of Part I copies out by deleting that line.
+Part IV is the command line. Shapes are noted as [batch, ..., dim]. Numbers match the Hugging Face port
 (test_clvp.py) and the original Tortoise code (test_tortoise.py); where those differ, comments say which
 this file follows. convert_weights.py (checkpoints, downloads) and bench.py import this file, never back.
 """
@@ -46,6 +48,7 @@ import soundfile
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 
 # ===================================================================================================
 # Part I: the lesson. What Tortoise computes, from text and a voice clip to ranked speech tokens.
@@ -118,12 +121,825 @@ def tiny_config():
 # Tortoise turns text into ids in two steps, reproduced here without their dependencies:
 #   clean_text: Tortoise's english_cleaners. Transliterate to ASCII (unidecode there), lowercase,
 #     spell out numbers (inflect there), expand a few abbreviations, collapse whitespace, drop '"'.
+#     The transliteration table and the number speller are not CLVP; they sit in the appendix after
+#     this part, and clean_text calls them in one line.
 #   Tokenizer: the 255-token BPE of Tortoise's tokenizer.json. Spaces become the token [SPACE]; anything
 #     outside the vocabulary (digits, '"', '&', ...) becomes [UNK], one per character.
 # transformers' ClvpTokenizer has its own number normalizer and a byte-level pre-tokenizer, which differ
 # from Tortoise ('1999' -> 'one thousand, nine hundred ...', '21st' -> 'twenty-onest', 'café' -> 'caf');
 # the model was trained on Tortoise's text, so this follows Tortoise.
 # ---------------------------------------------------------------------------------------------------
+
+# Applied one after another, as in Tortoise: 'mrs' before 'mr', and 'mr.st.' -> 'misterst.' (the
+# '\b' before 'st' is gone once 'mr.' is replaced). Numbers come first, so '1st.' stays 'first.'.
+_ABBREVIATIONS = [(re.compile(rf'\b{short}\.'), long) for short, long in [
+    ('mrs', 'misess'), ('mr', 'mister'), ('dr', 'doctor'), ('st', 'saint'), ('co', 'company'),
+    ('jr', 'junior'), ('maj', 'major'), ('gen', 'general'), ('drs', 'doctors'), ('rev', 'reverend'),
+    ('lt', 'lieutenant'), ('hon', 'honorable'), ('sgt', 'sergeant'), ('capt', 'captain'),
+    ('esq', 'esquire'), ('ltd', 'limited'), ('col', 'colonel'), ('ft', 'fort')]]
+
+
+def clean_text(text):
+    """Tortoise's english_cleaners: 'Dr. Smith paid $5 in 1999.' ->
+    'doctor smith paid five dollars in nineteen ninety-nine.'"""
+    text = spell_numbers(to_ascii(text).lower())             # the appendix: unidecode's and inflect's work
+    for pattern, replacement in _ABBREVIATIONS:
+        text = pattern.sub(replacement, text)
+    # The quote is removed after whitespace is collapsed: 'a " b' -> 'a  b' (two spaces).
+    return re.sub(r'\s+', ' ', text).replace('"', '')
+
+
+# BPE in the style of minbpe: a word is a list of ids; repeatedly merge the adjacent pair with the
+# lowest rank (earliest in the merges list), all its occurrences left to right, until none can merge.
+# tokenizers gets the same result from its priority queue of (rank, position).
+def merge(ids, pair, new_id):
+    """Replace every occurrence of pair in ids, left to right: merge([1, 1, 1], (1, 1), 9) -> [9, 1]."""
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def bpe(ids, ranks):
+    """ranks: {(id, id): (rank, merged id)}."""
+    while len(ids) > 1:
+        pair = min(zip(ids, ids[1:]), key=lambda p: ranks.get(p, (float('inf'),)))
+        if pair not in ranks:
+            break
+        ids = merge(ids, pair, ranks[pair][1])
+    return ids
+
+
+# tokenizers' 'Whitespace' pre-tokenizer: a word is a run of letters (digits, '_') or a run of other
+# non-space characters; merges stay inside a word.
+_WORD_RE = re.compile(r'\w+|[^\w\s]+')
+
+
+
+class Tokenizer:
+    """Tortoise's VoiceBpeTokenizer. vocab: {token: id}; merges: [(a, b), ...], lowest rank first."""
+
+    def __init__(self, vocab, merges):
+        check_tokenizer(vocab, merges)
+        self.vocab = dict(vocab)
+        self.merges = [tuple(m) for m in merges]
+        self.tokens = {i: t for t, i in self.vocab.items()}
+        self.ranks = {(self.vocab[a], self.vocab[b]): (rank, self.vocab[a + b])
+                      for rank, (a, b) in enumerate(self.merges)}
+        self.unk, self.space = self.vocab['[UNK]'], self.vocab['[SPACE]']
+        self.cache = {}                           # word -> ids: a text repeats its words
+
+    @classmethod
+    def from_file(cls, path):
+        """Tortoise's tokenizer.json (convert_weights.py also reads transformers' vocab.json + merges.txt)."""
+        return cls(*read_tokenizer_json(path))
+
+    def encode(self, text):
+        """'Hello world' -> [62, 84, 28, 2, 179, 79]: 'he' 'll' 'o' [SPACE] 'wor' 'ld'."""
+        # Tortoise writes each space as '[SPACE]', which tokenizers splits off as a special token.
+        ids = []
+        for i, chunk in enumerate(clean_text(text).split(' ')):
+            if i:
+                ids.append(self.space)
+            for word in _WORD_RE.findall(chunk):
+                if word not in self.cache:
+                    self.cache[word] = bpe([self.vocab.get(ch, self.unk) for ch in word], self.ranks)
+                ids += self.cache[word]
+        return ids
+
+    def decode(self, ids):
+        """As Tortoise: [SPACE] is a space, [STOP] and [UNK] vanish, unknown ids are skipped."""
+        text = ''.join(self.tokens.get(int(i), '') for i in ids)
+        return text.replace('[SPACE]', ' ').replace('[STOP]', '').replace('[UNK]', '')
+
+
+# ---------------------------------------------------------------------------------------------------
+# Audio: a voice clip on disk -> an 80-band log-mel spectrogram
+#
+# The conditioning encoder reads the reference voice as Tortoise's TorchMelSpectrogram made it: 22.05 kHz,
+# STFT (n_fft 1024, hop 256, Hann), power, an 80-band mel filterbank (HTK mel scale, Slaney area
+# normalization, 0-8000 Hz), natural log, and a per-band division by Tortoise's mel_norms.pth (shipped
+# as data/mel_norms.safetensors). It is written here with torch.stft and a filterbank built by hand; the
+# numbers match transformers' ClvpFeatureExtractor.
+# Where this differs from Tortoise on purpose: load_audio averages all channels (Tortoise keeps the
+# first) and resamples with scipy's polyphase filter (Tortoise: torchaudio's sinc); format_conditioning
+# keeps the first 6 s where Tortoise cuts a random 6 s window, so the same clip always scores the same.
+# ---------------------------------------------------------------------------------------------------
+
+SAMPLE_RATE = 22050             # Hz; everything in CLVP/Tortoise runs at this rate
+N_FFT = 1024                    # FFT size -> N_FFT // 2 + 1 = 513 frequency bins
+HOP = 256                       # samples between frames (~11.6 ms)
+WIN = N_FFT                     # Hann window length
+N_MELS = 80
+F_MIN, F_MAX = 0.0, 8000.0      # Hz covered by the mel bands
+CONDITIONING_SAMPLES = 6 * SAMPLE_RATE   # 6 s, 132300 samples -> 517 mel frames
+MIN_SAMPLES = N_FFT // 2 + 1    # centred STFT reflect-pads N_FFT // 2 samples; needs more than that
+MARGIN = 0.1                    # s read past `seconds`: many times the resampler's reach
+
+
+def load_audio(path, sampling_rate=SAMPLE_RATE, seconds=None) -> torch.Tensor:
+    """Read WAV/FLAC/OGG (MP3 if libsndfile has it) -> mono float32 [samples] in [-1, 1] at sampling_rate:
+    all of it, or only the first `seconds`. open_audio is soundfile.SoundFile(path), with the file and its
+    header checked first (Part III)."""
+    with open_audio(path, sampling_rate, seconds) as f:
+        frames = -1 if seconds is None else math.ceil((seconds + MARGIN) * f.samplerate)   # -1: all of it
+        wav, sr = f.read(frames, dtype="float32", always_2d=True).mean(axis=1), f.samplerate  # channels -> mono
+    if sr != sampling_rate:  # polyphase resampling by the reduced ratio, e.g. 48000 -> 22050 is *147/320
+        g = math.gcd(sr, sampling_rate)
+        wav = scipy.signal.resample_poly(wav, sampling_rate // g, sr // g).astype(np.float32)
+    if seconds is not None:
+        wav = wav[:math.ceil(seconds * sampling_rate)]
+    check_clip(path, wav, sampling_rate)              # not empty, finite, long enough for the STFT (Part III)
+    return torch.from_numpy(np.clip(wav, -1.0, 1.0))  # float files and resampling ringing can overshoot full scale
+
+
+def format_conditioning(wav: torch.Tensor) -> torch.Tensor:
+    """[..., samples] -> [..., CONDITIONING_SAMPLES]: zero-pad at the end, or keep the first 6 s.
+    Tortoise pads the same way (F.pad at the end) but cuts at a random offset; we cut from
+    the start so the same clip always gives the same score (== ClvpFeatureExtractor)."""
+    gap = CONDITIONING_SAMPLES - wav.shape[-1]
+    return F.pad(wav, (0, gap)) if gap > 0 else wav[..., :CONDITIONING_SAMPLES]
+
+
+@functools.lru_cache(maxsize=None)  # built once per (device, dtype)
+def mel_filterbank(device=torch.device("cpu"), dtype=torch.float32) -> torch.Tensor:
+    """[N_MELS, N_FFT // 2 + 1] = [80, 513] triangles, HTK mel spacing, Slaney area norm.
+    Same formula as torchaudio.functional.melscale_fbanks(norm='slaney', mel_scale='htk')
+    (Tortoise) and transformers' mel_filter_bank (identical in float64, which we build in)."""
+    hz_to_mel = lambda f: 2595.0 * np.log10(1.0 + f / 700.0)  # HTK formula
+    mel_to_hz = lambda m: 700.0 * (10.0 ** (m / 2595.0) - 1.0)
+    fft_hz = np.linspace(0.0, SAMPLE_RATE / 2, N_FFT // 2 + 1)  # [513] centre of each FFT bin
+    # N_MELS + 2 edges equally spaced in mel; band i rises on edge i..i+1, falls on i+1..i+2.
+    edges = mel_to_hz(np.linspace(hz_to_mel(F_MIN), hz_to_mel(F_MAX), N_MELS + 2))  # [82]
+    lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]            # [80, 1] each
+    rise, fall = (fft_hz - lo) / (mid - lo), (hi - fft_hz) / (hi - mid)          # [80, 513]
+    fb = np.maximum(0.0, np.minimum(rise, fall))
+    fb *= 2.0 / (hi - lo)  # Slaney: each triangle has unit area, so wide bands don't get louder
+    return torch.from_numpy(fb).to(device=device, dtype=dtype)
+
+
+def log_mel_spectrogram(wav: torch.Tensor, mel_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """[samples] -> [80, frames] or [B, samples] -> [B, 80, frames]; frames = 1 + samples // HOP.
+    Runs on wav's device/dtype. mel_norms: [80] per-band divisors (tortoise/data/mel_norms.pth)."""
+    check_wav(wav, mel_norms)
+    window = torch.hann_window(WIN, periodic=True, device=wav.device, dtype=wav.dtype)  # torchaudio's default
+    spec = torch.stft(wav, N_FFT, HOP, WIN, window, center=True, pad_mode="reflect",
+                      return_complex=True)                          # [(B,) 513, frames] complex
+    power = spec.abs() ** 2                                         # power spectrum (torchaudio power=2)
+    mel = mel_filterbank(wav.device, wav.dtype) @ power              # [(B,) 80, frames]
+    log_mel = torch.log(torch.clamp(mel, min=1e-5))                 # Tortoise's "dynamic range compression"
+    if mel_norms is not None:                                       # per-band scale the models were trained on
+        log_mel = log_mel / mel_norms.to(log_mel)[:, None]          # [80, 1] broadcasts over frames
+    return log_mel
+
+
+# ---------------------------------------------------------------------------------------------------
+# Networks (1/4): attention, shared by every block below
+#
+# The three kinds of network (conditioning encoder, decoder, CLVP encoder) all use plain multi-head
+# attention; they differ only in what goes around it (GroupNorm, rotary, a causal mask, a KV cache). One
+# Linear makes q, k and v together; these helpers split and merge heads, and torch's
+# scaled_dot_product_attention does the rest.
+# ---------------------------------------------------------------------------------------------------
+
+def split_heads(qkv, heads):
+    """[B, T, 3 * D] -> three tensors of [B, heads, T, D / heads]."""
+    B, T, _ = qkv.shape
+    return qkv.view(B, T, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def merge_heads(x):
+    """[B, heads, T, head_dim] -> [B, T, heads * head_dim]."""
+    B, H, T, hd = x.shape
+    return x.transpose(1, 2).reshape(B, T, H * hd)
+
+
+def attention(q, k, v, causal=False):
+    """softmax(q k^T / sqrt(head_dim)) v: [B, heads, T, hd] -> [B, heads, T, hd]. causal: query i sees keys
+    0..i only (q and k the same length)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Networks (2/4): conditioning encoder, a reference clip's mel spectrogram -> one voice latent
+#
+# A 1x1 convolution lifts the 80 mel bands to the decoder width, then a few GroupNorm + self-attention
+# blocks (from the guided-diffusion UNet) let every frame see the whole clip. The latent is simply the
+# first frame's output. The original fuses q, k, v in one 1x1 conv with the heads interleaved
+# ([heads, 3 * head_dim]); convert_weights.py reorders that into the [q; k; v] layout used here.
+# ---------------------------------------------------------------------------------------------------
+
+def groupnorm_groups(channels):
+    """The original's rule for GroupNorm groups: 32, fewer for narrow layers, always dividing channels."""
+    groups = 8 if channels <= 16 else 16 if channels <= 64 else 32
+    while channels % groups:
+        groups //= 2
+    return groups
+
+
+class ConditioningBlock(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(groupnorm_groups(dim), dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x):                                    # x: [C, frames, D]
+        h = self.norm(x.transpose(1, 2)).transpose(1, 2)     # GroupNorm wants channels first
+        q, k, v = split_heads(self.qkv(h), self.heads)
+        return x + self.out(merge_heads(attention(q, k, v)))
+
+
+class ConditioningEncoder(nn.Module):
+    def __init__(self, c: DecoderConfig):
+        super().__init__()
+        self.conv = nn.Conv1d(c.mel_channels, c.dim, kernel_size=1)
+        self.blocks = nn.ModuleList(ConditioningBlock(c.dim, c.heads) for _ in range(c.conditioning_blocks))
+
+    def forward(self, mels):                                 # mels: [C, 80, frames]
+        x = self.conv(mels).transpose(1, 2)                  # [C, frames, D]
+        for block in self.blocks:
+            x = block(x)
+        return x[:, 0]                                       # [C, D]: the first frame is the latent
+
+
+# ---------------------------------------------------------------------------------------------------
+# Networks (3/4): decoder, GPT-2 over [voice latent, text, speech tokens]
+#
+# Tortoise's "UnifiedVoice" is a stock GPT-2 whose own token and position tables are unused. Instead it
+# has two pairs of tables: text tokens + text positions, and speech tokens + speech positions. The
+# prompt for generation is
+#     [voice latent] + text_emb([255] + ids + [0, 0]) + text_pos(0, 1, ...) + [speech_emb(8192) + speech_pos(0)]
+# (two stop tokens: one padded by api.py, one by inference_speech). After the blocks come two LayerNorms
+# in a row (GPT-2's ln_f, then UnifiedVoice's final_norm) and the head over the 8194 speech tokens.
+#
+# The position quirk: at inference the original gives the k-th generated token speech position k + 1,
+# so position 1 is never used (training used 0, 1, 2, ...). It comes from the cached path. There,
+# inference_speech stores the mel_len = 1 + text embeddings and builds a fake prompt of
+# conds.shape[1] + emb.shape[1] ids; emb already begins with the conditioning latent, so the fake prompt
+# is mel_len + 1 ids long, the start token last. GPT2InferenceModel embeds the start token at position 0,
+# and every later token at attention_mask.shape[1] - mel_len: when the k-th generated token goes in, the
+# mask covers the mel_len + 1 fake ids and the k generated ones, so its position is k + 1. Every published
+# Tortoise sample was made that way, and the weights expect it, so generation here does the same.
+# ---------------------------------------------------------------------------------------------------
+
+def speech_position(k):
+    """Speech position of the k-th generated token (k = 1, 2, ...); the start token sits at 0."""
+    return k + 1
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, 4 * dim)
+        self.proj = nn.Linear(4 * dim, dim)
+
+    def forward(self, x, layer=0, cache=None, start=0):          # x: [B, T, D] at positions start..
+        q, k, v = split_heads(self.qkv(self.norm1(x)), self.heads)
+        # No cache: every position at once, causal (teacher forcing). A cache (the next section) stores
+        # this layer's k and v at positions start.. and attends over everything it holds.
+        a = attention(q, k, v, causal=True) if cache is None else cache.attend(layer, q, k, v, start)
+        x = x + self.out(merge_heads(a))
+        return x + self.proj(F.gelu(self.fc(self.norm2(x)), approximate="tanh"))   # GPT-2's gelu_new
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: DecoderConfig):
+        super().__init__()
+        self.config = c
+        self.text_embedding = nn.Embedding(c.text_vocab_size, c.dim)
+        self.text_positions = nn.Embedding(c.text_positions, c.dim)
+        self.speech_embedding = nn.Embedding(c.speech_vocab_size, c.dim)
+        self.speech_positions = nn.Embedding(c.speech_positions, c.dim)
+        self.blocks = nn.ModuleList(DecoderBlock(c.dim, c.heads) for _ in range(c.layers))
+        self.norm = nn.LayerNorm(c.dim)
+        self.final_norm = nn.LayerNorm(c.dim)
+        self.head = nn.Linear(c.dim, c.speech_vocab_size)
+
+    def prompt_length(self, text_len):
+        return 1 + (text_len + 3) + 1                         # latent, [start] + ids + [stop, stop], start
+
+    def prompt(self, latent, text_ids):
+        """latent [B, D], raw text ids [B, T] -> the prompt embeddings [B, prompt_length(T), D]."""
+        c = self.config
+        text = F.pad(F.pad(text_ids, (1, 0), value=c.text_start_token), (0, 2), value=c.text_stop_token)
+        text = self.text_embedding(text) + self.text_positions.weight[:text.shape[1]]
+        start = self.embed_speech(torch.tensor([c.start_token], device=text.device), 0)
+        B = text.shape[0]
+        return torch.cat([latent[:, None], text, start.expand(B, 1, -1)], dim=1)
+
+    def embed_speech(self, tokens, position):
+        """Speech tokens [...] at one speech position -> [..., D]."""
+        return self.speech_embedding(tokens) + self.speech_positions.weight[position]
+
+    def forward(self, x, cache=None, start=0):              # x: [B, T, D] embeddings -> hidden [B, T, D]
+        for i, block in enumerate(self.blocks):
+            x = block(x, i, cache, start)
+        return x
+
+    def logits(self, h):                                     # [B, T, D] -> [B, T, 8194]
+        return self.head(self.final_norm(self.norm(h)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Networks (3/4, continued): the KV cache, the prefill and one decode step
+#
+# A decoder makes one token at a time, and each new token attends to every position before it. Rather
+# than run the earlier positions again at every step, each layer keeps the keys and values it has
+# computed: gpt-fast's KV cache, one buffer per layer, [rows, heads, positions, head_dim], allocated once
+# for the longest sequence and written in place. The prefill runs the prompt (P positions) through the
+# blocks once and fills positions 0..P-1; each decode step runs one new token per row, stores its keys
+# and values at the next position and attends over the filled part. The prompt is the same for every
+# candidate of a text, so it is prefilled once, in one row, and each batch of candidates starts from
+# copies of that row (KVCache.repeat).
+# ---------------------------------------------------------------------------------------------------
+
+class KVCache:
+    """Keys and values of every layer, k and v: [layers, rows, heads, positions, head_dim]."""
+
+    def __init__(self, k, v):
+        self.k, self.v = k, v
+
+    @classmethod
+    def empty(cls, c: DecoderConfig, rows, positions, device, dtype):
+        shape = (c.layers, rows, c.heads, positions, c.dim // c.heads)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    def repeat(self, rows):
+        """A one-row cache -> a cache of `rows` copies of it, each to be continued on its own."""
+        return KVCache(self.k.repeat(1, rows, 1, 1, 1), self.v.repeat(1, rows, 1, 1, 1))
+
+    def attend(self, layer, q, k, v, start):
+        """q, k, v [rows, heads, T, head_dim] at positions start..start+T-1: store k and v, then attend over
+        positions 0..start+T-1 -> [rows, heads, T, head_dim]. The prefill (start 0) is causal; a decode
+        step's one query sees every position so far."""
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end], self.v[layer, :, :, start:end] = k, v
+        return attention(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end], causal=start == 0)
+
+
+def prefill(decoder, prompts, cache):
+    """Prompts [rows, P, D] through every block once, their keys and values into the cache -> logits
+    [rows, vocab] for the first generated token."""
+    return decoder.logits(decoder(prompts, cache)[:, -1])
+
+
+def decode_step(decoder, tokens, k, cache, prompt_length):
+    """The k-th generated tokens [B] (k = 1, 2, ...) -> logits [B, vocab] for the next ones. The cache holds
+    the prompt at positions 0..P-1 and the earlier tokens after it; these go in at P + k - 1."""
+    x = decoder.embed_speech(tokens[:, None], speech_position(k))           # [B, 1, D]
+    return decoder.logits(decoder(x, cache, prompt_length + k - 1)[:, -1])   # [B, vocab]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Networks (4/4): CLVP encoders, token ids -> one feature vector
+#
+# The text and the speech encoder are the same network with different vocabularies: an x-transformers
+# Encoder with pre-RMSNorm, rotary position embeddings and a GLU feed-forward, then a LayerNorm, the mean
+# over all positions (no padding mask: padding changes the score, which is why generation pads the way
+# Tortoise did) and a projection into the shared 768-wide space.
+#
+# Quirk: the x-transformers version Tortoise used rotates v as well as q and k, over the first 32 dims
+# of each head only. RMSNorm follows the Hugging Face port (x * rsqrt(mean(x^2) + 1e-5)); x-transformers
+# divides by max(rms, 1e-8) instead, which the parity tests against the original do not see (< 1e-5).
+# ---------------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rotary_tables(length, rotary_dim, device):
+    """cos and sin tables [length, rotary_dim] for positions 0..length-1 (RoFormer, base 10000)."""
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim)
+    angles = torch.outer(torch.arange(length, device=device).float(), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate the first rotary_dim dims of x [B, heads, T, hd] by position; the rest pass through."""
+    d = cos.shape[-1]
+    rot, rest = x[..., :d], x[..., d:]
+    half1, half2 = rot.chunk(2, dim=-1)
+    rot = rot * cos + torch.cat([-half2, half1], dim=-1) * sin
+    return torch.cat([rot, rest], dim=-1)
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, c: EncoderConfig):
+        super().__init__()
+        self.heads = c.heads
+        self.norm1 = RMSNorm(c.dim)
+        self.qkv = nn.Linear(c.dim, 3 * c.dim, bias=False)
+        self.out = nn.Linear(c.dim, c.dim)
+        self.norm2 = RMSNorm(c.dim)
+        self.ff_in = nn.Linear(c.dim, 2 * c.ff_dim)
+        self.ff_out = nn.Linear(c.ff_dim, c.dim)
+
+    def forward(self, x, cos, sin):                          # x: [B, T, D]
+        q, k, v = (apply_rotary(t, cos, sin) for t in split_heads(self.qkv(self.norm1(x)), self.heads))
+        x = x + self.out(merge_heads(attention(q, k, v)))
+        h, gate = self.ff_in(self.norm2(x)).chunk(2, dim=-1)
+        return x + self.ff_out(h * F.gelu(gate))
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: EncoderConfig):
+        super().__init__()
+        self.config = c
+        self.embedding = nn.Embedding(c.vocab_size, c.dim)
+        self.blocks = nn.ModuleList(EncoderBlock(c) for _ in range(c.layers))
+        self.norm = nn.LayerNorm(c.dim)
+        self.projection = nn.Linear(c.dim, c.projection_dim, bias=False)
+
+    def forward(self, ids):                                  # ids: [B, T] -> features [B, projection_dim]
+        x = self.embedding(ids)
+        cos, sin = rotary_tables(ids.shape[1], self.config.rotary_dim, ids.device)
+        for block in self.blocks:
+            x = block(x, cos.to(x.dtype), sin.to(x.dtype))
+        return self.projection(self.norm(x).mean(dim=1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model: Tortoise's autoregressive half and CLVP, the four networks, and what a user asks of them
+#
+# CLVP scores the way CLIP does. Both of its encoders map into one 768-wide space, trained so that a
+# text and the speech that says it point the same way, away from the other texts and speeches of the
+# batch: contrastive_loss is the cross-entropy of picking each row's true partner among all of them, both
+# ways. So the cosine between a text's features and a candidate's says how well the candidate says that
+# text, and exp(logit_scale), learned in training, stretches it into a score.
+#
+# Why sample many candidates and rerank them: the decoder chooses each token from what came before, one
+# step at a time, so a sample can go wrong in ways it never sees whole (a word dropped or said twice, a
+# run past the end of the text); CLVP compares the whole candidate with the whole text at once. Tortoise
+# takes this from DALL-E, which reranks its image samples with CLIP: sample N (16 to 512 in Tortoise),
+# keep the best by CLVP.
+#
+# Code that imports clvp is a boundary too: each public method checks its arguments in its first line
+# (Part III), so ids outside a vocabulary or mels of the wrong shape are a ValueError that names the
+# argument and the allowed range, not an IndexError from deep inside torch.
+# ---------------------------------------------------------------------------------------------------
+
+class DecoderAndCLVP(nn.Module):
+    """Tortoise's autoregressive model (the conditioning encoder and the decoder: UnifiedVoice in the
+    original) and CLVP (the text and the speech encoder, and the logit scale)."""
+
+    def __init__(self, config: Config = None):
+        super().__init__()
+        self.config = config = config or Config()
+        self.conditioning = ConditioningEncoder(config.decoder)
+        self.decoder = Decoder(config.decoder)
+        self.text_encoder = Encoder(config.text)
+        self.speech_encoder = Encoder(config.speech)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))   # learned, used as exp()
+        self.tokenizer = None
+        # [80] per-band divisors of the log-mel; a buffer, so .to() moves it, but not a weight to save.
+        self.register_buffer("mel_norms", None, persistent=False)
+
+    def conditioning_latent(self, mels):
+        """mels [C, 80, frames], one reference clip per row -> latents [C, D]."""
+        return self.conditioning(checked_mels(mels, self))
+
+    def voice_latent(self, mels):
+        """Several clips of one voice, mels [C, 80, frames] -> one latent [D]: Tortoise averages them."""
+        return self.conditioning_latent(mels).mean(dim=0)
+
+    def speech_logits(self, mels, text_ids, speech_ids):
+        """Teacher-forced next-token logits, using the inference positions.
+
+        mels: one voice, [C, 80, frames]; text_ids: raw tokenizer ids [B, T] or [1, T]; speech_ids: [B, S]
+        tokens after the start token. Returns [B, S + 1, 8194]: row s predicts token s + 1 (row 0 is what
+        the prompt predicts).
+        """
+        text_ids, speech_ids = checked_teacher_forcing(self, text_ids, speech_ids)
+        B, S = speech_ids.shape
+        prompt = self.decoder.prompt(self.voice_latent(mels).expand(B, -1), text_ids.expand(B, -1))
+        positions = speech_position(torch.arange(1, S + 1, device=speech_ids.device))
+        speech = self.decoder.speech_embedding(speech_ids) + self.decoder.speech_positions(positions)
+        h = self.decoder(torch.cat([prompt, speech], dim=1))
+        return self.decoder.logits(h[:, prompt.shape[1] - 1:])
+
+    def text_features(self, text_ids):
+        """Raw text ids [B, T] -> [B, 768], projected, not normalized. Like Tortoise's reranking, the
+        encoder sees the ids followed by one stop token. T is at most what the decoder reads (404)."""
+        text_ids = checked_ids(text_ids, "text_ids", self.config.text.vocab_size, self.logit_scale.device,
+                               self.config.decoder.text_positions)
+        return self.text_encoder(F.pad(text_ids, (0, 1), value=self.config.decoder.text_stop_token))
+
+    def speech_features(self, speech_ids):
+        """Speech tokens [B, S] (already fixed, see fix_candidates) -> [B, 768], not normalized. S is at most
+        what the decoder makes (608)."""
+        return self.speech_encoder(checked_ids(speech_ids, "speech_ids", self.config.speech.vocab_size,
+                                               self.logit_scale.device, self.config.decoder.speech_positions))
+
+    def similarity(self, text_ids, speech_ids):
+        """Scaled cosine similarity [B_text, B_speech]: the CLVP score."""
+        return self.score(self.text_features(text_ids), self.speech_features(speech_ids))
+
+    def score(self, text_features, speech_features):
+        """Features [B_text, 768] and [B_speech, 768] -> exp(logit_scale) * cosine, [B_text, B_speech]."""
+        t, s = F.normalize(text_features, dim=-1), F.normalize(speech_features, dim=-1)
+        return self.logit_scale.exp() * t @ s.T
+
+    def contrastive_loss(self, text_ids, speech_ids):
+        """CLIP's symmetric cross-entropy over a batch of matching (text, speech) rows."""
+        sim = self.similarity(text_ids, speech_ids)
+        labels = torch.arange(sim.shape[0], device=sim.device)
+        return (F.cross_entropy(sim, labels) + F.cross_entropy(sim.T, labels)) / 2
+
+    def generate(self, text_ids, mels, options=None, progress=None, **overrides):
+        """Sample candidates and rank them (the next section). text_ids: raw ids [T] or [1, T] of one text
+        -> a Generation; or a list of them -> a list of Generations, one per text. options: a DecodingOptions,
+        whose fields keywords override: generate(ids, mels, num_candidates=4, seed=0). options.engine picks
+        the engine (Part II, which decodes a list's texts together) or this lesson's generate_and_rank."""
+        ids, mels, options = checked_generate_args(self, text_ids, mels, options, overrides)   # ids: a list
+        if options.engine == "lesson":
+            generations = [generate_and_rank(self, t, mels, options, progress) for t in ids]
+        else:
+            generations = generate_together(self, ids, mels, options, progress)
+        # Tensors made in inference mode cannot enter autograd later; hand back ordinary copies.
+        generations = [Generation(**{name: t.clone() for name, t in vars(g).items()}) for g in generations]
+        return generations if isinstance(text_ids, (list, tuple)) else generations[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generation and reranking: sample N candidates for one text, score them with CLVP, keep the best
+#
+# 1. prefill the prompt once (voice latent, text, start token) into a one-row KV cache; then each batch
+#    of candidates decodes from copies of it: next_tokens turns a step's logits into tokens, decode_step
+#    feeds them back. A candidate that emits the stop token keeps emitting it; a batch ends early when
+#    all its candidates have stopped.
+# 2. fix_candidates cleans each candidate up as Tortoise's fix_autoregressive_output does.
+# 3. rank: CLVP scores every candidate against the text, best first.
+#
+# next_tokens applies the processors of transformers' generate, in its order: repetition penalty,
+# temperature, top-p, then typical sampling where asked. That is the Hugging Face port's order; the
+# original's typical_sampling=True passes its TypicalLogitsWarper as a logits processor instead, which
+# under its transformers (4.31) runs right after the repetition penalty, before temperature and top-p.
+# The repetition penalty covers the start token and the tokens generated so far, as in the Hugging
+# Face port. The original Tortoise prompt also held a run of fake token-1 entries, so it penalized
+# speech token 1 as well; see the README.
+# ---------------------------------------------------------------------------------------------------
+
+FIX_STOP_CODE, FIX_TAIL = 83, (45, 45, 248)    # Tortoise's codes for "silence" and a clean ending
+
+
+@dataclass
+class DecodingOptions:
+    """How to sample and rank; temperature 0 is greedy. The sampling values are Tortoise's (api.py's tts():
+    temperature 0.8, top_p 0.8, repetition penalty 2.0, 500 tokens); 16 candidates is its ultra_fast preset
+    (tts() itself samples 512, do_tts.py's default preset, fast, 96)."""
+    num_candidates: int = 16
+    batch_size: int = 16               # candidates decoded together (one KV cache row each)
+    max_new_tokens: int = 500
+    temperature: float = 0.8
+    top_p: float = 0.8
+    repetition_penalty: float = 2.0
+    typical_mass: float | None = None  # typical sampling, off unless set
+    keep: int = 1                      # how many of the ranked candidates Generation.best keeps
+    seed: int | None = None
+    pad_to_max: bool = True            # stop-pad candidates to max_new_tokens before scoring (Tortoise)
+    engine: str = "fast"               # "fast" (Part II) or "lesson" (this part's generate_and_rank)
+    cache_dtype: str | None = None     # the engine's KV cache: "float32", "bfloat16", "float16"; None: its rule
+
+    def rows(self, texts=1):
+        """How many rows decode together for `texts` texts: one batch, or all their candidates if fewer."""
+        return min(self.batch_size, self.num_candidates * texts)
+
+
+@dataclass
+class Generation:
+    candidates: torch.Tensor   # [N, T] fixed speech tokens, exactly as CLVP scored them
+    lengths: torch.Tensor      # [N] tokens before each candidate's stop token
+    scores: torch.Tensor       # [N] CLVP score of each candidate against the text
+    order: torch.Tensor        # [N] candidate indices, best first
+    best: torch.Tensor         # [keep, T] the best candidates, best first
+
+
+def repetition_penalty(logits, seen, penalty):
+    """Make every token already seen less likely: positive logits / penalty, negative * penalty."""
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def top_p_filter(logits, top_p):
+    """Nucleus: keep the most likely tokens whose probabilities add up to top_p (at least one)."""
+    sorted_logits, order = logits.sort(dim=-1)                            # ascending
+    remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+    remove[:, -1] = False
+    return logits.masked_fill(remove.scatter(1, order, remove), -math.inf)
+
+
+def typical_filter(logits, mass):
+    """Typical sampling: keep the tokens whose surprise is closest to the entropy, up to `mass`."""
+    logp = logits.log_softmax(dim=-1)
+    entropy = -(logp * logp.exp()).nansum(dim=-1, keepdim=True)
+    distance, order = (-logp - entropy).abs().sort(dim=-1)
+    cumulative = logits.gather(1, order).softmax(dim=-1).cumsum(dim=-1)
+    last = (cumulative < mass).sum(dim=1).clamp(max=logits.shape[-1] - 1)
+    remove = distance > distance.gather(1, last[:, None])
+    remove[:, 0] = False
+    return logits.masked_fill(remove.scatter(1, order, remove), -math.inf)
+
+
+def next_tokens(logits, seen, options, generator):
+    """[B, vocab] logits -> [B] tokens, in fp32 whatever the model's dtype (the penalty applies even when greedy)."""
+    logits = repetition_penalty(logits.float(), seen, options.repetition_penalty)
+    if options.temperature == 0:
+        return logits.argmax(dim=-1)
+    # Moving the best logit to 0 changes no probability, but keeps any finite penalty and temperature finite.
+    logits.clamp_(max=torch.finfo(logits.dtype).max)          # in place: logits is the penalty's own copy
+    logits.sub_(logits.max(dim=-1, keepdim=True).values).div_(options.temperature)
+    if options.top_p < 1:
+        logits = top_p_filter(logits, options.top_p)
+    if options.typical_mass is not None:
+        logits = typical_filter(logits, options.typical_mass)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+def decode(decoder, cache, prompt_length, logits, options, generator, progress=None):
+    """B candidates from the prompt's logits [B, vocab] through `cache` until all stop -> tokens [B, steps],
+    stop-padded."""
+    c, steps = decoder.config, options.max_new_tokens
+    B, device = logits.shape[0], logits.device
+    tokens = torch.full((B, steps), c.stop_token, dtype=torch.long, device=device)
+    seen = torch.zeros(B, c.speech_vocab_size, dtype=torch.bool, device=device)
+    seen[:, c.start_token] = True
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for k in range(steps):
+        check_overflow(logits)                                            # inf or NaN: no token can be drawn
+        logits[:, c.start_token] = -math.inf                              # never start again
+        token = next_tokens(logits, seen, options, generator).masked_fill(done, c.stop_token)
+        tokens[:, k] = token
+        seen.scatter_(1, token[:, None], True)
+        done |= token == c.stop_token
+        if progress:
+            progress.decode(k, B, int((~done).sum()))
+        if done.all() or k == steps - 1:
+            break
+        logits = decode_step(decoder, token, k + 1, cache, prompt_length)
+    return tokens[:, :k + 1]
+
+
+def join(batches, stop_token):
+    """Batches of tokens [B_i, steps_i] -> one [sum B_i, longest], the shorter ones stop-padded."""
+    longest = max(b.shape[1] for b in batches)
+    return torch.cat([F.pad(b, (0, longest - b.shape[1]), value=stop_token) for b in batches])
+
+
+def trim(tokens, stop_token):
+    """[N, T] -> up to the first step at which every candidate had stopped: the same length whichever
+    batches the candidates were decoded in (a batch stops when its own last candidate stops)."""
+    everyone = (tokens == stop_token).all(dim=0)
+    return tokens[:, :int(everyone.int().argmax()) + 1] if everyone.any() else tokens
+
+
+def fix_candidates(tokens, stop_token, pad_to=None):
+    """Tortoise's fix_autoregressive_output on [N, T]: from the first stop token on, codes become 83 and
+    the last three 45, 45, 248; a candidate that never stopped is left alone. With pad_to, candidates are
+    first stop-padded to that length, as Tortoise's api.py does: that changes which codes the 45, 45, 248
+    tail overwrites (it lands at the end of the padded length), not which candidates are fixed."""
+    if pad_to is not None:
+        tokens = F.pad(tokens, (0, pad_to - tokens.shape[1]), value=stop_token)
+    N, T = tokens.shape
+    is_stop = tokens == stop_token
+    stopped = is_stop.any(dim=1)
+    first = torch.where(stopped, is_stop.int().argmax(dim=1), T)
+    fixed = tokens.masked_fill(torch.arange(T, device=tokens.device) >= first[:, None], FIX_STOP_CODE)
+    tail = torch.tensor(FIX_TAIL[-min(3, T):], device=tokens.device)
+    fixed[stopped, -len(tail):] = tail
+    return fixed, first
+
+
+def rank(model, text_ids, tokens, options, progress=None):
+    """One text's raw ids [T] and its candidates [N, steps] -> fixed, scored by CLVP and ranked: a Generation."""
+    o = options
+    candidates, lengths = fix_candidates(tokens, model.config.decoder.stop_token,
+                                         o.max_new_tokens if o.pad_to_max else None)
+    text_features = model.text_features(text_ids[None])                     # once, for every batch
+    scores = []
+    for i in range(0, len(candidates), o.batch_size):
+        scores.append(model.score(text_features, model.speech_features(candidates[i:i + o.batch_size]))[0])
+        if progress:
+            progress.rerank(i + len(scores[-1]), len(candidates))
+    scores = torch.cat(scores)
+    check_overflow(scores)                                                  # NaN scores cannot be ranked
+    order = scores.argsort(descending=True)
+    return Generation(candidates, lengths, scores, order, candidates[order[:o.keep]])
+
+
+@torch.inference_mode()
+def generate_and_rank(model, text_ids, mels, options, progress=None):
+    """One text's raw ids [T], in the voice of mels [C, 80, frames] -> options.num_candidates candidates,
+    fixed, scored and ranked: a Generation. progress: None, or an object with decode(step, batch_size,
+    running) and rerank(done, total)."""
+    dec, o = model.decoder, options
+    prompt = dec.prompt(model.voice_latent(mels)[None], text_ids[None])     # [1, P, D]
+    P = prompt.shape[1]
+    prompt_cache = KVCache.empty(dec.config, 1, P + o.max_new_tokens, prompt.device, prompt.dtype)
+    first_logits = prefill(dec, prompt, prompt_cache)                        # [1, vocab]
+    generator = torch.Generator(prompt.device).manual_seed(o.seed) if o.seed is not None else None
+    batches = []
+    for first in range(0, o.num_candidates, o.batch_size):
+        rows = min(o.batch_size, o.num_candidates - first)
+        batches.append(decode(dec, prompt_cache.repeat(rows), P, first_logits.repeat(rows, 1), o, generator,
+                              progress))
+    tokens = trim(join(batches, dec.config.stop_token), dec.config.stop_token)
+    return rank(model, text_ids, tokens, o, progress)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading: one file holds config, weights, tokenizer and mel norms
+#
+# convert_weights.py writes it from official checkpoints (save_checkpoint, in Part III). It is a
+# safetensors file: raw tensors and a JSON header, read by a few lines of Part III, so a checkpoint can
+# never run code; the header is checked whole before a tensor is read, and the numbers before the model
+# is built. A model without a tokenizer or mel norms of its own (--random-init, train.py's) gets the
+# ones shipped in data/, which are Tortoise's.
+# ---------------------------------------------------------------------------------------------------
+
+FORMAT_VERSION = 2                                   # 1 was a torch.save pickle
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "data")                    # Tortoise's tokenizer.json and mel norms
+SHIPPED = [os.path.join(DATA, "tokenizer.json"), os.path.join(DATA, "mel_norms.safetensors")]
+
+
+def default_checkpoint():
+    """$CLVP_CACHE/clvp.pt or ~/.cache/clvp/clvp.pt: where convert_weights.py --download writes it."""
+    return os.path.join(os.environ.get("CLVP_CACHE") or os.path.expanduser("~/.cache/clvp"), "clvp.pt")
+
+
+def load_model(path, device=None):
+    """Read a converted checkpoint -> DecoderAndCLVP in eval mode, fp32, on `device` (CUDA when present)."""
+    device, (config, weights, tokenizer, mel_norms) = resolve_device(device), read_checkpoint(path)
+    with torch.device("meta"):                               # no memory, no random init: weights come next
+        model = DecoderAndCLVP(config)
+    model.load_state_dict(weights, assign=True)
+    model.tokenizer, model.mel_norms = tokenizer, mel_norms
+    return add_front_end(model).to(device=device, dtype=torch.float32).eval()
+
+
+def add_front_end(model):
+    """The shipped tokenizer and mel norms (Tortoise's own), for a model whose checkpoint holds none."""
+    if model.tokenizer is None:
+        model.tokenizer = Tokenizer.from_file(SHIPPED[0])
+    if model.mel_norms is None:
+        model.mel_norms = read_mel_norms(SHIPPED[1])
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Putting it together: sentences and reference clips in, ranked candidates out
+#
+# The command line and code that imports clvp both come here. A sentence becomes ids, the clips become
+# one batch of log-mels (the first 6 s of each), and generate samples and ranks each sentence's
+# candidates.
+# ---------------------------------------------------------------------------------------------------
+
+def encode_text(model, text):
+    """A sentence -> raw ids [T] on the model's device."""
+    check_text(model, text)                  # not empty, cleans to something, at most 401 tokens (Part III)
+    return torch.tensor(model.tokenizer.encode(text), dtype=torch.long, device=model.logit_scale.device)
+
+
+def voice_mels(model, paths):
+    """Reference clips of one voice -> mels [C, 80, frames]: the first 6 s of each (all that is read), padded
+    to 6 s, in the model's dtype."""
+    device, dtype = model.logit_scale.device, model.logit_scale.dtype
+    wavs = [format_conditioning(load_audio(path, seconds=CONDITIONING_SAMPLES / SAMPLE_RATE)) for path in paths]
+    return torch.stack([log_mel_spectrogram(w.to(device), model.mel_norms) for w in wavs]).to(dtype)
+
+
+def speech_tokens(model, texts, clips, options=None, progress=None):
+    """Sentences and reference clips of one voice -> a ranked Generation for each sentence:
+    speech_tokens(model, ["Hello there."], ["voice.wav"], DecodingOptions(num_candidates=16))."""
+    return model.generate([encode_text(model, t) for t in texts], voice_mels(model, clips), options, progress)
+
+
+# ===================================================================================================
+# Appendix to Part I: the text normalization that is not CLVP
+#
+# clean_text's transliteration to ASCII (unidecode's work in Tortoise) and its number spelling (inflect's),
+# written out so that clvp.py needs neither library. The lesson calls them in one line; a reader can skip
+# them.
+# ===================================================================================================
 
 # unidecode romanizes every character from tables. For accented Latin letters and compatibility
 # forms ('ﬁ', '²', fullwidth 'Ａ') NFKD plus dropping the non-ASCII rest gives the same; this
@@ -247,292 +1063,60 @@ _NUMBER_RULES = [
     (re.compile(r'[0-9]+'), _number),
 ]
 
-# Applied one after another, as in Tortoise: 'mrs' before 'mr', and 'mr.st.' -> 'misterst.' (the
-# '\b' before 'st' is gone once 'mr.' is replaced). Numbers come first, so '1st.' stays 'first.'.
-_ABBREVIATIONS = [(re.compile(rf'\b{short}\.'), long) for short, long in [
-    ('mrs', 'misess'), ('mr', 'mister'), ('dr', 'doctor'), ('st', 'saint'), ('co', 'company'),
-    ('jr', 'junior'), ('maj', 'major'), ('gen', 'general'), ('drs', 'doctors'), ('rev', 'reverend'),
-    ('lt', 'lieutenant'), ('hon', 'honorable'), ('sgt', 'sergeant'), ('capt', 'captain'),
-    ('esq', 'esquire'), ('ltd', 'limited'), ('col', 'colonel'), ('ft', 'fort')]]
 
-
-def clean_text(text):
-    """Tortoise's english_cleaners: 'Dr. Smith paid $5 in 1999.' ->
-    'doctor smith paid five dollars in nineteen ninety-nine.'"""
-    text = to_ascii(text).lower()
-    for pattern, replacement in _NUMBER_RULES + _ABBREVIATIONS:
+def spell_numbers(text):
+    """'$5 in 1999' -> 'five dollars in nineteen ninety-nine': Tortoise's number rules, in its order."""
+    for pattern, replacement in _NUMBER_RULES:
         text = pattern.sub(replacement, text)
-    # The quote is removed after whitespace is collapsed: 'a " b' -> 'a  b' (two spaces).
-    return re.sub(r'\s+', ' ', text).replace('"', '')
+    return text
 
 
-# BPE in the style of minbpe: a word is a list of ids; repeatedly merge the adjacent pair with the
-# lowest rank (earliest in the merges list), all its occurrences left to right, until none can merge.
-# tokenizers gets the same result from its priority queue of (rank, position).
-def merge(ids, pair, new_id):
-    """Replace every occurrence of pair in ids, left to right: merge([1, 1, 1], (1, 1), 9) -> [9, 1]."""
-    out, i = [], 0
-    while i < len(ids):
-        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(ids[i])
-            i += 1
-    return out
-
-
-def bpe(ids, ranks):
-    """ranks: {(id, id): (rank, merged id)}."""
-    while len(ids) > 1:
-        pair = min(zip(ids, ids[1:]), key=lambda p: ranks.get(p, (float('inf'),)))
-        if pair not in ranks:
-            break
-        ids = merge(ids, pair, ranks[pair][1])
-    return ids
-
-
-# tokenizers' 'Whitespace' pre-tokenizer: a word is a run of letters (digits, '_') or a run of other
-# non-space characters; merges stay inside a word.
-_WORD_RE = re.compile(r'\w+|[^\w\s]+')
-
-
-
-class Tokenizer:
-    """Tortoise's VoiceBpeTokenizer. vocab: {token: id}; merges: [(a, b), ...], lowest rank first."""
-
-    def __init__(self, vocab, merges):
-        check_tokenizer(vocab, merges)
-        self.vocab = dict(vocab)
-        self.merges = [tuple(m) for m in merges]
-        self.tokens = {i: t for t, i in self.vocab.items()}
-        self.ranks = {(self.vocab[a], self.vocab[b]): (rank, self.vocab[a + b])
-                      for rank, (a, b) in enumerate(self.merges)}
-        self.unk, self.space = self.vocab['[UNK]'], self.vocab['[SPACE]']
-        self.cache = {}                           # word -> ids: a text repeats its words
-
-    @classmethod
-    def from_file(cls, path):
-        """Tortoise's tokenizer.json (convert_weights.py also reads transformers' vocab.json + merges.txt)."""
-        return cls(*read_tokenizer_json(path))
-
-    def encode(self, text):
-        """'Hello world' -> [62, 84, 28, 2, 179, 79]: 'he' 'll' 'o' [SPACE] 'wor' 'ld'."""
-        # Tortoise writes each space as '[SPACE]', which tokenizers splits off as a special token.
-        ids = []
-        for i, chunk in enumerate(clean_text(text).split(' ')):
-            if i:
-                ids.append(self.space)
-            for word in _WORD_RE.findall(chunk):
-                if word not in self.cache:
-                    self.cache[word] = bpe([self.vocab.get(ch, self.unk) for ch in word], self.ranks)
-                ids += self.cache[word]
-        return ids
-
-    def decode(self, ids):
-        """As Tortoise: [SPACE] is a space, [STOP] and [UNK] vanish, unknown ids are skipped."""
-        text = ''.join(self.tokens.get(int(i), '') for i in ids)
-        return text.replace('[SPACE]', ' ').replace('[STOP]', '').replace('[UNK]', '')
-
-
-# ---------------------------------------------------------------------------------------------------
-# Audio: a voice clip on disk -> an 80-band log-mel spectrogram
+# ===================================================================================================
+# Part II: the engine. Part I's generation, fast, with the same numbers
 #
-# The conditioning encoder reads the reference voice as Tortoise's TorchMelSpectrogram made it: 22.05 kHz,
-# STFT (n_fft 1024, hop 256, Hann), power, an 80-band mel filterbank (HTK mel scale, Slaney area
-# normalization, 0-8000 Hz), natural log, and a per-band division by Tortoise's mel_norms.pth (shipped
-# as data/mel_norms.safetensors). It is written here with torch.stft and a filterbank built by hand; the
-# numbers match transformers' ClvpFeatureExtractor.
-# Where this differs from Tortoise on purpose: load_audio averages all channels (Tortoise keeps the
-# first) and resamples with scipy's polyphase filter (Tortoise: torchaudio's sinc); format_conditioning
-# keeps the first 6 s where Tortoise cuts a random 6 s window, so the same clip always scores the same.
-# ---------------------------------------------------------------------------------------------------
-
-SAMPLE_RATE = 22050             # Hz; everything in CLVP/Tortoise runs at this rate
-N_FFT = 1024                    # FFT size -> N_FFT // 2 + 1 = 513 frequency bins
-HOP = 256                       # samples between frames (~11.6 ms)
-WIN = N_FFT                     # Hann window length
-N_MELS = 80
-F_MIN, F_MAX = 0.0, 8000.0      # Hz covered by the mel bands
-CONDITIONING_SAMPLES = 6 * SAMPLE_RATE   # 6 s, 132300 samples -> 517 mel frames
-MIN_SAMPLES = N_FFT // 2 + 1    # centred STFT reflect-pads N_FFT // 2 samples; needs more than that
-
-
-def load_audio(path, sampling_rate=SAMPLE_RATE, seconds=None) -> torch.Tensor:
-    """Read WAV/FLAC/OGG (MP3 if libsndfile has it) -> mono float32 [samples] in [-1, 1]: all of it, or only
-    the first `seconds`. Memory follows what is read, never what the file's header claims."""
-    wav, sr = read_audio(path, sampling_rate, seconds)       # [samples] float32, averaged to mono
-    if sr != sampling_rate:  # polyphase resampling by the reduced ratio, e.g. 48000 -> 22050 is *147/320
-        g = math.gcd(sr, sampling_rate)
-        wav = scipy.signal.resample_poly(wav, sampling_rate // g, sr // g).astype(np.float32)
-    if seconds is not None:
-        wav = wav[:math.ceil(seconds * sampling_rate)]
-    wav = np.clip(wav, -1.0, 1.0)  # float files and resampling ringing can overshoot full scale
-    return check_clip(path, torch.from_numpy(np.ascontiguousarray(wav)), sampling_rate)
-
-
-def format_conditioning(wav: torch.Tensor) -> torch.Tensor:
-    """[..., samples] -> [..., CONDITIONING_SAMPLES]: zero-pad at the end, or keep the first 6 s.
-    Tortoise pads the same way (F.pad at the end) but cuts at a random offset; we cut from
-    the start so the same clip always gives the same score (== ClvpFeatureExtractor)."""
-    gap = CONDITIONING_SAMPLES - wav.shape[-1]
-    return F.pad(wav, (0, gap)) if gap > 0 else wav[..., :CONDITIONING_SAMPLES]
-
-
-@functools.lru_cache(maxsize=None)  # built once per (device, dtype)
-def mel_filterbank(device=torch.device("cpu"), dtype=torch.float32) -> torch.Tensor:
-    """[N_MELS, N_FFT // 2 + 1] = [80, 513] triangles, HTK mel spacing, Slaney area norm.
-    Same formula as torchaudio.functional.melscale_fbanks(norm='slaney', mel_scale='htk')
-    (Tortoise) and transformers' mel_filter_bank (identical in float64, which we build in)."""
-    hz_to_mel = lambda f: 2595.0 * np.log10(1.0 + f / 700.0)  # HTK formula
-    mel_to_hz = lambda m: 700.0 * (10.0 ** (m / 2595.0) - 1.0)
-    fft_hz = np.linspace(0.0, SAMPLE_RATE / 2, N_FFT // 2 + 1)  # [513] centre of each FFT bin
-    # N_MELS + 2 edges equally spaced in mel; band i rises on edge i..i+1, falls on i+1..i+2.
-    edges = mel_to_hz(np.linspace(hz_to_mel(F_MIN), hz_to_mel(F_MAX), N_MELS + 2))  # [82]
-    lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]            # [80, 1] each
-    rise, fall = (fft_hz - lo) / (mid - lo), (hi - fft_hz) / (hi - mid)          # [80, 513]
-    fb = np.maximum(0.0, np.minimum(rise, fall))
-    fb *= 2.0 / (hi - lo)  # Slaney: each triangle has unit area, so wide bands don't get louder
-    return torch.from_numpy(fb).to(device=device, dtype=dtype)
-
-
-def log_mel_spectrogram(wav: torch.Tensor, mel_norms: torch.Tensor | None = None) -> torch.Tensor:
-    """[samples] -> [80, frames] or [B, samples] -> [B, 80, frames]; frames = 1 + samples // HOP.
-    Runs on wav's device/dtype. mel_norms: [80] per-band divisors (tortoise/data/mel_norms.pth)."""
-    check_wav(wav, mel_norms)
-    window = torch.hann_window(WIN, periodic=True, device=wav.device, dtype=wav.dtype)  # torchaudio's default
-    spec = torch.stft(wav, N_FFT, HOP, WIN, window, center=True, pad_mode="reflect",
-                      return_complex=True)                          # [(B,) 513, frames] complex
-    power = spec.abs() ** 2                                         # power spectrum (torchaudio power=2)
-    mel = mel_filterbank(wav.device, wav.dtype) @ power              # [(B,) 80, frames]
-    log_mel = torch.log(torch.clamp(mel, min=1e-5))                 # Tortoise's "dynamic range compression"
-    if mel_norms is not None:                                       # per-band scale the models were trained on
-        log_mel = log_mel / mel_norms.to(log_mel)[:, None]          # [80, 1] broadcasts over frames
-    return log_mel
-
+# It computes what the lesson's generate_and_rank computes (logits within 1e-5 in fp32, the same greedy
+# tokens and scores: test_clvp.py runs both) with five ideas, a section each: the dtype rules, the shared
+# prompt read once per text, each row's own steps in contiguous blocks, weights packed for oneDNN, and
+# several texts decoded together. Everything else is the lesson's: the networks, the samplers, decode,
+# fix_candidates, rank. The command line runs the engine (--engine fast, the default); --engine lesson
+# runs Part I's generation instead, and the library takes the same choice (DecodingOptions.engine).
+# Figures: an AMD EPYC with AVX-512 BF16, 2 cores (the README has the tables, bench.py makes them).
+# ===================================================================================================
 
 # ---------------------------------------------------------------------------------------------------
-# Networks (1/4): attention and the Linear, shared by every block below
+# Dtypes: bf16 only where this machine has the kernels for it
 #
-# The three kinds of network (conditioning encoder, decoder, CLVP encoder) all use plain multi-head
-# attention; they differ only in what goes around it (GroupNorm, rotary, a causal mask, a KV cache). One
-# fused Linear makes q, k and v; these helpers split and merge heads, and torch's
-# scaled_dot_product_attention does the rest. On a CPU without AMX that kernel is about 5x slower in bf16
-# than in fp32 (bench.py --attention), so there it runs in fp32. The decoder's steps attend through
-# their KV cache with plain matrix products instead (KVCache.attend), fast in bf16 with AVX-512 BF16.
+# On a CPU, bf16 is fast only with the instructions for it. Without AVX-512 BF16 (an AVX2 CPU) bf16
+# matrix products are emulated, so the KV cache and a step's attention stay fp32; without AMX, torch's
+# bf16 scaled_dot_product_attention is about 5x slower than its fp32 one (bench.py --attention), so the
+# prefill's attention runs in fp32. fp16 on a CPU is never the fast choice. The cost: an fp32 cache is
+# twice the memory of a bf16 one. --cache-dtype forces the cache's dtype.
 # ---------------------------------------------------------------------------------------------------
-
-def split_heads(qkv, heads):
-    """[B, T, 3 * D] -> three tensors of [B, heads, T, D / heads]."""
-    B, T, _ = qkv.shape
-    return qkv.view(B, T, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-
-
-def merge_heads(x):
-    """[B, heads, T, head_dim] -> [B, T, heads * head_dim]."""
-    B, H, T, hd = x.shape
-    return x.transpose(1, 2).reshape(B, T, H * hd)
-
 
 def attention_dtype(device, dtype):
-    """The dtype scaled_dot_product_attention runs in: the model's own, except fp32 on a CPU, where only
-    AMX makes torch's bf16 kernel faster than its fp32 one."""
+    """The dtype the prefill's scaled_dot_product_attention runs in: the model's own, except fp32 on a CPU,
+    where only AMX makes torch's bf16 kernel faster than its fp32 one."""
     fast = torch.device(device).type != "cpu" or dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported()
     return dtype if fast else torch.float32
 
 
-def attention(q, k, v, causal=False, mask=None):
-    """Multi-head attention [B, heads, T, hd] -> [B, heads, T, hd], in attention_dtype, back in q's dtype.
-    mask, where given, says what each query may see and replaces `causal`."""
-    dtype = attention_dtype(q.device, q.dtype)
-    out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask,
-                                         is_causal=causal and mask is None)
-    return out.to(q.dtype)
-
-
-class Linear(nn.Linear):
-    """nn.Linear that multiplies with a copy of its weight packed for oneDNN while `packed` holds one (the
-    decoder's, during a generation on the CPU: see packed_weights)."""
-    packed = None
-
-    def forward(self, x):
-        if self.packed is None:
-            return super().forward(x)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Networks (2/4): conditioning encoder, a reference clip's mel spectrogram -> one voice latent
-#
-# A 1x1 convolution lifts the 80 mel bands to the decoder width, then a few GroupNorm + self-attention
-# blocks (from the guided-diffusion UNet) let every frame see the whole clip. The latent is simply the
-# first frame's output. The original fuses q, k, v in one 1x1 conv with the heads interleaved
-# ([heads, 3 * head_dim]); convert_weights.py reorders that into the [q; k; v] layout used here.
-# ---------------------------------------------------------------------------------------------------
-
-def groupnorm_groups(channels):
-    """The original's rule for GroupNorm groups: 32, fewer for narrow layers, always dividing channels."""
-    groups = 8 if channels <= 16 else 16 if channels <= 64 else 32
-    while channels % groups:
-        groups //= 2
-    return groups
-
-
-class ConditioningBlock(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.norm = nn.GroupNorm(groupnorm_groups(dim), dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.out = nn.Linear(dim, dim)
-
-    def forward(self, x):                                    # x: [C, frames, D]
-        h = self.norm(x.transpose(1, 2)).transpose(1, 2)     # GroupNorm wants channels first
-        q, k, v = split_heads(self.qkv(h), self.heads)
-        return x + self.out(merge_heads(attention(q, k, v)))
-
-
-class ConditioningEncoder(nn.Module):
-    def __init__(self, c: DecoderConfig):
-        super().__init__()
-        self.conv = nn.Conv1d(c.mel_channels, c.dim, kernel_size=1)
-        self.blocks = nn.ModuleList(ConditioningBlock(c.dim, c.heads) for _ in range(c.conditioning_blocks))
-
-    def forward(self, mels):                                 # mels: [C, 80, frames]
-        x = self.conv(mels).transpose(1, 2)                  # [C, frames, D]
-        for block in self.blocks:
-            x = block(x)
-        return x[:, 0]                                       # [C, D]: the first frame is the latent
-
-
-# ---------------------------------------------------------------------------------------------------
-# Networks (3/4): decoder, GPT-2 over [voice latent, text, speech tokens], with a pre-allocated KV cache
-#
-# Tortoise's "UnifiedVoice" is a stock GPT-2 whose own token and position tables are unused. Instead it
-# has two pairs of tables: text tokens + text positions, and speech tokens + speech positions. The
-# prompt for generation is
-#     [voice latent] + text_emb([255] + ids + [0, 0]) + text_pos(0, 1, ...) + [speech_emb(8192) + speech_pos(0)]
-# (two stop tokens: one padded by api.py, one by inference_speech). After the blocks come two LayerNorms
-# in a row (GPT-2's ln_f, then UnifiedVoice's final_norm) and the head over the 8194 speech tokens.
-#
-# The position quirk: at inference the original gives the k-th generated token speech position k + 1,
-# so position 1 is never used (training used 0, 1, 2, ...). The original's GPT2InferenceModel counts
-# the start token plus a fake prompt when it computes positions. Every published Tortoise sample was
-# made that way, and the weights expect it, so generation here does the same (speech_position below).
-# ---------------------------------------------------------------------------------------------------
-
-def speech_position(k):
-    """Speech position of the k-th generated token (k = 1, 2, ...); the start token sits at 0."""
-    return k + 1
-
-
 def cache_dtype(device, dtype, forced=None):
-    """The dtype of the decoder's KV cache and of a decode step's attention: `forced` (a dtype's name) where
-    given; else the model's own, but fp32 on a CPU for fp16, and for bf16 without AVX-512 BF16 (where bf16
-    matrix products are emulated, and slow)."""
+    """The dtype of the engine's KV caches and of a decode step's attention: `forced` (a dtype's name) where
+    given; else the model's own, but fp32 on a CPU for fp16, and for bf16 without AVX-512 BF16."""
     fast = torch.device(device).type != "cpu" or dtype == torch.bfloat16 and torch.cpu._is_avx512_bf16_supported()
     return getattr(torch, forced) if forced else dtype if fast else torch.float32
 
+
+# ---------------------------------------------------------------------------------------------------
+# The shared prompt, read once per text
+#
+# The lesson copies the prompt's keys and values into every row of a batch, and a step reads each copy.
+# Here they are stored once per text (PromptCache), and a step meets all the rows' queries with them in
+# one matrix product, then each row with its own steps in a batched one; the two parts' scores go through
+# one softmax, which is the exact merge that cascade (shared-prefix) attention makes with log-sum-exp in
+# FlashInfer and Hydragen. Saves: at L = 100 a bf16 step reads 99 MiB of cache instead of 178, and the
+# memory that holds it. Costs: the two products and the merge are more code than one attention call.
+# ---------------------------------------------------------------------------------------------------
 
 class PromptCache:
     """Keys and values of each text's prompt, once per text however many candidates decode it:
@@ -556,28 +1140,34 @@ class PromptCache:
     def attend(self, layer, q, k, v, start=0):
         """The prefill: q, k, v [texts, heads, positions, hd] of whole prompts -> [texts, heads, positions, hd]."""
         self.k[layer], self.v[layer] = k.transpose(0, 1), v.transpose(0, 1)
-        return attention(q, k, v, causal=True, mask=self.mask)
+        dtype = attention_dtype(q.device, q.dtype)
+        out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=self.mask,
+                                             is_causal=self.mask is None)
+        return out.to(q.dtype)
 
 
-class KVCache:
+# ---------------------------------------------------------------------------------------------------
+# Each row's own steps, in contiguous blocks
+#
+# torch's CPU kernels copy any operand that is not contiguous before they use it, and a slice of a cache
+# that grows along its positions never is. So a row's own keys and values are kept in blocks of BLOCK
+# steps, [layers, blocks, rows * heads, BLOCK, head_dim], as vLLM's paged attention keeps them: the blocks
+# filled so far are one contiguous slice, which a step reads as it lies, plus the unfilled rest of the
+# last block, which the mask hides. Saves: at L = 400 a bf16 step took 127-144 ms, against 166-184 ms
+# with a strided cache. Costs: up to 31 masked positions read per step, and in fp32 (where MKL does not
+# copy) about a tenth at 500 positions.
+# ---------------------------------------------------------------------------------------------------
+
+class StepCache:
     """What a batch of decoding rows attends to: their texts' prompts, read from a PromptCache, and each
-    row's own generated keys and values, in blocks of BLOCK steps: [layers, blocks, rows * heads, BLOCK,
-    head_dim], allocated once per batch.
-
-    Every candidate of a text has the same prompt, so a step reads it once per text, not once per row:
-    one matrix product meets all the rows' queries with the batch's prompts, and a batched one meets each
-    row with its own tokens, as cascade (shared-prefix) attention does in FlashInfer and Hydragen. The own
-    steps are kept in whole blocks, as vLLM's paged attention keeps them, because torch's CPU kernels copy
-    any operand that is not contiguous first, and the blocks filled so far are one contiguous slice: a step
-    reads its positions once, plus the unfilled rest of the last block, which the mask hides.
-    """
+    row's own keys and values in blocks, allocated once per batch."""
     BLOCK = 32
 
     def __init__(self, prompts: PromptCache, texts, steps):
         """texts [B], ascending: the text each row decodes; steps: at most how many tokens each row makes."""
         layers, heads, _, P, head_dim = prompts.k.shape
         first, last = int(texts[0]), int(texts[-1]) + 1
-        self.prompts, self.texts = prompts, slice(first, last)
+        self.prompts, self.texts, self.prompt_length = prompts, slice(first, last), P
         shape = (layers, -(-steps // self.BLOCK), len(texts) * heads, self.BLOCK, head_dim)
         self.k = prompts.k.new_empty(shape)
         self.v = prompts.k.new_empty(shape)
@@ -586,13 +1176,15 @@ class KVCache:
         self.hidden = ((texts[:, None] != owner) | ~prompts.visible[first:last].flatten())[:, None]
 
     def attend(self, layer, q, k, v, start):
-        """One new token per row: q, k, v [B, heads, 1, hd], whose k, v are stored at step `start` ->
-        attention [B, heads, 1, hd], computed in the cache's dtype (softmax in fp32), back in k's."""
-        (B, H, _, hd), dtype, block = q.shape, self.k.dtype, start // self.BLOCK
-        if start % self.BLOCK == 0:                          # a fresh block: zeros, not leftover NaNs, in its rest
+        """One new token per row at position `start`: q, k, v [B, heads, 1, hd] -> attention [B, heads, 1, hd],
+        computed in the cache's dtype (softmax in fp32), back in k's."""
+        (B, H, _, hd), dtype = q.shape, self.k.dtype
+        step = start - self.prompt_length                   # this token's place among the row's own steps
+        block = step // self.BLOCK
+        if step % self.BLOCK == 0:                           # a fresh block: zeros, not leftover NaNs, in its rest
             self.k[layer, block], self.v[layer, block] = 0, 0
-        self.k[layer, block, :, start % self.BLOCK] = k.reshape(B * H, hd)
-        self.v[layer, block, :, start % self.BLOCK] = v.reshape(B * H, hd)
+        self.k[layer, block, :, step % self.BLOCK] = k.reshape(B * H, hd)
+        self.v[layer, block, :, step % self.BLOCK] = v.reshape(B * H, hd)
         prompt_k, prompt_v = (t[layer, :, self.texts].flatten(1, 2) for t in (self.prompts.k, self.prompts.v))
         own_k, own_v = (t[layer, :block + 1].flatten(0, 1) for t in (self.k, self.v))   # [blocks * B * H, BLOCK, hd]
         q = q.to(dtype) * hd ** -0.5
@@ -600,8 +1192,7 @@ class KVCache:
         # keys @ query, not query @ keys^T, so that the keys too go in as they lie (not transposed).
         to_own = own_k @ q.reshape(1, B * H, hd, 1).expand(block + 1, -1, -1, -1).flatten(0, 1)
         to_own = to_own.view(block + 1, B, H, self.BLOCK).permute(1, 2, 0, 3).flatten(2)   # [B, H, steps so far]
-        to_own[..., start + 1:] = -math.inf                                   # the last block's unfilled rest
-        # One softmax over both parts' scores: the exact merge that cascade attention makes with log-sum-exp.
+        to_own[..., step + 1:] = -math.inf                                    # the last block's unfilled rest
         scores = torch.cat([to_prompts.transpose(0, 1).masked_fill(self.hidden, -math.inf), to_own], -1)
         w, n = scores.float().softmax(-1).to(dtype), prompt_k.shape[1]         # [B, H, n + blocks * BLOCK]
         from_prompts = (w[..., :n].transpose(0, 1) @ prompt_v).transpose(0, 1)   # [B, H, hd]
@@ -610,307 +1201,26 @@ class KVCache:
         return (from_prompts + from_own)[:, :, None].to(k.dtype)                 # [B, H, 1, hd]
 
 
-class DecoderBlock(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(dim)
-        self.qkv = Linear(dim, 3 * dim)
-        self.out = Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.fc = Linear(dim, 4 * dim)
-        self.proj = Linear(4 * dim, dim)
-
-    def forward(self, x, layer=None, cache=None, start=0):          # x: [B, T, D]
-        q, k, v = split_heads(self.qkv(self.norm1(x)), self.heads)
-        # No cache: every position at once, causal (teacher forcing). A cache stores k, v and attends as
-        # its part needs: the prompts' prefill (PromptCache) or one decode step (KVCache).
-        a = attention(q, k, v, causal=True) if cache is None else cache.attend(layer, q, k, v, start)
-        x = x + self.out(merge_heads(a))
-        return x + self.proj(F.gelu(self.fc(self.norm2(x)), approximate="tanh"))   # GPT-2's gelu_new
-
-
-class Decoder(nn.Module):
-    def __init__(self, c: DecoderConfig):
-        super().__init__()
-        self.config = c
-        self.text_embedding = nn.Embedding(c.text_vocab_size, c.dim)
-        self.text_positions = nn.Embedding(c.text_positions, c.dim)
-        self.speech_embedding = nn.Embedding(c.speech_vocab_size, c.dim)
-        self.speech_positions = nn.Embedding(c.speech_positions, c.dim)
-        self.blocks = nn.ModuleList(DecoderBlock(c.dim, c.heads) for _ in range(c.layers))
-        self.norm = nn.LayerNorm(c.dim)
-        self.final_norm = nn.LayerNorm(c.dim)
-        self.head = Linear(c.dim, c.speech_vocab_size)
-
-    def prompt_length(self, text_len):
-        return 1 + (text_len + 3) + 1                         # latent, [start] + ids + [stop, stop], start
-
-    def prompt(self, latent, text_ids):
-        """latent [B, D], raw text ids [B, T] -> the prompt embeddings [B, prompt_length(T), D]."""
-        c = self.config
-        text = F.pad(F.pad(text_ids, (1, 0), value=c.text_start_token), (0, 2), value=c.text_stop_token)
-        text = self.text_embedding(text) + self.text_positions.weight[:text.shape[1]]
-        start = self.embed_speech(torch.tensor([c.start_token], device=text.device), 0)
-        B = text.shape[0]
-        return torch.cat([latent[:, None], text, start.expand(B, 1, -1)], dim=1)
-
-    def embed_speech(self, tokens, position):
-        """Speech tokens [...] at one speech position -> [..., D]."""
-        return self.speech_embedding(tokens) + self.speech_positions.weight[position]
-
-    def forward(self, x, cache=None, start=0):              # x: [B, T, D] embeddings -> hidden [B, T, D]
-        for i, block in enumerate(self.blocks):
-            x = block(x, i, cache, start)
-        return x
-
-    def logits(self, h):                                     # [B, T, D] -> [B, T, 8194]
-        return self.head(self.final_norm(self.norm(h)))
-
-
 # ---------------------------------------------------------------------------------------------------
-# Networks (4/4): CLVP encoders, token ids -> one feature vector
+# Weights packed once for oneDNN
 #
-# The text and the speech encoder are the same network with different vocabularies: an x-transformers
-# Encoder with pre-RMSNorm, rotary position embeddings and a GLU feed-forward, then a LayerNorm, the mean
-# over all positions (no padding mask: padding changes the score, which is why generation pads the way
-# Tortoise did) and a projection into the shared 768-wide space.
-#
-# Quirk: the x-transformers version Tortoise used rotates v as well as q and k, over the first 32 dims
-# of each head only. RMSNorm follows the Hugging Face port (x * rsqrt(mean(x^2) + 1e-5)); x-transformers
-# divides by max(rms, 1e-8) instead, which the parity tests against the original do not see (< 1e-5).
+# torch's CPU Linear lays a bf16 weight out anew on every call, and runs fp32 through MKL; at a decode
+# step's few rows both are slow. During a generation, on a CPU, each of the decoder's Linears is swapped
+# for a PackedLinear, which multiplies with a copy of its weight packed once. Saves: at 16 rows the
+# step's Linears over 30 layers take 41-50 ms instead of 106 in bf16, 89 ms instead of 247 in fp32.
+# Costs: the copies, the weights' size in memory (the memory check counts them), and 0.5-0.7 s to make.
 # ---------------------------------------------------------------------------------------------------
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps=1e-5):
+class PackedLinear(nn.Module):
+    """An nn.Linear's forward, with its weight packed for oneDNN for `rows` rows at a time."""
+
+    def __init__(self, linear, rows):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = linear.bias
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight, rows)
 
     def forward(self, x):
-        x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
-
-def rotary_tables(length, rotary_dim, device):
-    """cos and sin tables [length, rotary_dim] for positions 0..length-1 (RoFormer, base 10000)."""
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim)
-    angles = torch.outer(torch.arange(length, device=device).float(), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rotary(x, cos, sin):
-    """Rotate the first rotary_dim dims of x [B, heads, T, hd] by position; the rest pass through."""
-    d = cos.shape[-1]
-    rot, rest = x[..., :d], x[..., d:]
-    half1, half2 = rot.chunk(2, dim=-1)
-    rot = rot * cos + torch.cat([-half2, half1], dim=-1) * sin
-    return torch.cat([rot, rest], dim=-1)
-
-
-class EncoderBlock(nn.Module):
-    def __init__(self, c: EncoderConfig):
-        super().__init__()
-        self.heads = c.heads
-        self.norm1 = RMSNorm(c.dim)
-        self.qkv = nn.Linear(c.dim, 3 * c.dim, bias=False)
-        self.out = nn.Linear(c.dim, c.dim)
-        self.norm2 = RMSNorm(c.dim)
-        self.ff_in = nn.Linear(c.dim, 2 * c.ff_dim)
-        self.ff_out = nn.Linear(c.ff_dim, c.dim)
-
-    def forward(self, x, cos, sin):                          # x: [B, T, D]
-        q, k, v = (apply_rotary(t, cos, sin) for t in split_heads(self.qkv(self.norm1(x)), self.heads))
-        x = x + self.out(merge_heads(attention(q, k, v)))
-        h, gate = self.ff_in(self.norm2(x)).chunk(2, dim=-1)
-        return x + self.ff_out(h * F.gelu(gate))
-
-
-class Encoder(nn.Module):
-    def __init__(self, c: EncoderConfig):
-        super().__init__()
-        self.config = c
-        self.embedding = nn.Embedding(c.vocab_size, c.dim)
-        self.blocks = nn.ModuleList(EncoderBlock(c) for _ in range(c.layers))
-        self.norm = nn.LayerNorm(c.dim)
-        self.projection = nn.Linear(c.dim, c.projection_dim, bias=False)
-
-    def forward(self, ids):                                  # ids: [B, T] -> features [B, projection_dim]
-        x = self.embedding(ids)
-        cos, sin = rotary_tables(ids.shape[1], self.config.rotary_dim, ids.device)
-        for block in self.blocks:
-            x = block(x, cos.to(x.dtype), sin.to(x.dtype))
-        return self.projection(self.norm(x).mean(dim=1))
-
-
-# ---------------------------------------------------------------------------------------------------
-# The CLVP model: its four networks (conditioning encoder, decoder, text and speech encoders) and what a
-# user asks of them
-#
-# Code that imports clvp is a boundary too: each public method checks its arguments in its first line
-# (Part II), so ids outside a vocabulary or mels of the wrong shape are a ValueError that names the
-# argument and the allowed range, not an IndexError from deep inside torch.
-# ---------------------------------------------------------------------------------------------------
-
-class CLVP(nn.Module):
-    def __init__(self, config: Config = None):
-        super().__init__()
-        self.config = config = config or Config()
-        self.conditioning = ConditioningEncoder(config.decoder)
-        self.decoder = Decoder(config.decoder)
-        self.text_encoder = Encoder(config.text)
-        self.speech_encoder = Encoder(config.speech)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))   # learned, used as exp()
-        self.tokenizer = None
-        # [80] per-band divisors of the log-mel; a buffer, so .to() moves it, but not a weight to save.
-        self.register_buffer("mel_norms", None, persistent=False)
-
-    def conditioning_latent(self, mels):
-        """mels [C, 80, frames], one reference clip per row -> latents [C, D]."""
-        return self.conditioning(checked_mels(mels, self))
-
-    def voice_latent(self, mels):
-        """Several clips of one voice, mels [C, 80, frames] -> one latent [D]: Tortoise averages them."""
-        return self.conditioning_latent(mels).mean(dim=0)
-
-    def speech_logits(self, mels, text_ids, speech_ids):
-        """Teacher-forced next-token logits, using the inference positions.
-
-        mels: one voice, [C, 80, frames]; text_ids: raw tokenizer ids [B, T] or [1, T]; speech_ids: [B, S]
-        tokens after the start token. Returns [B, S + 1, 8194]: row s predicts token s + 1 (row 0 is what
-        the prompt predicts).
-        """
-        text_ids, speech_ids = checked_teacher_forcing(self, text_ids, speech_ids)
-        B, S = speech_ids.shape
-        prompt = self.decoder.prompt(self.voice_latent(mels).expand(B, -1), text_ids.expand(B, -1))
-        positions = speech_position(torch.arange(1, S + 1, device=speech_ids.device))
-        speech = self.decoder.speech_embedding(speech_ids) + self.decoder.speech_positions(positions)
-        h = self.decoder(torch.cat([prompt, speech], dim=1))
-        return self.decoder.logits(h[:, prompt.shape[1] - 1:])
-
-    def text_features(self, text_ids):
-        """Raw text ids [B, T] -> [B, 768], projected, not normalized. Like Tortoise's reranking, the
-        encoder sees the ids followed by one stop token. T is at most what the decoder reads (404)."""
-        text_ids = checked_ids(text_ids, "text_ids", self.config.text.vocab_size, self.logit_scale.device,
-                               self.config.decoder.text_positions)
-        return self.text_encoder(F.pad(text_ids, (0, 1), value=self.config.decoder.text_stop_token))
-
-    def speech_features(self, speech_ids):
-        """Speech tokens [B, S] (already fixed, see fix_candidates) -> [B, 768], not normalized. S is at most
-        what the decoder makes (608)."""
-        return self.speech_encoder(checked_ids(speech_ids, "speech_ids", self.config.speech.vocab_size,
-                                               self.logit_scale.device, self.config.decoder.speech_positions))
-
-    def similarity(self, text_ids, speech_ids):
-        """Scaled cosine similarity [B_text, B_speech]: the CLVP score."""
-        return self.score(self.text_features(text_ids), self.speech_features(speech_ids))
-
-    def score(self, text_features, speech_features):
-        """Features [B_text, 768] and [B_speech, 768] -> exp(logit_scale) * cosine, [B_text, B_speech]."""
-        t, s = F.normalize(text_features, dim=-1), F.normalize(speech_features, dim=-1)
-        return self.logit_scale.exp() * t @ s.T
-
-    def generate(self, text_ids, mels, options=None, progress=None, **overrides):
-        """Sample candidates and rank them (generate_and_rank, in the generation section). text_ids: raw ids
-        [T] or [1, T] of one text -> a Generation; or a list of them (say, the sentences of a chapter, decoded
-        together in batches of options.batch_size rows) -> a list of Generations, one per text. options: a
-        DecodingOptions, whose fields keywords override: generate(ids, mels, num_candidates=4, seed=0).
-        A request that does not fit in memory is refused."""
-        ids, mels, options = checked_generate_args(self, text_ids, mels, options, overrides)   # ids: a list
-        generations = generate_and_rank(self, ids, mels, options, progress)
-        # Tensors made in inference mode cannot enter autograd later; hand back ordinary copies.
-        generations = [Generation(**{name: t.clone() for name, t in vars(g).items()}) for g in generations]
-        return generations if isinstance(text_ids, (list, tuple)) else generations[0]
-
-    def contrastive_loss(self, text_ids, speech_ids):
-        """CLIP's symmetric cross-entropy over a batch of matching (text, speech) rows."""
-        sim = self.similarity(text_ids, speech_ids)
-        labels = torch.arange(sim.shape[0], device=sim.device)
-        return (F.cross_entropy(sim, labels) + F.cross_entropy(sim.T, labels)) / 2
-
-
-# ---------------------------------------------------------------------------------------------------
-# Generation and reranking: sample N candidates, score them with CLVP, keep the best
-#
-# 1. prefill: a prompt (voice latent, text, start token) is the same for every candidate of its text, so
-#    it runs once, and its keys/values are stored once (PromptCache), however many rows decode the text.
-#    Several texts (sentences of a --text-file) prefill and decode together: their prompts are
-#    left-padded to the longest and masked, so all rows step through the same positions together.
-# 2. decode_step: a batch of candidates advances one token through the cache: tokens in, logits out.
-#    Each row attends to its text's prompt and to its own tokens (KVCache.attend).
-#    next_tokens turns logits into tokens with the same processors, in the same order, as
-#    transformers' generate: repetition penalty, temperature, top-p, typical. A candidate that emits
-#    the stop token keeps emitting it; the loop ends early when every candidate has stopped.
-# 3. fix_candidates, then rerank: each candidate is cleaned up as Tortoise's fix_autoregressive_output
-#    does, then scored by CLVP against the text.
-#
-# The repetition penalty covers the start token and the tokens generated so far, as in the Hugging
-# Face port. The original Tortoise prompt also held a run of fake token-1 entries, so it penalized
-# speech token 1 as well; see the README.
-# ---------------------------------------------------------------------------------------------------
-
-FIX_STOP_CODE, FIX_TAIL = 83, (45, 45, 248)    # Tortoise's codes for "silence" and a clean ending
-
-
-@dataclass
-class DecodingOptions:
-    """How to sample and rank. The defaults are Tortoise's; temperature 0 is greedy."""
-    num_candidates: int = 16
-    batch_size: int = 16               # candidates decoded together (one KV cache row each)
-    max_new_tokens: int = 500
-    temperature: float = 0.8
-    top_p: float = 0.8
-    repetition_penalty: float = 2.0
-    typical_mass: float | None = None  # typical sampling, off unless set
-    top_k: int = 1                     # how many ranked candidates to keep (not a sampling filter, as
-                                       # top_k is in nanoGPT and gpt-fast: sampling uses top_p)
-    seed: int | None = None
-    pad_to_max: bool = True            # stop-pad candidates to max_new_tokens before scoring (Tortoise)
-    cache_dtype: str | None = None     # "float32", "bfloat16", "float16"; None: cache_dtype's rule
-
-    def rows(self, texts=1):
-        """How many rows decode together for `texts` texts: one batch, or all their candidates if fewer."""
-        return min(self.batch_size, self.num_candidates * texts)
-
-
-@dataclass
-class Generation:
-    candidates: torch.Tensor   # [N, T] fixed speech tokens, exactly as CLVP scored them
-    lengths: torch.Tensor      # [N] tokens before each candidate's stop token
-    scores: torch.Tensor       # [N] CLVP score of each candidate against the text
-    order: torch.Tensor        # [N] candidate indices, best first
-    best: torch.Tensor         # [top_k, T] the top candidates, best first
-
-
-def prefill(decoder, prompts, cache):
-    """Every text's prompt [texts, P, D] through every block once, into the PromptCache -> logits
-    [texts, vocab] for each text's first generated token."""
-    return decoder.logits(decoder(prompts, cache)[:, -1])
-
-
-def decode_step(decoder, tokens, k, cache):
-    """The k-th generated tokens [B] (k = 1, 2, ...) -> logits [B, vocab] for the next ones. Their keys and
-    values go into the KVCache at step k - 1; attention reads the prompts and steps 0..k - 1."""
-    x = decoder.embed_speech(tokens[:, None], speech_position(k))           # [B, 1, D]
-    return decoder.logits(decoder(x, cache, k - 1)[:, -1])                   # [B, vocab]
-
-
-@contextlib.contextmanager
-def packed_weights(decoder, rows):
-    """While it lasts, on a CPU, every decoder Linear multiplies with a copy of its weight packed once for
-    oneDNN. torch's CPU Linear lays a bf16 weight out anew on every call and runs fp32 through MKL; at a
-    decode step's few rows both are slower (2.6x in bf16 and 2.8x in fp32 on an AMD EPYC, bench.py). The
-    copies cost the weights' size in memory until the generation ends."""
-    linears = [m for m in decoder.modules() if isinstance(m, Linear)]
-    if can_pack(decoder.head.weight):
-        for m in linears:
-            m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight, rows)
-    try:
-        yield
-    finally:
-        for m in linears:
-            m.packed = None
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
 def can_pack(weight):
@@ -920,103 +1230,34 @@ def can_pack(weight):
                  and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
 
-def repetition_penalty(logits, seen, penalty):
-    """Make every token already seen less likely: positive logits / penalty, negative * penalty."""
-    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+@contextlib.contextmanager
+def packed_weights(decoder, rows):
+    """While it lasts, where can_pack, the decoder's nn.Linears are PackedLinears; they come back after."""
+    parents = [decoder, *decoder.blocks] if can_pack(decoder.head.weight) else []
+    linears = [(p, name, m) for p in parents for name, m in p.named_children() if isinstance(m, nn.Linear)]
+    for parent, name, linear in linears:
+        setattr(parent, name, PackedLinear(linear, rows))
+    try:
+        yield
+    finally:
+        for parent, name, linear in linears:
+            setattr(parent, name, linear)
 
 
-def top_p_filter(logits, top_p):
-    """Nucleus: keep the most likely tokens whose probabilities add up to top_p (at least one)."""
-    sorted_logits, order = logits.sort(dim=-1)                            # ascending
-    remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
-    remove[:, -1] = False
-    return logits.masked_fill(remove.scatter(1, order, remove), -math.inf)
-
-
-def typical_filter(logits, mass):
-    """Typical sampling: keep the tokens whose surprise is closest to the entropy, up to `mass`."""
-    logp = logits.log_softmax(dim=-1)
-    entropy = -(logp * logp.exp()).nansum(dim=-1, keepdim=True)
-    distance, order = (-logp - entropy).abs().sort(dim=-1)
-    cumulative = logits.gather(1, order).softmax(dim=-1).cumsum(dim=-1)
-    last = (cumulative < mass).sum(dim=1).clamp(max=logits.shape[-1] - 1)
-    remove = distance > distance.gather(1, last[:, None])
-    remove[:, 0] = False
-    return logits.masked_fill(remove.scatter(1, order, remove), -math.inf)
-
-
-def next_tokens(logits, seen, options, generator):
-    """[B, vocab] logits -> [B] tokens, in fp32 whatever the model's dtype (the penalty applies even when greedy)."""
-    logits = repetition_penalty(logits.float(), seen, options.repetition_penalty)
-    if options.temperature == 0:
-        return logits.argmax(dim=-1)
-    # Moving the best logit to 0 changes no probability, but keeps any finite penalty and temperature finite.
-    logits.clamp_(max=torch.finfo(logits.dtype).max)          # in place: logits is the penalty's own copy
-    logits.sub_(logits.max(dim=-1, keepdim=True).values).div_(options.temperature)
-    if options.top_p < 1:
-        logits = top_p_filter(logits, options.top_p)
-    if options.typical_mass is not None:
-        logits = typical_filter(logits, options.typical_mass)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
-
-
-def decode_batch(decoder, cache, logits, options, generator, progress=None):
-    """Advance B candidates from the prompt's logits [B, vocab] until all stop -> tokens [B, steps],
-    stop-padded."""
-    c, steps = decoder.config, options.max_new_tokens
-    B, device = logits.shape[0], logits.device
-    tokens = torch.full((B, steps), c.stop_token, dtype=torch.long, device=device)
-    seen = torch.zeros(B, c.speech_vocab_size, dtype=torch.bool, device=device)
-    seen[:, c.start_token] = True
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    for k in range(steps):
-        require([(all_finite(logits), OVERFLOW)])                            # inf or NaN: no token can be drawn
-        logits[:, c.start_token] = -math.inf                              # never start again
-        token = next_tokens(logits, seen, options, generator).masked_fill(done, c.stop_token)
-        tokens[:, k] = token
-        seen.scatter_(1, token[:, None], True)
-        done |= token == c.stop_token
-        if progress:
-            progress.decode(k, B, int((~done).sum()))
-        if done.all() or k == steps - 1:
-            break
-        logits = decode_step(decoder, token, k + 1, cache)
-    return tokens[:, :k + 1]
-
-
-def fix_candidates(tokens, stop_token, pad_to=None):
-    """Tortoise's fix_autoregressive_output on [N, T]: from the first stop token on, codes become 83 and
-    the last three 45, 45, 248; a candidate that never stopped is left alone. With pad_to, candidates are
-    first stop-padded to that length, as Tortoise's api.py does: that changes which codes the 45, 45, 248
-    tail overwrites (it lands at the end of the padded length), not which candidates are fixed."""
-    if pad_to is not None:
-        tokens = F.pad(tokens, (0, pad_to - tokens.shape[1]), value=stop_token)
-    N, T = tokens.shape
-    is_stop = tokens == stop_token
-    stopped = is_stop.any(dim=1)
-    first = torch.where(stopped, is_stop.int().argmax(dim=1), T)
-    fixed = tokens.masked_fill(torch.arange(T, device=tokens.device) >= first[:, None], FIX_STOP_CODE)
-    tail = torch.tensor(FIX_TAIL[-min(3, T):], device=tokens.device)
-    fixed[stopped, -len(tail):] = tail
-    return fixed, first
-
-
-def trim(tokens, stop_token):
-    """[N, T] -> up to the first step at which every candidate had stopped: the same length whichever
-    batches the candidates were decoded in (a batch stops when its own last candidate stops)."""
-    everyone = (tokens == stop_token).all(dim=0)
-    return tokens[:, :int(everyone.int().argmax()) + 1] if everyone.any() else tokens
-
+# ---------------------------------------------------------------------------------------------------
+# Several texts decoded together
+#
+# The sentences of a --text-file (or a list given to generate) fill a batch together: their prompts are
+# left-padded to the longest and masked (PromptCache), every row steps through the same positions, and a
+# row reads only its own text's prompt (StepCache.hidden). Saves: at 16 candidates a sentence, rows that
+# one text alone would leave empty; eight sentences took 110.9 s four to a batch against 181.0 s one at a
+# time (fp32, before the shared prompt and the packing). Costs: the padding of the shorter prompts.
+# ---------------------------------------------------------------------------------------------------
 
 @torch.inference_mode()
-def generate_and_rank(model, text_ids, mels, options, progress=None):
-    """Sample options.num_candidates speech-token sequences for each text, in one voice, and rank each
-    text's own candidates by CLVP -> [Generation], one per text.
-
-    text_ids: raw tokenizer ids, one [T] tensor per text; mels: [C, 80, frames], one row per reference clip.
-    Rows of all texts, text by text, decode together in batches of up to options.batch_size rows.
-    progress: None, or an object with decode(step, batch_size, running) and rerank(done, total).
-    """
+def generate_together(model, text_ids, mels, options, progress=None):
+    """generate_and_rank for a list of texts' raw ids [T_i], in one voice -> [Generation], one per text.
+    Rows of all texts, text by text, decode together in batches of up to options.batch_size rows."""
     dec, c, o = model.decoder, model.config.decoder, options
     N, device = o.num_candidates, mels.device
     latent = model.voice_latent(mels)[None]                                  # [1, D]
@@ -1032,60 +1273,15 @@ def generate_and_rank(model, text_ids, mels, options, progress=None):
         first_logits = prefill(dec, torch.stack([F.pad(p, (0, 0, P - len(p), 0)) for p in prompts]), shared)
         for first in range(0, len(rows), o.batch_size):                     # one batch's cache at a time
             batch = rows[first:first + o.batch_size]
-            batches.append(decode_batch(dec, KVCache(shared, batch, o.max_new_tokens), first_logits[batch], o,
-                                        generator, progress))
-    longest = max(b.shape[1] for b in batches)
-    tokens = torch.cat([F.pad(b, (0, longest - b.shape[1]), value=c.stop_token) for b in batches])
+            batches.append(decode(dec, StepCache(shared, batch, o.max_new_tokens), P, first_logits[batch], o,
+                                  generator, progress))
+    tokens = join(batches, c.stop_token)
     return [rank(model, ids, trim(tokens[i * N:(i + 1) * N], c.stop_token), o, progress)
             for i, ids in enumerate(text_ids)]
 
 
-def rank(model, text_ids, tokens, options, progress=None):
-    """One text's raw ids [T] and its candidates [N, steps] -> fixed, scored by CLVP and ranked: a Generation."""
-    o = options
-    candidates, lengths = fix_candidates(tokens, model.config.decoder.stop_token,
-                                         o.max_new_tokens if o.pad_to_max else None)
-    text_features = model.text_features(text_ids[None])                     # once, for every batch
-    scores = []
-    for i in range(0, len(candidates), o.batch_size):
-        scores.append(model.score(text_features, model.speech_features(candidates[i:i + o.batch_size]))[0])
-        if progress:
-            progress.rerank(i + len(scores[-1]), len(candidates))
-    scores = torch.cat(scores)
-    require([(all_finite(scores), OVERFLOW)])
-    order = scores.argsort(descending=True)
-    return Generation(candidates, lengths, scores, order, candidates[order[:o.top_k]])
-
-
-# ---------------------------------------------------------------------------------------------------
-# Loading: one file holds config, weights, tokenizer and mel norms
-#
-# convert_weights.py writes it from official checkpoints (save_checkpoint, in Part II). It is a
-# safetensors file: raw tensors and a JSON header, read by a few lines of Part II, so a checkpoint can
-# never run code; the header is checked whole before a tensor is read, and the numbers before the model
-# is built.
-# ---------------------------------------------------------------------------------------------------
-
-FORMAT_VERSION = 2                                   # 1 was a torch.save pickle
-
-
-def default_checkpoint():
-    """$CLVP_CACHE/clvp.pt or ~/.cache/clvp/clvp.pt: where convert_weights.py --download writes it."""
-    return os.path.join(os.environ.get("CLVP_CACHE") or os.path.expanduser("~/.cache/clvp"), "clvp.pt")
-
-
-def load_model(path, device=None):
-    """Read a converted checkpoint -> CLVP in eval mode, fp32, on `device` (CUDA when present)."""
-    device, (config, weights, tokenizer, mel_norms) = resolve_device(device), read_checkpoint(path)
-    with torch.device("meta"):                               # no memory, no random init: weights come next
-        model = CLVP(config)
-    model.load_state_dict(weights, assign=True)
-    model.tokenizer, model.mel_norms = tokenizer, mel_norms
-    return model.to(device=device, dtype=torch.float32).eval()
-
-
 # ===================================================================================================
-# Part II: the boundaries. Everything a user hands in (command-line values, files, checkpoints, the
+# Part III: the boundaries. Everything a user hands in (command-line values, files, checkpoints, the
 # arguments of the public functions) is checked here, completely, before any work and before any
 # allocation whose size it sets; and every file is written whole or not at all. Part I calls into this
 # part in one line where input enters; the networks assume valid tensors and check nothing.
@@ -1170,7 +1366,6 @@ MAX_TEXT_BYTES = 2**20               # --text-file: a book chapter; more is a mi
 MAX_JSON_BYTES = 16 * 2**20          # a config or tokenizer file; Tortoise's tokenizer.json is 6 KiB
 RATES = (1000, 384000)               # Hz a real recording uses; a header outside them is lying
 MAX_CHANNELS = 64
-MARGIN = 0.1                         # s of audio read past what is used: many times the resampler's reach
 SILENCE_PEAK = 1e-4                  # about -80 dBFS, a few 16-bit steps: treat as silence
 
 
@@ -1309,9 +1504,13 @@ def read_tokenizer_json(path):
     return model['vocab'], merges
 
 
-def read_audio(path, sampling_rate, seconds):
-    """load_audio's reader: -> (mono float32 samples [n], the file's rate). Only the first `seconds` (plus
-    MARGIN for the resampler) are read, block by block, so memory follows what is read, never the header."""
+@contextlib.contextmanager
+def open_audio(path, sampling_rate, seconds):
+    """load_audio's soundfile.SoundFile(path), checked first: the arguments, the file (open_input: a regular
+    file, read through the descriptor that was checked), a header within RATES and MAX_CHANNELS, and a read
+    that fits in memory (a header can claim any length; with `seconds`, only those are read). A file that
+    soundfile cannot decode, here or while load_audio reads it, is an AudioError naming it, and
+    libsndfile's own notes stay off stderr."""
     require([(isinstance(sampling_rate, int) and RATES[0] <= sampling_rate <= RATES[1],
               f"sampling_rate must be an integer in {RATES[0]}..{RATES[1]} Hz, not {sampling_rate!r}"),
              (seconds is None or isinstance(seconds, (int, float)) and 0 < seconds < 2**31 / RATES[1],
@@ -1322,29 +1521,24 @@ def read_audio(path, sampling_rate, seconds):
             require([(RATES[0] <= sr <= RATES[1] and 1 <= channels <= MAX_CHANNELS,
                       f"{path}: {sr} Hz with {channels} channel(s); clvp.py reads {RATES[0]}..{RATES[1]} Hz with "
                       f"1..{MAX_CHANNELS} channels")], AudioError)
-            left = math.ceil((seconds + MARGIN) * sr) if seconds is not None else math.inf
-            blocks = []
-            while left > 0:              # about 1M samples at a time, each block averaged to mono at once
-                block = f.read(int(min(left, 2**20 // channels)), dtype="float32", always_2d=True)
-                if not len(block):
-                    break
-                blocks.append(block.mean(axis=1))    # average every channel (stereo, 5.1, ...) to mono
-                left -= len(block)
+            frames = f.frames if seconds is None else min(f.frames, math.ceil((seconds + MARGIN) * sr))
+            free, need = free_memory(torch.device("cpu")), 8 * frames * channels   # float32 samples, and a mean
+            require([(free is None or need <= free / 2, f"{path}: its header claims {need / 2**30:.1f} GiB of "
+                      f"samples, more than half the {(free or 0) / 2**30:.1f} GiB free")], AudioError)
+            yield f
     except (soundfile.SoundFileError, RuntimeError) as e:
         raise AudioError(f"{path}: not a readable audio file ({first_line(getattr(e, 'error_string', e))})") from None
-    require([(blocks, f"{path}: audio file is empty (0 samples)")], AudioError)
-    wav = np.concatenate(blocks)
-    require([(np.isfinite(wav).all(), f"{path}: audio contains NaN or Inf samples")], AudioError)
-    return wav, sr
 
 
 def check_clip(path, wav, sampling_rate):
-    """A clip as load_audio returns it: long enough for the STFT; a silent one is worth a warning -> wav."""
-    require([(len(wav) >= MIN_SAMPLES, f"{path}: too short (only {len(wav)} samples at {sampling_rate} Hz; need at "
+    """load_audio's samples [n] before they are clipped to [-1, 1]: some, all finite, enough for the STFT; a
+    silent clip is worth a warning."""
+    require([(len(wav), f"{path}: audio file is empty (0 samples)"),
+             (np.isfinite(wav).all(), f"{path}: audio contains NaN or Inf samples"),
+             (len(wav) >= MIN_SAMPLES, f"{path}: too short (only {len(wav)} samples at {sampling_rate} Hz; need at "
               f"least {MIN_SAMPLES})")], AudioError)
-    if wav.abs().max() < SILENCE_PEAK:
+    if np.abs(wav).max() < SILENCE_PEAK:
         warnings.warn(f"{path}: audio is silent; conditioning on silence is meaningless")
-    return wav
 
 
 def check_wav(wav, mel_norms):
@@ -1406,7 +1600,30 @@ OVERFLOW = ("the model's numbers overflowed (inf or NaN): its weights are too la
 FP32_POSITIVE = "a finite positive number that float32 holds (1e-45..3e38)"
 
 
+def check_text(model, text):
+    """encode_text's sentence: a string, not empty, that clean_text can read, of at most the tokens the decoder
+    reads. The length is bounded from the cleaned text before the BPE runs, so a huge 'word' is refused at once."""
+    require([(isinstance(text, str), f"a text must be a string, not {describe(text)}")])
+    require([(text.strip(), "the text is empty")])
+    try:
+        cleaned = clean_text(text)
+    except ValueError as e:                                  # a number of over 36 digits, or '$,5'
+        raise UsageError(f"cannot read the text {text[:40]!r}: {first_line(e)}") from None
+    require([(cleaned.strip(), f"the text {text[:40]!r} is empty after cleaning")])
+    limit = model.config.decoder.text_positions - 3           # room for the text start and two stops
+    fewest = math.ceil(len(cleaned) / max(map(len, model.tokenizer.vocab)))   # a token spans this many at most
+    ids = model.tokenizer.encode(text) if fewest <= limit else []
+    require([(fewest <= limit and len(ids) <= limit, f"the text is {len(ids) or f'at least {fewest}'} tokens long; "
+              f"the model reads at most {limit} (split it into sentences, one per line, with --text-file)")])
+
+
+def check_overflow(t):
+    """A step's logits or a text's scores: inf or NaN there means the weights overflowed the dtype."""
+    require([(all_finite(t), OVERFLOW)])
+
+
 CACHE_DTYPES = (None, "float32", "bfloat16", "float16")
+ENGINES = ("fast", "lesson")
 
 
 def decoding_problems(o, config):
@@ -1427,10 +1644,13 @@ def decoding_problems(o, config):
              ("repetition_penalty", number(o.repetition_penalty) and o.repetition_penalty > 0, FP32_POSITIVE),
              ("typical_mass", o.typical_mass is None or number(o.typical_mass, 0.0, 1.0) and o.typical_mass > 0,
               "None (off) or in (0, 1]"),
-             ("top_k", integer(o.top_k, 1, MAX_SIZE), f"an integer in 1..{MAX_SIZE}"),
+             ("keep", integer(o.keep, 1, MAX_SIZE), f"an integer in 1..{MAX_SIZE}"),
              ("seed", o.seed is None or integer(o.seed, 0, 2**64 - 1), "None or an integer in 0..2**64-1"),
              ("pad_to_max", isinstance(o.pad_to_max, bool), "True or False"),
-             ("cache_dtype", o.cache_dtype in CACHE_DTYPES, f"None or one of {', '.join(CACHE_DTYPES[1:])}")]
+             ("engine", o.engine in ENGINES, f"one of {', '.join(ENGINES)}"),
+             ("cache_dtype", o.cache_dtype in CACHE_DTYPES, f"None or one of {', '.join(CACHE_DTYPES[1:])}"),
+             ("cache_dtype", o.cache_dtype not in CACHE_DTYPES[1:] or o.engine != "lesson",
+              "unset with the lesson's engine (its cache is in the model's dtype)")]
     return [(name, f"must be {allowed}, not {getattr(o, name)!r}") for name, ok, allowed in rules if not ok]
 
 
@@ -1441,13 +1661,15 @@ def check_options(options, config, name=lambda field: field):
 
 
 def checked_generate_args(model, text_ids, mels, options, overrides):
-    """CLVP.generate's arguments -> (raw ids [T] of each text, mels, options), or an InputError; a request
-    that does not fit in memory is refused before anything is allocated."""
+    """generate's arguments -> (raw ids [T] of each text, mels, options), or an InputError; a request that
+    does not fit in memory is refused before anything is allocated. top_k, keep's old name, is still taken."""
+    said = {"keep": "top_k"} if "top_k" in overrides else {}          # name keep as the caller did
+    overrides = {"keep" if name == "top_k" else name: value for name, value in overrides.items()}
     names = {f.name for f in fields(DecodingOptions)}
     require([(options is None or isinstance(options, DecodingOptions), f"options must be a DecodingOptions, not "
               f"{describe(options)}"), (set(overrides) <= names, f"unknown options {sorted(set(overrides) - names)}")])
     options = replace(options or DecodingOptions(), **overrides)
-    check_options(options, model.config)
+    check_options(options, model.config, lambda field: said.get(field, field))
     several = isinstance(text_ids, (list, tuple))
     require([(not several or text_ids and all(isinstance(t, torch.Tensor) for t in text_ids),
               f"text_ids must be integer ids [T] or [1, T], or a non-empty list of them, not {text_ids!r:.60}")])
@@ -1484,18 +1706,20 @@ def cache_bytes(c: DecoderConfig, rows, texts, prompt, steps, dtype):
 
 
 def check_memory(model, text_len, options, texts=1):
-    """Refuse, before allocating anything, a generation that will not fit: the KV caches (each text's
-    prompt, and one batch's own steps), the packed copy of the decoder's weights, plus the candidates'
-    tokens, which live in several copies (batches, joined, padded, fixed, returned). text_len: the
-    longest text's."""
-    c, o = model.config.decoder, options
-    rows, prompt = o.rows(texts), model.decoder.prompt_length(text_len)
-    dtype = cache_dtype(model.logit_scale.device, model.logit_scale.dtype, o.cache_dtype)
-    cache = cache_bytes(c, rows, texts, prompt, o.max_new_tokens, dtype)
-    packed = sum(m.weight.nbytes for m in model.decoder.modules() if isinstance(m, Linear)) * can_pack(
-        model.decoder.head.weight)
+    """Refuse, before allocating anything, a generation that will not fit: the KV caches, the packed copy of
+    the decoder's weights (the engine's), plus the candidates' tokens, which live in several copies (batches,
+    joined, padded, fixed, returned). text_len: the longest text's; texts: how many decode together."""
+    c, o, device = model.config.decoder, options, model.logit_scale.device
+    rows, prompt = o.rows(1 if o.engine == "lesson" else texts), model.decoder.prompt_length(text_len)
+    if o.engine == "lesson":        # one text at a time: its prompt's row, and a batch of rows that copy it
+        cache, packed = cache_bytes(c, rows + 1, 0, 0, prompt + o.max_new_tokens, model.logit_scale.dtype), 0
+    else:                           # each text's prompt once, and one batch's own steps
+        cache = cache_bytes(c, rows, texts, prompt, o.max_new_tokens, cache_dtype(device, model.logit_scale.dtype,
+                                                                                  o.cache_dtype))
+        packed = sum(m.weight.nbytes for m in model.decoder.modules() if isinstance(m, nn.Linear)) * can_pack(
+            model.decoder.head.weight)
     tokens = 6 * o.num_candidates * texts * o.max_new_tokens * 8 + 8 * rows * c.speech_vocab_size * 4
-    free, need = free_memory(model.logit_scale.device), cache + packed + tokens
+    free, need = free_memory(device), cache + packed + tokens
     each = f" for each of {texts} texts" if texts > 1 else ""
     require([(free is None or need <= 0.75 * free,      # the rest: activations, the model, the system
               f"{o.num_candidates} candidates{each} of up to {o.max_new_tokens} tokens in batches of {rows} need about "
@@ -1518,11 +1742,6 @@ def resolve_device(name=None):
 # ---------------------------------------------------------------------------------------------------
 # Outputs: checked before any work, written whole
 # ---------------------------------------------------------------------------------------------------
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-DATA = os.path.join(HERE, "data")                    # Tortoise's tokenizer.json and mel norms
-SHIPPED = [os.path.join(DATA, "tokenizer.json"), os.path.join(DATA, "mel_norms.safetensors")]
-
 
 def project_files():
     """What a run may read by itself, besides the files it is given: the project's source and documents,
@@ -1782,7 +2001,7 @@ def write_tensor_file(path, blob):
 def expected_shapes(config):
     """{name: shape} of every weight of a CLVP with this config, built on the meta device (no memory)."""
     with torch.device("meta"):
-        return {k: list(v.shape) for k, v in CLVP(config).state_dict().items()}
+        return {k: list(v.shape) for k, v in DecoderAndCLVP(config).state_dict().items()}
 
 
 def check_weights(expected, weights, source, note=""):
@@ -1878,9 +2097,9 @@ def save_checkpoint(path, config, weights, tokenizer=None, mel_norms=None, dtype
 
 
 # ===================================================================================================
-# Part III: the command line. python clvp.py --text "..." --audio voice.wav
+# Part IV: the command line. python clvp.py --text "..." --audio voice.wav
 #
-# The arguments are checked first (Part II's checks, in the flags' words), then the files, the model and
+# The arguments are checked first (Part III's checks, in the flags' words), then the files, the model and
 # every text, all before the first decoding step; each mistake is one line on stderr with exit code 2.
 # Each output is written whole as soon as its text is ranked (with --text-file, group by group), so an
 # error or Ctrl-C never leaves a half-written file.
@@ -1925,7 +2144,8 @@ def build_parser():
     g.add_argument("--candidates", dest="num_candidates", type=int, default=16, help="how many candidates to sample for each sentence (default 16)")
     g.add_argument("--batch-size", type=int, default=16, help="rows decoded together (default 16); more than "
                    "--candidates decodes several --text-file lines at once")
-    g.add_argument("--top-k", type=int, default=1, help="how many of the best candidates to keep (default 1)")
+    g.add_argument("--keep", "--top-k", type=int, default=1, help="how many of the best candidates to keep and "
+                   "write (default 1)")
     g.add_argument("--seed", type=int, help="random seed, for repeatable candidates")
     g.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (default 0.8)")
     g.add_argument("--top-p", type=float, default=0.8, help="nucleus sampling mass (default 0.8)")
@@ -1937,6 +2157,8 @@ def build_parser():
     o = p.add_argument_group("running and output")
     o.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     o.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    o.add_argument("--engine", choices=ENGINES, default="fast", help="fast: Part II of clvp.py (default); lesson: "
+                   "Part I's plain generation, the same numbers, slower")
     o.add_argument("--cache-dtype", choices=CACHE_DTYPES[1:], help="the KV cache's dtype (default: the model's, "
                    "except fp32 on a CPU without bf16 instructions; --explain says which)")
     o.add_argument("--out", default="best.npy", help="where to write the best tokens (default best.npy)")
@@ -1947,8 +2169,9 @@ def build_parser():
 
 
 def flag(field):
-    """The flag that sets a DecodingOptions field (each flag's argparse destination is the field's name)."""
-    return next((a.option_strings[0] for a in build_parser()._actions if a.dest == field), field)
+    """The flag that sets a DecodingOptions field (each flag's argparse destination is the field's name), with
+    its other name where it has one: '--keep/--top-k'."""
+    return next(("/".join(a.option_strings) for a in build_parser()._actions if a.dest == field), field)
 
 
 def check_args(args):
@@ -1968,7 +2191,7 @@ def prepare_model(args, device):
     """The model, its tokenizer and mel norms, on device in the asked dtype."""
     if args.random_init:
         torch.manual_seed(0)                                 # the same random model every run
-        model = CLVP(tiny_config() if args.tiny else Config()).to(device).eval()
+        model = add_front_end(DecoderAndCLVP(tiny_config() if args.tiny else Config())).to(device).eval()
     else:
         path = args.checkpoint or default_checkpoint()
         if args.checkpoint is None and not os.path.exists(path):
@@ -1976,16 +2199,7 @@ def prepare_model(args, device):
                              "convert the official weights, or pass --checkpoint PATH (--random-init --tiny runs "
                              "without weights)")
         model = load_model(path, device)
-    return add_front_end(model).to(device=device, dtype=getattr(torch, args.dtype))
-
-
-def add_front_end(model):
-    """The shipped tokenizer and mel norms (Tortoise's own), for a model whose checkpoint holds none."""
-    if model.tokenizer is None:
-        model.tokenizer = Tokenizer.from_file(SHIPPED[0])
-    if model.mel_norms is None:
-        model.mel_norms = read_mel_norms(SHIPPED[1])
-    return model
+    return model.to(device=device, dtype=getattr(torch, args.dtype))
 
 
 def read_texts(args):
@@ -2005,30 +2219,6 @@ def read_texts(args):
     return lines
 
 
-def encode_text(model, text):
-    """A sentence -> raw ids [T], or a UsageError that says what is wrong with it. The length is bounded
-    from the cleaned text before the BPE runs, so a huge 'word' is refused at once."""
-    require([(text.strip(), "the text is empty")])
-    try:
-        cleaned = clean_text(text)
-    except ValueError as e:                                  # a number of over 36 digits, or '$,5'
-        raise UsageError(f"cannot read the text {text[:40]!r}: {first_line(e)}") from None
-    require([(cleaned.strip(), f"the text {text[:40]!r} is empty after cleaning")])
-    limit = model.config.decoder.text_positions - 3           # room for the text start and two stops
-    fewest = math.ceil(len(cleaned) / max(map(len, model.tokenizer.vocab)))   # a token spans this many at most
-    ids = model.tokenizer.encode(text) if fewest <= limit else []
-    require([(fewest <= limit and len(ids) <= limit, f"the text is {len(ids) or f'at least {fewest}'} tokens long; "
-              f"the model reads at most {limit} (split it into sentences, one per line, with --text-file)")])
-    return torch.tensor(ids, device=model.logit_scale.device)
-
-
-def voice_mels(model, paths):
-    """Reference clips -> mels [C, 80, frames]: the first 6 s of each (all that is read), padded to 6 s."""
-    device, dtype = model.logit_scale.device, model.logit_scale.dtype
-    wavs = [format_conditioning(load_audio(path, seconds=CONDITIONING_SAMPLES / SAMPLE_RATE)) for path in paths]
-    return torch.stack([log_mel_spectrogram(w.to(device), model.mel_norms) for w in wavs]).to(dtype)
-
-
 def output_paths(out, n):
     stem, ext = os.path.splitext(out)
     return [out] if n == 1 else [f"{stem}-{i + 1}{ext or '.npy'}" for i in range(n)]
@@ -2041,9 +2231,7 @@ def explain_prompt(say, model, text, ids, mels, o, group):
     c = model.config.decoder
     latents = model.conditioning_latent(mels)
     prompt = model.decoder.prompt(latents.mean(dim=0)[None], ids[None])
-    batch, longest = o.rows(len(group)), max(map(len, group))
-    dtype = cache_dtype(ids.device, prompt.dtype, o.cache_dtype)
-    P, hd = model.decoder.prompt_length(longest), c.dim // c.heads
+    batch = o.rows(len(group))
     say(f"[text]     {text!r}\n           cleaned: {clean_text(text)!r}\n"
         f"           BPE ids [{len(ids)}]: {ids.tolist()[:16]}{' ...' if len(ids) > 16 else ''}")
     say(f"[audio]    {len(mels)} clip(s), each resampled to {SAMPLE_RATE} Hz mono, padded or cut to "
@@ -2054,20 +2242,35 @@ def explain_prompt(say, model, text, ids, mels, o, group):
     say(f"[prompt]   [voice latent] + text [{c.text_start_token}] + ids + [{c.text_stop_token}, "
         f"{c.text_stop_token}] (text positions 0..{len(ids) + 2}) + start token {c.start_token} "
         f"(speech position 0): {list(prompt.shape)}")
-    together = f", with {len(group) - 1} other text(s), left-padded to the longest" if len(group) > 1 else ""
-    say(f"[prefill]  {c.layers} GPT-2 blocks over the prompt once{together}; its keys and values, each "
-        f"[layers, heads, texts, positions, head_dim] = {[c.layers, c.heads, len(group), P, hd]}, are kept once per text, "
-        f"in {str(dtype)[6:]}")
-    packed = ", with the decoder's weights packed once for oneDNN" if can_pack(model.decoder.head.weight) else ""
-    blocks = -(-o.max_new_tokens // KVCache.BLOCK)
-    say(f"[cache]    each row's own steps: keys and values [layers, blocks, rows * heads, {KVCache.BLOCK}, head_dim] = "
-        f"{[c.layers, blocks, batch * c.heads, KVCache.BLOCK, hd]}; a step reads each text's prompt once for all "
-        f"its rows{packed}")
+    explain_caches(say, model, o, group)
     say(f"[decode]   {o.num_candidates} candidate(s) per text in batches of {batch}: each step embeds [{batch}, 1] tokens "
         f"(at speech positions {speech_position(1)}, {speech_position(2)}, ...), runs [{batch}, 1, {c.dim}] through the cached "
         f"blocks -> logits [{batch}, {c.speech_vocab_size}] -> repetition penalty {o.repetition_penalty}, "
         + ("greedy" if o.temperature == 0 else f"temperature {o.temperature}, top-p {o.top_p}")
         + f" -> next tokens; at most {o.max_new_tokens} steps, stop token {c.stop_token} ends a candidate")
+
+
+def explain_caches(say, model, o, group):
+    """--explain: the prefill and the KV caches, as the chosen engine keeps them."""
+    c, batch, hd = model.config.decoder, o.rows(len(group)), model.config.decoder.dim // model.config.decoder.heads
+    P = model.decoder.prompt_length(max(map(len, group)))
+    if o.engine == "lesson":
+        dtype = str(model.logit_scale.dtype)[6:]
+        say(f"[prefill]  {c.layers} GPT-2 blocks over the prompt once, into a one-row KV cache [layers, rows, heads, "
+            f"positions, head_dim] = {[c.layers, 1, c.heads, P + o.max_new_tokens, hd]}, in {dtype}")
+        say(f"[cache]    each batch starts from {batch} copies of that row, {[c.layers, batch, c.heads, P + o.max_new_tokens, hd]}; "
+            "a step writes the next position and attends over the filled part")
+        return
+    dtype = cache_dtype(model.logit_scale.device, model.logit_scale.dtype, o.cache_dtype)
+    together = f", with {len(group) - 1} other text(s), left-padded to the longest" if len(group) > 1 else ""
+    say(f"[prefill]  {c.layers} GPT-2 blocks over the prompt once{together}; its keys and values, each "
+        f"[layers, heads, texts, positions, head_dim] = {[c.layers, c.heads, len(group), P, hd]}, are kept once per text, "
+        f"in {str(dtype)[6:]}")
+    packed = ", with the decoder's weights packed once for oneDNN" if can_pack(model.decoder.head.weight) else ""
+    blocks = -(-o.max_new_tokens // StepCache.BLOCK)
+    say(f"[cache]    each row's own steps: keys and values [layers, blocks, rows * heads, {StepCache.BLOCK}, head_dim] = "
+        f"{[c.layers, blocks, batch * c.heads, StepCache.BLOCK, hd]}; a step reads each text's prompt once for all "
+        f"its rows{packed}")
 
 
 def explain_result(say, model, ids, gen, o):
@@ -2083,8 +2286,9 @@ def explain_result(say, model, ids, gen, o):
 
 
 def texts_together(options):
-    """How many --text-file lines decode together: as many as fill one batch with their candidates."""
-    return max(1, options.batch_size // options.num_candidates)
+    """How many --text-file lines decode together: as many as fill one batch with their candidates (the
+    engine's); the lesson decodes one text at a time."""
+    return 1 if options.engine == "lesson" else max(1, options.batch_size // options.num_candidates)
 
 
 def prepare_run(args, device, options):
@@ -2122,7 +2326,7 @@ def run(args, device, options):
             explain_prompt(say, model, texts[i], ids_list[i], mels, options, [ids_list[j] for j in lines])
         progress = Progress(not quiet)
         t0 = time.perf_counter()
-        generations = model.generate([ids_list[i] for i in lines], mels, options, progress)
+        generations = speech_tokens(model, [texts[i] for i in lines], args.audio, options, progress)
         progress.show("")
         seconds = time.perf_counter() - t0
         for i, gen in zip(lines, generations):
@@ -2226,3 +2430,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.exit(main())
+

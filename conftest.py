@@ -278,7 +278,7 @@ def tiny_checkpoint(tmp_path_factory):
     torch.manual_seed(11)
     config = clvp.tiny_config()
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    clvp.save_checkpoint(path, config, clvp.CLVP(config).state_dict(),
+    clvp.save_checkpoint(path, config, clvp.DecoderAndCLVP(config).state_dict(),
                          clvp.Tokenizer.from_file(os.path.join(clvp.DATA, "tokenizer.json")),
                          clvp.read_mel_norms(clvp.SHIPPED[1]))
     return str(path)

@@ -702,7 +702,7 @@ def speak_options(args):
                   (math.isfinite(guidance) and 0 <= guidance <= 100, f"--guidance must be in 0..100, not {guidance}"),
                   (math.isfinite(args.diffusion_temperature) and 0 <= args.diffusion_temperature <= 100,
                    f"--diffusion-temperature must be in 0..100, not {args.diffusion_temperature}"),
-                  (args.top_k == 1, "--top-k: speak.py speaks the best candidate only"),
+                  (args.keep == 1, "--keep: speak.py speaks the best candidate only"),
                   (args.pad_to_max, "--no-pad: speak.py pads candidates as Tortoise does"),
                   (not args.explain, "--explain is clvp.py's; speak.py shows its stages with the progress display")])
     return SpeakOptions(steps, float(guidance), args.diffusion_temperature, args.sampler, args.seed)

@@ -65,7 +65,7 @@ def test_attention_choices():
     assert list(report) == ["100 positions", "500 positions"]
     for ways in report.values():
         assert len(ways) == 5 and all(ms > 0 for ms in ways.values()) and "fp32 cache, fp32 SDPA" in ways
-        assert "bf16 shared-prompt cache, KVCache.attend" in ways
+        assert "bf16 shared-prompt cache, StepCache.attend" in ways
 
 
 def test_bad_arguments_are_one_line():

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -626,7 +627,7 @@ def test_decoder_logits_match_reference_generate(pair, steps, request):
 
 def test_contrastive_loss_matches_definition_and_trains(tiny_pair):
     _, trained = tiny_pair
-    model = clvp.CLVP(trained.config)
+    model = clvp.DecoderAndCLVP(trained.config)
     model.load_state_dict(trained.state_dict())
     torch.manual_seed(5)
     text = torch.randint(1, 250, (4, 10))
@@ -744,8 +745,20 @@ def cached_logits(model, mels, texts, rows, speech, dtype=torch.float32):
     P = max(len(p) for p in prompts)
     shared = clvp.PromptCache(dec.config, len(texts), P, "cpu", dtype, torch.tensor([P - len(p) for p in prompts]))
     first = clvp.prefill(dec, torch.stack([torch.nn.functional.pad(p, (0, 0, P - len(p), 0)) for p in prompts]), shared)
-    cache = clvp.KVCache(shared, rows, speech.shape[1])
-    steps = [first[rows]] + [clvp.decode_step(dec, speech[:, k], k + 1, cache) for k in range(speech.shape[1])]
+    cache = clvp.StepCache(shared, rows, speech.shape[1])
+    steps = [first[rows]] + [clvp.decode_step(dec, speech[:, k], k + 1, cache, P) for k in range(speech.shape[1])]
+    return torch.stack(steps, dim=1)
+
+
+def lesson_logits(model, mels, text, speech):
+    """The same through Part I's plain KVCache, for one text [T] and its rows' tokens speech [B, S]: the prompt
+    prefilled in one row, then B copies of that row decode."""
+    dec, B, S = model.decoder, *speech.shape
+    prompt = dec.prompt(model.voice_latent(mels)[None], text[None])
+    P = prompt.shape[1]
+    one = clvp.KVCache.empty(dec.config, 1, P + S, "cpu", prompt.dtype)
+    first, cache = clvp.prefill(dec, prompt, one).repeat(B, 1), one.repeat(B)
+    steps = [first] + [clvp.decode_step(dec, speech[:, k], k + 1, cache, P) for k in range(S)]
     return torch.stack(steps, dim=1)
 
 
@@ -758,7 +771,8 @@ def test_prefill_and_decode_step_equal_the_uncached_logits(tiny_pair):
     with torch.inference_mode():
         full = model.speech_logits(mels, text, speech)
         cached = cached_logits(model, mels, [text[0]], torch.tensor([0]), speech)
-    assert maxdiff(cached, full) <= 1e-5
+        lesson = lesson_logits(model, mels, text[0], speech)
+    assert maxdiff(cached, full) <= 1e-5 and maxdiff(lesson, full) <= 1e-5
 
 
 STOP_BIAS = 0.395   # with seed 3 below, the reference's greedy candidate stops at step 11 of 30
@@ -798,7 +812,7 @@ def test_generate_batches_and_seed(tiny_pair):
     mels = torch.randn(2, 80, 90)
     text = torch.randint(1, 250, (8,))
     run = lambda seed, bs: model.generate(text, mels, num_candidates=5, batch_size=bs, max_new_tokens=20,
-                                          seed=seed, top_k=2)
+                                          seed=seed, keep=2)
     a, b, c = run(7, 2), run(7, 2), run(8, 2)
     assert torch.equal(a.candidates, b.candidates) and torch.equal(a.scores, b.scores)
     assert not torch.equal(a.candidates, c.candidates)
@@ -825,7 +839,7 @@ def test_shared_prompts_give_each_row_its_own_texts_logits(request, monkeypatch,
     # each text in one batch (the shared-prompt attention), give every row the logits its text and tokens
     # give alone, uncached: over the prefill and 20 steps, at the official size too; greedy tokens agree.
     # Small blocks make the 20 steps cross several of them.
-    monkeypatch.setattr(clvp.KVCache, "BLOCK", block)
+    monkeypatch.setattr(clvp.StepCache, "BLOCK", block)
     _, model = request.getfixturevalue(pair)
     torch.manual_seed(5)
     mels = torch.randn(1, 80, 100)
@@ -850,7 +864,7 @@ def test_several_texts_decode_together_with_the_same_greedy_results(tiny_pair):
     torch.manual_seed(8)
     mels = torch.randn(1, 80, 100)
     texts = [torch.randint(1, 250, (n,)) for n in (5, 17, 9, 2)]
-    options = clvp.DecodingOptions(num_candidates=3, max_new_tokens=16, temperature=0, top_k=2, pad_to_max=False)
+    options = clvp.DecodingOptions(num_candidates=3, max_new_tokens=16, temperature=0, keep=2, pad_to_max=False)
     alone = [model.generate(t, mels, options, batch_size=3) for t in texts]
     for batch_size in (12, 5, 1):
         together = model.generate(texts, mels, options, batch_size=batch_size)
@@ -860,6 +874,77 @@ def test_several_texts_decode_together_with_the_same_greedy_results(tiny_pair):
             assert torch.equal(a.best, b.best) and maxdiff(a.scores, b.scores) <= 1e-5
     assert len({int(g.lengths.max()) for g in alone}) > 1                 # the texts did stop differently
     assert len({g.candidates.shape[1] for g in alone}) > 1                # and each keeps its own length
+
+
+@pytest.mark.parametrize("pair", ["tiny_pair", pytest.param("official_pair", marks=FULL)])
+def test_the_engine_gives_the_lessons_logits(request, monkeypatch, pair):
+    # Part II against Part I: three texts of different lengths decoded together by the engine (shared prompts,
+    # blocks of 8 steps so that 21 steps cross three of them, weights packed as generation packs them), and
+    # each text's rows through the lesson's plain KV cache: the prefill and 20 steps agree to 1e-5 in fp32.
+    monkeypatch.setattr(clvp.StepCache, "BLOCK", 8)
+    _, model = request.getfixturevalue(pair)
+    torch.manual_seed(15)
+    mels = torch.randn(2, 80, 100)
+    texts = [torch.randint(1, 250, (n,)) for n in (4, 19, 9)]
+    rows = torch.tensor([0, 0, 1, 2, 2, 2])
+    speech = torch.randint(0, 8192, (6, 20))
+    with torch.inference_mode():
+        with clvp.packed_weights(model.decoder, len(rows)):
+            engine = cached_logits(model, mels, texts, rows, speech)
+        lesson = torch.cat([lesson_logits(model, mels, t, speech[rows == i]) for i, t in enumerate(texts)])
+    keep = [i for i in range(8194) if i != 8192]             # the -1e4 column rounds at 1e-3
+    assert maxdiff(engine[..., keep], lesson[..., keep]) <= 1e-5
+    assert torch.equal(engine.argmax(-1), lesson.argmax(-1))
+
+
+def test_the_engine_and_the_lesson_generate_the_same(tiny_pair):
+    # Through generate: greedy, three texts that the engine decodes together in batches that cut through
+    # them, against the lesson one text at a time; and sampled with a seed, one text, the same batches.
+    import copy
+    model = copy.deepcopy(tiny_pair[1])
+    with torch.no_grad():
+        model.decoder.head.bias[8193] += 0.5                 # so that candidates stop at different steps
+    torch.manual_seed(9)
+    mels = torch.randn(1, 80, 100)
+    texts = [torch.randint(1, 250, (n,)) for n in (5, 17, 9)]
+    options = clvp.DecodingOptions(num_candidates=3, max_new_tokens=16, temperature=0, keep=2, batch_size=4)
+    fast, lesson = model.generate(texts, mels, options), model.generate(texts, mels, options, engine="lesson")
+    for a, b in zip(fast, lesson):
+        assert torch.equal(a.candidates, b.candidates) and torch.equal(a.lengths, b.lengths)
+        assert torch.equal(a.order, b.order) and torch.equal(a.best, b.best) and maxdiff(a.scores, b.scores) <= 1e-5
+    assert len({int(g.lengths.max()) for g in fast}) > 1
+    sampled = [model.generate(texts[1], mels, num_candidates=5, batch_size=2, max_new_tokens=20, seed=4, engine=e)
+               for e in ("fast", "lesson")]
+    assert torch.equal(sampled[0].candidates, sampled[1].candidates) and maxdiff(sampled[0].scores, sampled[1].scores) <= 1e-5
+    assert len({tuple(c.tolist()) for c in sampled[0].candidates}) > 1     # the seed did sample
+
+
+def engines_through_the_command_line(capsys, tmp_path, *args):
+    """clvp.py run with --engine fast and --engine lesson -> their --json results."""
+    results = []
+    for engine in ("fast", "lesson"):
+        assert clvp.main([*args, "--engine", engine, "--json", "--quiet", "--out", str(tmp_path / f"{engine}.npy")]) == 0
+        results.append(json.loads(capsys.readouterr().out)["results"])
+    return results
+
+
+def test_the_command_line_engines_agree_on_a_seeded_sample(capsys, tmp_path):
+    fast, lesson = engines_through_the_command_line(
+        capsys, tmp_path, "--random-init", "--tiny", "--text", "The engine and the lesson.", "--audio", VOICE,
+        "--candidates", "6", "--batch-size", "4", "--max-tokens", "30", "--seed", "11", "--keep", "2")
+    assert fast[0]["best"] == lesson[0]["best"] and fast[0]["order"] == lesson[0]["order"]
+    assert max(abs(a - b) for a, b in zip(fast[0]["scores"], lesson[0]["scores"])) <= 1e-4
+
+
+@FULL
+def test_the_command_line_engines_agree_at_the_official_size(capsys, tmp_path):
+    (tmp_path / "two.txt").write_text("The first line is short.\nThe second line of this file is a good deal longer.\n")
+    fast, lesson = engines_through_the_command_line(
+        capsys, tmp_path, "--random-init", "--text-file", str(tmp_path / "two.txt"), "--audio", VOICE,
+        "--candidates", "2", "--batch-size", "4", "--max-tokens", "24", "--temperature", "0")
+    assert [r["decoded_with"] for r in fast] == [2, 2] and [r["decoded_with"] for r in lesson] == [1, 1]
+    for a, b in zip(fast, lesson):
+        assert a["best"] == b["best"] and max(abs(x - y) for x, y in zip(a["scores"], b["scores"])) <= 1e-4
 
 
 def test_fix_candidates_like_tortoise():
@@ -988,6 +1073,32 @@ def test_cli_ctrl_c_leaves_no_output(tiny_checkpoint, tmp_path):
     stdout, stderr = p.communicate(timeout=60)
     assert p.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
     assert os.listdir(tmp_path) == []
+
+
+def parts(path):
+    """A file's lines cut at its banners (a '# ====' line, then '# Part I...' or '# Appendix...') -> {title: lines}."""
+    lines = open(path, encoding="utf-8").read().split("\n")
+    starts = [i - 1 for i, line in enumerate(lines) if line.startswith(("# Part ", "# Appendix")) and
+              lines[i - 1].startswith("# ====")]
+    titles = [lines[i + 1][2:].split(":")[0] for i in starts]
+    return dict(zip(titles, (lines[a:b] for a, b in zip(starts, starts[1:] + [len(lines)]))))
+
+
+def long_functions(path):
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    return [(f.name, f.end_lineno - f.lineno + 1) for f in ast.walk(tree)
+            if isinstance(f, ast.FunctionDef) and f.end_lineno - f.lineno + 1 > 50]
+
+
+def test_clvp_py_is_a_lesson_an_engine_the_boundaries_and_the_command_line():
+    part = parts(os.path.join(HERE, "clvp.py"))
+    assert list(part) == ["Part I", "Appendix to Part I", "Part II", "Part III", "Part IV"]
+    lesson = "\n".join(part["Part I"])
+    assert len(part["Part I"]) <= 950 and len(part["Part II"]) <= 300, {t: len(p) for t, p in part.items()}
+    assert len(re.findall(r"^\s*raise\b", lesson, re.M)) <= 5
+    assert not re.findall(r"torch\._|torch\.cpu\._|torch\.ops\.", lesson)     # no private torch API
+    assert re.findall(r"torch\.ops\.mkldnn", "\n".join(part["Part II"]))        # the test can see one
+    assert not long_functions(os.path.join(HERE, "clvp.py"))
 
 
 def test_clvp_py_imports_only_the_standard_library_torch_numpy_scipy_soundfile():

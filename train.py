@@ -319,7 +319,7 @@ def train(args):
     torch.manual_seed(args.seed)
     tokenizer = clvp.Tokenizer.from_file(os.path.join(clvp.DATA, "tokenizer.json"))
     data = Data(tokenizer, args.seed)
-    model = clvp.CLVP(toy_config(data.max_text, data.max_speech))
+    model = clvp.DecoderAndCLVP(toy_config(data.max_text, data.max_speech))
     model.tokenizer = tokenizer
     clvp.add_front_end(model)                                # the shipped mel norms
     log(f"{len(data.texts['train'])} training and {len(data.texts['held_out'])} held-out sentences, e.g. "
