@@ -9,8 +9,10 @@ clvp.py ends with the speech tokens CLVP picked. Tortoise turns them into audio 
     noise [1, 100, L] --DiffusionTts, N respaced DDPM (or DDIM) steps--> mel [1, 100, L] in [-1, 1]
         --denormalise--> log-mel --UnivNet--> wav [1, 1, 256 * L] at 24 kHz
 
-Part I is the lesson, in that order; Part II checks what comes in (speak.pt, --codes, the options) before
-any work; Part III is the command line. It imports clvp for everything before the tokens (text, audio
+Its parts are numbered as clvp.py's: Part I is the lesson, in that order; Part III checks what comes in
+(speak.pt, --codes, the options) before any work; Part IV is the command line. There is no Part II: the
+audio stages run as the lesson writes them (their one speed idea, the position bias read as a view of one
+row, is plain enough to be the lesson's own). It imports clvp for everything before the tokens (text, audio
 loading, the decoder, generation and ranking) and for its boundary helpers; clvp.py imports nothing of
 this file. Numbers match the original Tortoise code on the same weights (test_tortoise.py).
 """
@@ -40,6 +42,9 @@ CALM_CODE, CALM_RUN = clvp.FIX_STOP_CODE, 8   # code 83 is silence; more than 8 
 MEL_MIN, MEL_MAX = -11.512925148010254, 2.3143386840820312   # the log-mel range the sampler's [-1, 1] maps to
 VOCODER_PAD = -11.5129          # UnivNet's padding frames (not quite MEL_MIN: the original's rounded constant)
 TRAINED_STEPS = 4000            # the diffusion model was trained with 4000 noise levels
+# UnivNet's STFT (Tortoise's TacotronSTFT for the diffusion model): the same numbers as clvp.py's 22.05 kHz
+# mel uses, but its own, at 24 kHz: 1024-sample frames (42.7 ms) every 256 samples (10.7 ms).
+STFT_N_FFT, STFT_HOP = 1024, 256
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -100,7 +105,7 @@ def resample(wav, orig=clvp.SAMPLE_RATE, new=SAMPLE_RATE, zeros=6, rolloff=0.99)
     return out[0].T.reshape(-1)[:math.ceil(new * len(wav) / orig)]   # interleave the phases
 
 
-def slaney_mel_filters(sr=SAMPLE_RATE, n_fft=clvp.N_FFT, n_mels=N_MELS, f_min=0.0, f_max=SAMPLE_RATE / 2):
+def slaney_mel_filters(sr=SAMPLE_RATE, n_fft=STFT_N_FFT, n_mels=N_MELS, f_min=0.0, f_max=SAMPLE_RATE / 2):
     """[n_mels, n_fft // 2 + 1] triangles on Slaney's mel scale with Slaney's norm, as librosa.filters.mel."""
     lin, log_start, log_step = 200.0 / 3, 1000.0, math.log(6.4) / 27     # 15 mels at 1 kHz, then logarithmic
     def hz_to_mel(f):
@@ -115,7 +120,7 @@ def slaney_mel_filters(sr=SAMPLE_RATE, n_fft=clvp.N_FFT, n_mels=N_MELS, f_min=0.
     return torch.from_numpy(fb)
 
 
-def dft_basis(n_fft=clvp.N_FFT):
+def dft_basis(n_fft=STFT_N_FFT):
     """[2 * (n_fft // 2 + 1), 1, n_fft]: the real then the imaginary rows of the DFT, windowed (periodic Hann),
     built in float64 and rounded to float32 as Tacotron's STFT builds its conv weights."""
     dft = np.fft.fft(np.eye(n_fft))[:n_fft // 2 + 1]
@@ -125,14 +130,14 @@ def dft_basis(n_fft=clvp.N_FFT):
 
 def univnet_mel(wav, filters, basis):
     """[B, samples] at 24 kHz -> log-mel [B, 100, 1 + samples // 256]."""
-    x = F.pad(wav.clamp(-1, 1)[:, None], (clvp.N_FFT // 2, clvp.N_FFT // 2), mode="reflect")
-    spec = F.conv1d(x, basis, stride=clvp.HOP)                                 # [B, 1026, frames]
+    x = F.pad(wav.clamp(-1, 1)[:, None], (STFT_N_FFT // 2, STFT_N_FFT // 2), mode="reflect")
+    spec = F.conv1d(x, basis, stride=STFT_HOP)                                 # [B, 1026, frames]
     real, imag = spec.chunk(2, dim=1)
     magnitude = torch.sqrt(real ** 2 + imag ** 2)                              # magnitude, not power
     return torch.log(torch.clamp(filters @ magnitude, min=1e-5))
 
 
-def voice_mels(paths, device):
+def diffusion_voice_mels(paths, device):
     """Reference clips -> [C, 100, 401]: each at 24 kHz, padded or cut to its first 4.27 s (102400 samples)."""
     seconds = VOICE_SAMPLES / SAMPLE_RATE + 0.01     # a few samples past the cut, so resampling sees them
     wavs = []
@@ -261,7 +266,7 @@ class DiffusionTts(nn.Module):
         self.layers = nn.ModuleList([DiffusionLayer(d, h) for _ in range(c.layers)] + [ResBlock(d) for _ in range(3)])
         self.out = nn.Sequential(nn.GroupNorm(clvp.groupnorm_groups(d), d), nn.SiLU(), nn.Conv1d(d, 2 * N_MELS, 3, padding=1))
 
-    def voice_latent(self, mels):
+    def diffusion_latent(self, mels):
         """mels [C, 100, frames] of one voice -> [1, 2 * dim]: the mean over every clip's every frame."""
         e = self.contextual_embedder(mels)                            # [C, 2 * dim, frames / 4]
         return e.transpose(0, 1).reshape(e.shape[1], -1).mean(dim=1)[None]
@@ -299,8 +304,9 @@ class DiffusionTts(nn.Module):
 # masked at i = 0 but drawn all the same. The schedule is float64, each value rounded to float32 before use.
 #
 # Guidance: eps = (1 + k') eps_cond - k' eps_free, where eps_free comes from the same network with the
-# learned unconditioned_embedding in place of the conditioning, and k' = k * (1 - i / N) ramps from about
-# k at the noisiest step to k / N at the last; the two passes run as one batch of 2 here.
+# learned unconditioned_embedding in place of the conditioning, and k' = k * (1 - i / N): the loop runs i
+# from N - 1 down to 0, so k' ramps from k / N at the noisiest step up to k at the last. The two passes
+# run as one batch of 2 here.
 # DDIM (eta 0) is deterministic: x_prev = x0 sqrt(a_prev) + sqrt(1 - a_prev) eps(x0). Tortoise's loop still
 # draws a noise tensor each step (and multiplies it by sigma = 0); so does this one, to keep UnivNet's z
 # in step with the original.
@@ -326,22 +332,22 @@ class Schedule:
         kept = respaced_timesteps(steps)
         trained_cumprod = np.cumprod(1.0 - betas)[kept]
         betas = 1.0 - trained_cumprod / np.append(1.0, trained_cumprod[:-1])    # the respaced betas
-        a = np.cumprod(1.0 - betas)
-        a_prev = np.append(1.0, a[:-1])
-        posterior_variance = betas * (1.0 - a_prev) / (1.0 - a)
+        alpha_bar = np.cumprod(1.0 - betas)                 # the cumulative product of (1 - beta): alpha-bar
+        alpha_bar_prev = np.append(1.0, alpha_bar[:-1])
+        posterior_variance = betas * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)
         f32 = lambda v: torch.from_numpy(np.asarray(v).astype(np.float32))
         self.steps, self.timesteps = len(kept), torch.tensor(kept)
-        self.recip_a, self.recipm1_a = f32(np.sqrt(1.0 / a)), f32(np.sqrt(1.0 / a - 1))
-        self.a, self.a_prev = f32(a), f32(a_prev)
-        self.coef_x0 = f32(betas * np.sqrt(a_prev) / (1.0 - a))
-        self.coef_xt = f32((1.0 - a_prev) * np.sqrt(1.0 - betas) / (1.0 - a))
+        self.sqrt_recip_ab, self.sqrt_recipm1_ab = f32(np.sqrt(1.0 / alpha_bar)), f32(np.sqrt(1.0 / alpha_bar - 1))
+        self.alpha_bar, self.alpha_bar_prev = f32(alpha_bar), f32(alpha_bar_prev)
+        self.coef_x0 = f32(betas * np.sqrt(alpha_bar_prev) / (1.0 - alpha_bar))
+        self.coef_xt = f32((1.0 - alpha_bar_prev) * np.sqrt(1.0 - betas) / (1.0 - alpha_bar))
         # log(0) at step 0 is avoided as the original does: step 1's variance stands in for it
         self.min_log = f32(np.log(np.append(posterior_variance[1], posterior_variance[1:])))
         self.max_log = f32(np.log(betas))
 
 
 def predict_x0(s, i, x, eps):
-    return (s.recip_a[i] * x - s.recipm1_a[i] * eps).clamp(-1, 1)
+    return (s.sqrt_recip_ab[i] * x - s.sqrt_recipm1_ab[i] * eps).clamp(-1, 1)
 
 
 def ddpm_step(s, i, x, eps, v, noise):
@@ -356,8 +362,8 @@ def ddpm_step(s, i, x, eps, v, noise):
 def ddim_step(s, i, x, eps, v, noise):
     """One DDIM step at eta 0 -> (x_prev, x0); v and noise are unused (the noise was drawn anyway)."""
     x0 = predict_x0(s, i, x, eps)
-    eps = (s.recip_a[i] * x - x0) / s.recipm1_a[i]                # the noise x0 implies, after the clamp
-    return x0 * torch.sqrt(s.a_prev[i]) + torch.sqrt(1 - s.a_prev[i]) * eps, x0
+    eps = (s.sqrt_recip_ab[i] * x - x0) / s.sqrt_recipm1_ab[i]    # the noise x0 implies, after the clamp
+    return x0 * torch.sqrt(s.alpha_bar_prev[i]) + torch.sqrt(1 - s.alpha_bar_prev[i]) * eps, x0
 
 
 def guided_eps(model, s, i, x, conditioning, guidance):
@@ -377,6 +383,7 @@ def sample_mel(model, conditioning, steps, guidance=0.0, temperature=1.0, sample
                progress=None):
     """conditioning [1, dim, L] -> a mel [1, 100, L] in [-1, 1]. Noise comes from `generator` in the
     original's order: the start, then one tensor per step after that step's network call."""
+    finite(conditioning, "the diffusion's conditioning")
     s = Schedule(steps)
     L, device = conditioning.shape[-1], conditioning.device
     x = torch.randn(1, N_MELS, L, generator=generator, device=device) * temperature
@@ -385,7 +392,7 @@ def sample_mel(model, conditioning, steps, guidance=0.0, temperature=1.0, sample
         noise = torch.randn(x.shape, generator=generator, device=device)
         x = ddpm_step(s, i, x, eps, v, noise)[0] if sampler == "ddpm" else ddim_step(s, i, x, eps, v, noise)[0]
         if progress:
-            progress.show(f"diffusion: step {n + 1}/{s.steps} ({sampler}{f', guidance {guidance:g}' if guidance else ''})")
+            progress.diffusion(n, s.steps)
     return x
 
 
@@ -396,8 +403,8 @@ def sample_mel(model, conditioning, steps, guidance=0.0, temperature=1.0, sample
 # transposed conv upsamples, and four dilated convs (1, 3, 9, 27) each feed a *location-variable*
 # convolution: a kernel predictor reads the mel and emits, for every mel frame, a fresh 3-tap kernel and
 # bias for the 256 / (8, 64, 256) samples under that frame, then a gated (sigmoid * tanh) residual. The
-# original trains with weight norm; load_vocoder folds w = g * v / |v| once (|v| per output row, dim 0:
-# per *input* channel for the transposed conv, whose weight is [in, out, k]).
+# original trains with weight norm; fold_weight_norm (Part III) folds w = g * v / |v| once, as speak.pt is
+# read (|v| per output row, dim 0: per *input* channel for the transposed conv, whose weight is [in, out, k]).
 # ---------------------------------------------------------------------------------------------------
 
 LRELU = 0.2
@@ -475,7 +482,7 @@ class UnivNet(nn.Module):
         """The original's inference(): 10 quiet frames appended against an artifact at the end (z covers
         them too: [B, 64, T + 10]), their 2560 samples dropped again, clamped to [-1, 1]."""
         padded = torch.cat([mel, torch.full((mel.shape[0], N_MELS, 10), VOCODER_PAD, device=mel.device, dtype=mel.dtype)], 2)
-        return self.forward(padded, z)[:, :, :-clvp.HOP * 10].clamp(-1, 1)
+        return self.forward(padded, z)[:, :, :-STFT_HOP * 10].clamp(-1, 1)
 
 
 def denormalize(mel):
@@ -485,6 +492,7 @@ def denormalize(mel):
 
 def vocode(vocoder, mel, generator=None):
     """mel [1, 100, L] in [-1, 1] -> wav [256 * L] at 24 kHz; z is the last draw of the stage."""
+    finite(mel, "the diffusion's mel")
     z = torch.randn(1, VOCODER_NOISE, mel.shape[-1] + 10, generator=generator, device=mel.device)
     dtype = vocoder.conv_pre.weight.dtype                          # denormalised in fp32, then in the vocoder's dtype
     return vocoder.inference(denormalize(mel.float()).to(dtype), z.to(dtype))[0, 0]
@@ -503,34 +511,38 @@ class SpeakOptions:
     seed: int | None = None
 
 
-@torch.inference_mode()
-def speak(model, diffusion, vocoder, text_ids, mels, voice, codes, o: SpeakOptions, progress=None, times=None):
-    """Fixed codes [1, S] of one text (S = 500 after Tortoise's padding) -> wav [samples] at 24 kHz. mels: the AR voice [C, 80, frames];
-    voice: the diffusion voice latent [1, 2 * dim]. The stage's generator is seeded with o.seed when it
-    starts, so --codes with a seed replays the original's torch.manual_seed(seed) run."""
-    times = {} if times is None else times
-    t0 = time.perf_counter()
-    latent = model.voice_latent(mels)[None]                                                      # [1, D]
-    latents = speech_latents(model, latent, text_ids[None], codes)[:, :calm_length(codes[0])].float()   # [1, S, D]
+def diffusion_conditioning(model, diffusion, text_ids, mels, latent, codes):
+    """Fixed codes [1, S] of one text -> the diffusion's conditioning [1, dim, L]: the AR latents of the codes
+    before the calm run, with the diffusion voice latent [1, 2 * dim] through timestep_independent."""
+    voice = model.voice_latent(mels)[None]                                                       # [1, D]
+    latents = speech_latents(model, voice, text_ids[None], codes)[:, :calm_length(codes[0])].float()   # [1, S, D]
+    finite(latents, "the AR latents")                                # the decoder overflowed (Part III)
     length = latents.shape[1] * 4 * SAMPLE_RATE // clvp.SAMPLE_RATE     # 4 mel frames of 22.05 kHz per code
-    conditioning = diffusion.timestep_independent(finite(latents, "the AR latents").to(voice.dtype), voice,
-                                                  length)                                         # [1, dim, L]
-    times["latents"] = time.perf_counter() - t0
-    generator = torch.Generator(voice.device).manual_seed(o.seed) if o.seed is not None else None
-    t0 = time.perf_counter()
-    mel = sample_mel(diffusion, finite(conditioning, "the diffusion's conditioning"), o.steps, o.guidance,
-                     o.temperature, o.sampler, generator, progress)
-    times["diffusion"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    return diffusion.timestep_independent(latents.to(latent.dtype), latent, length)             # [1, dim, L]
+
+
+@torch.inference_mode()
+def speak(model, diffusion, vocoder, text_ids, mels, latent, codes, o: SpeakOptions, progress=None):
+    """Fixed codes [1, S] of one text (S = 500 after Tortoise's padding) -> wav [samples] at 24 kHz. mels: the AR
+    voice [C, 80, frames]; latent: the diffusion voice latent [1, 2 * dim]. The stage's generator is seeded with
+    o.seed when it starts, so --codes with a seed replays the original's torch.manual_seed(seed) run.
+    progress: None, or an object with stage(name), called as each stage starts, and diffusion(step, steps)."""
     if progress:
-        progress.show("vocoder")
-    wav = vocode(vocoder, finite(mel, "the diffusion's mel"), generator)
-    times["vocoder"] = time.perf_counter() - t0
-    return finite(wav.float(), "the vocoder's waveform")
+        progress.stage("latents")
+    conditioning = diffusion_conditioning(model, diffusion, text_ids, mels, latent, codes)
+    generator = torch.Generator(latent.device).manual_seed(o.seed) if o.seed is not None else None
+    if progress:
+        progress.stage("diffusion")
+    mel = sample_mel(diffusion, conditioning, o.steps, o.guidance, o.temperature, o.sampler, generator, progress)
+    if progress:
+        progress.stage("vocoder")
+    wav = vocode(vocoder, mel, generator).float()
+    finite(wav, "the vocoder's waveform")
+    return wav
 
 
 # ===================================================================================================
-# Part II: boundaries. speak.pt, --codes and the options are checked whole before anything is built.
+# Part III: the boundaries. speak.pt, --codes and the options are checked whole before anything is built.
 # ===================================================================================================
 
 SPEAK_FORMAT, SPEAK_VERSION = "speak", 2      # version 1 was a torch.save pickle
@@ -709,7 +721,7 @@ def speak_options(args):
 
 
 # ===================================================================================================
-# Part III: the command line. python speak.py --text "..." --audio voice.wav --out speech.wav
+# Part IV: the command line. python speak.py --text "..." --audio voice.wav --out speech.wav
 # ===================================================================================================
 
 RANDOM_TOKENS = 40                  # codes per candidate with --random-init unless --max-tokens says (about 2 s)
@@ -777,6 +789,26 @@ def prepare(args):
     return device, decoding, options, model, diffusion, vocoder, texts, ids, codes
 
 
+class SpeakProgress(clvp.Progress):
+    """clvp.py's progress line, with speak()'s stages; it adds each stage's seconds to times[stage]."""
+
+    def __init__(self, enabled, times, options):
+        super().__init__(enabled)
+        self.times, self.options, self.current = times, options, None
+
+    def stage(self, name):
+        """name starts (None: the last one ends)."""
+        now = time.perf_counter()
+        if self.current:
+            self.times[self.current] += now - self.began
+        self.current, self.began = name, now
+        self.show(name or "")
+
+    def diffusion(self, step, steps):
+        o = self.options
+        self.show(f"diffusion: step {step + 1}/{steps} ({o.sampler}{f', guidance {o.guidance:g}' if o.guidance else ''})")
+
+
 def run(args):
     device, decoding, options, model, diffusion, vocoder, texts, ids, codes = prepare(args)
     quiet = args.quiet or args.json or not sys.stderr.isatty()
@@ -785,8 +817,8 @@ def run(args):
               f"stage working (on {args.max_new_tokens} speech tokens per candidate).")
     mels = clvp.voice_mels(model, args.audio)
     dtype = diffusion.unconditioned_embedding.dtype
-    voice = diffusion.voice_latent(voice_mels(args.audio, device).to(dtype))   # [1, 2 * dim], once per voice
-    finite(voice, "the diffusion's voice latent")
+    latent = diffusion.diffusion_latent(diffusion_voice_mels(args.audio, device).to(dtype))   # [1, 2 * dim], once
+    finite(latent, "the diffusion's voice latent")
     times, samples = {"decoding": 0.0, "latents": 0.0, "diffusion": 0.0, "vocoder": 0.0}, 0
     container = wav_container(len(ids), decoding.max_new_tokens if codes is None else calm_length(codes), args.pcm16)
 
@@ -794,18 +826,13 @@ def run(args):
         nonlocal samples     # so memory holds one line's audio, never the whole file's
         with soundfile.SoundFile(f, "w", SAMPLE_RATE, 1, "PCM_16" if args.pcm16 else "FLOAT", format=container) as wav:
             for text_ids in ids:
-                progress = clvp.Progress(not quiet)
-                t0 = time.perf_counter()
+                progress = SpeakProgress(not quiet, times, options)
+                progress.stage("decoding")
                 best = codes if codes is not None else model.generate(text_ids, mels, decoding, progress).best
-                times["decoding"] += time.perf_counter() - t0
-                line_times = {}
-                part = speak(model, diffusion, vocoder, text_ids, mels, voice, best.to(device), options, progress,
-                             line_times)
-                progress.show("")
+                part = speak(model, diffusion, vocoder, text_ids, mels, latent, best.to(device), options, progress)
+                progress.stage(None)
                 wav.write(part.cpu().numpy())
                 samples += len(part)
-                for k, v in line_times.items():
-                    times[k] += v
     try:
         clvp.write_atomically(args.out, write)
     except OSError as e:

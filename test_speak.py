@@ -158,7 +158,7 @@ def test_respaced_timesteps_and_schedule():
     betas = np.linspace(0.25e-4, 0.25 * 0.02, 4000)
     assert torch.allclose(full.max_log, torch.from_numpy(np.log(betas)).float())
     s = speak.Schedule(30)
-    assert s.a.shape == (30,) and (s.a[1:] < s.a[:-1]).all() and s.a_prev[0] == 1
+    assert s.alpha_bar.shape == (30,) and (s.alpha_bar[1:] < s.alpha_bar[:-1]).all() and s.alpha_bar_prev[0] == 1
 
 
 def test_steps_recover_a_known_x0():
@@ -168,10 +168,10 @@ def test_steps_recover_a_known_x0():
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.rand(1, 100, 20, generator=g) * 1.8 - 0.9, torch.randn(1, 100, 20, generator=g)
     i = 20
-    x = s.a[i].sqrt() * x0 + (1 - s.a[i]).sqrt() * eps
+    x = s.alpha_bar[i].sqrt() * x0 + (1 - s.alpha_bar[i]).sqrt() * eps
     x_prev, found = speak.ddim_step(s, i, x, eps, None, None)
     assert (found - x0).abs().max() < 1e-4
-    assert (x_prev - (s.a_prev[i].sqrt() * x0 + (1 - s.a_prev[i]).sqrt() * eps)).abs().max() < 1e-4
+    assert (x_prev - (s.alpha_bar_prev[i].sqrt() * x0 + (1 - s.alpha_bar_prev[i]).sqrt() * eps)).abs().max() < 1e-4
     sample, mean, log_variance, found = speak.ddpm_step(s, i, x, eps, torch.ones_like(x), torch.zeros_like(x))
     assert torch.equal(sample, mean) and (found - x0).abs().max() < 1e-4
     assert torch.allclose(log_variance, s.max_log[i].expand_as(x))         # v = 1: beta's variance

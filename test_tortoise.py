@@ -555,7 +555,7 @@ def test_resample_and_univnet_mel(audio):
     ours = speak.resample(wav)
     assert ours.shape == e["resampled"].shape
     assert_close("resample 22.05 -> 24 kHz", ours, e["resampled"])
-    mel = speak.voice_mels(audio["voices"][:1], "cpu")
+    mel = speak.diffusion_voice_mels(audio["voices"][:1], "cpu")
     assert mel.shape == (1, 100, 401)
     assert_close("univnet log-mel", mel, e["voice_mel"])
 
@@ -565,7 +565,7 @@ def test_voice_latents(audio):
     norms = clvp.read_mel_norms(clvp.SHIPPED[1])
     mels = torch.stack([clvp.log_mel_spectrogram(clvp.format_conditioning(clvp.load_audio(p)), norms) for p in audio["voices"]])
     with torch.no_grad():
-        voice = audio["diffusion"].voice_latent(speak.voice_mels(audio["voices"], "cpu"))
+        voice = audio["diffusion"].diffusion_latent(speak.diffusion_voice_mels(audio["voices"], "cpu"))
         auto = model.voice_latent(mels)
     assert voice.shape == (1, 2048)
     assert_close("diffusion voice latent", voice, e["voice_latent"])
