@@ -2150,7 +2150,8 @@ def build_parser():
     g.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (default 0.8)")
     g.add_argument("--top-p", type=float, default=0.8, help="nucleus sampling mass (default 0.8)")
     g.add_argument("--repetition-penalty", type=float, default=2.0, help="default 2.0")
-    g.add_argument("--typical-mass", type=float, help="typical sampling mass (off by default)")
+    g.add_argument("--typical-mass", type=float, help="typical sampling mass (off by default), applied after top-p "
+                   "as transformers orders it (Tortoise's typical_sampling applies it before temperature)")
     g.add_argument("--max-tokens", dest="max_new_tokens", type=int, default=500, help="speech tokens per candidate at most (default 500)")
     g.add_argument("--no-pad", dest="pad_to_max", action="store_false", help="score candidates unpadded (transformers) rather than "
                    "stop-padded to --max-tokens (Tortoise)")

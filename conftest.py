@@ -409,6 +409,34 @@ def hub_server():
     thread.join(5)
 
 
+# speak.py's names -> the original's, as Tortoise's diffusion_decoder.pth and vocoder.pth hold them: the fixtures
+# that stand in for those files use them (convert_weights.SPEAK_RENAMES goes the other way; test_tortoise.py
+# checks that direction against the original's own modules).
+ORIGINAL_SPEAK_NAMES = {
+    "diffusion": [(r"\.in_norm\.", ".in_layers.0."), (r"\.in_conv\.", ".in_layers.2."), (r"\.emb\.", ".emb_layers.1."),
+                  (r"\.out_norm\.", ".out_layers.0."), (r"\.out_conv\.", ".out_layers.3."),
+                  (r"^voice_conv1\.", "contextual_embedder.0."), (r"^voice_conv2\.", "contextual_embedder.1."),
+                  (r"^voice_attention\.(\d)\.", lambda m: f"contextual_embedder.{int(m[1]) + 2}."),
+                  (r"^latent_conv\.", "latent_conditioner.0."),
+                  (r"^latent_attention\.(\d)\.", lambda m: f"latent_conditioner.{int(m[1]) + 1}."),
+                  (r"^time_fc1\.", "time_embed.0."), (r"^time_fc2\.", "time_embed.2."),
+                  (r"^out_norm\.", "out.0."), (r"^out_conv\.", "out.2.")],
+    "vocoder": [(r"\.input_conv\.", ".input_conv.0."), (r"\.residual_convs\.(\d)\.1\.", r".residual_convs.\1.3."),
+                (r"\.residual_convs\.(\d)\.0\.", r".residual_convs.\1.1."), (r"\.convt_pre\.", ".convt_pre.1."),
+                (r"\.conv_blocks\.(\d)\.", r".conv_blocks.\1.1."), (r"^conv_post\.", "conv_post.1.")],
+}
+
+
+def original_speak_names(group, state):
+    import re
+    out = {}
+    for name, t in state.items():
+        for pattern, new in ORIGINAL_SPEAK_NAMES[group]:
+            name = re.sub(pattern, new, name)
+        out[name] = t
+    return out
+
+
 def tiny_speak_file(path, edit=lambda blob: None):
     """A tiny random speak.pt in the converted layout, the vocoder with weight norm (g = |v| rows)."""
     import speak

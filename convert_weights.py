@@ -757,6 +757,32 @@ def fetch_and_convert(directory=None, progress=True):
 
 DIFFUSION_UNUSED = ("code_embedding.", "code_converter.", "mel_head.")    # DiffusionTts tensors only training uses
 
+# The original's names -> speak.py's: where the original numbers the layers of an nn.Sequential, speak.py
+# names them (a regular expression on the name, and what replaces the match).
+SPEAK_RENAMES = {
+    "diffusion": [(r"\.in_layers\.0\.", ".in_norm."), (r"\.in_layers\.2\.", ".in_conv."), (r"\.emb_layers\.1\.", ".emb."),
+                  (r"\.out_layers\.0\.", ".out_norm."), (r"\.out_layers\.3\.", ".out_conv."),
+                  (r"^contextual_embedder\.0\.", "voice_conv1."), (r"^contextual_embedder\.1\.", "voice_conv2."),
+                  (r"^contextual_embedder\.([2-6])\.", lambda m: f"voice_attention.{int(m[1]) - 2}."),
+                  (r"^latent_conditioner\.0\.", "latent_conv."),
+                  (r"^latent_conditioner\.([1-4])\.", lambda m: f"latent_attention.{int(m[1]) - 1}."),
+                  (r"^time_embed\.0\.", "time_fc1."), (r"^time_embed\.2\.", "time_fc2."),
+                  (r"^out\.0\.", "out_norm."), (r"^out\.2\.", "out_conv.")],
+    "vocoder": [(r"\.input_conv\.0\.", ".input_conv."), (r"\.residual_convs\.(\d)\.1\.", r".residual_convs.\1.0."),
+                (r"\.residual_convs\.(\d)\.3\.", r".residual_convs.\1.1."), (r"\.convt_pre\.1\.", ".convt_pre."),
+                (r"\.conv_blocks\.(\d)\.1\.", r".conv_blocks.\1."), (r"^conv_post\.1\.", "conv_post.")],
+}
+
+
+def speak_names(group, state):
+    """One group of the original's audio weights ("diffusion" or "vocoder") under speak.py's names."""
+    renamed = {}
+    for name, t in state.items():
+        for pattern, new in SPEAK_RENAMES[group]:
+            name = re.sub(pattern, new, name)
+        renamed[name] = t
+    return renamed
+
 
 def convert_tortoise_audio(diffusion_path, vocoder_path):
     """-> (speak.pt's contents, names skipped). diffusion_decoder.pth is a plain state dict; vocoder.pth holds
@@ -767,8 +793,8 @@ def convert_tortoise_audio(diffusion_path, vocoder_path):
     vocoder = checked_state(vocoder.get("model_g") if isinstance(vocoder, dict) else None, vocoder_path,
                             "Tortoise's vocoder.pth (a state dict of tensors under model_g)")
     skipped = [k for k in diffusion if k.startswith(DIFFUSION_UNUSED)]
-    blob = {"format": speak.SPEAK_FORMAT, "version": speak.SPEAK_VERSION, "vocoder": vocoder,
-            "diffusion": {k: v for k, v in diffusion.items() if not k.startswith(DIFFUSION_UNUSED)}}
+    blob = {"format": speak.SPEAK_FORMAT, "version": speak.SPEAK_VERSION, "vocoder": speak_names("vocoder", vocoder),
+            "diffusion": speak_names("diffusion", {k: v for k, v in diffusion.items() if not k.startswith(DIFFUSION_UNUSED)})}
     with clvp.prefixed(f"{diffusion_path}, {vocoder_path}: ", ConversionError):
         speak.checked_speak_checkpoint(blob, None)
     return blob, skipped
@@ -870,19 +896,31 @@ def convert_audio(args):
     return 0
 
 
+def old_speak_file(path):
+    """A speak.pt of format version 2 (a tensor file with the original's names) -> its contents; None for a
+    zip archive (version 1), which load_plain reads; anything else is refused from its header."""
+    with clvp.open_input(path, ConversionError) as f:
+        if f.read(4) == clvp.OLD_FORMAT:
+            return None
+    return clvp.read_tensor_file(path, lambda blob: clvp.require([(
+        blob.get("format") == speak.SPEAK_FORMAT and blob.get("version") == 2, "not the zip archive torch.save writes "
+        "(format version 1), nor a speak.pt of version 2: nothing to upgrade")]), ConversionError)
+
+
 def upgrade(args):
     """--upgrade PATH: a clvp.pt or speak.pt of format version 1 (a torch.save pickle, read once here on a safe
-    torch) -> the same contents as a safetensors file, checked as clvp.py and speak.py check them, replacing
-    the old file only once the new one is whole."""
+    torch), or a speak.pt of version 2 (the original's nn.Sequential names) -> the same numbers in the current
+    format, checked as clvp.py and speak.py check them, replacing the old file only once the new one is whole."""
     path = args.upgrade
     clvp.require([(not any(getattr(args, k) for k in ("hf", "tortoise_ar", "tortoise_clvp", "tortoise_diffusion",
                                                        "tortoise_vocoder", "download", "output")),
                    "--upgrade PATH rewrites PATH in place; give it alone")], ConversionError)
     with clvp.prefixed("--upgrade ", ConversionError):
         clvp.check_output(path)
-    old = load_plain(path, "not a clvp.pt or speak.pt of the old format")
-    kind = old.get("format") if isinstance(old, dict) and old.get("version") == 1 else None
-    clvp.require([(kind in ("clvp", "speak"), f"{path}: not a clvp.pt or speak.pt of format version 1")],
+    old = old_speak_file(path) or load_plain(path, "not a clvp.pt or speak.pt of the old format")
+    kind = old.get("format") if isinstance(old, dict) and old.get("version") in (1, 2) else None
+    clvp.require([(kind in ("clvp", "speak") and (kind, old.get("version")) != ("clvp", 2),
+                   f"{path}: not a clvp.pt or speak.pt of format version 1, or a speak.pt of version 2")],
                  ConversionError)
     groups = {"clvp": ("weights",), "speak": ("diffusion", "vocoder")}[kind]
     others = ("config", "tokenizer", "mel_norms") if kind == "clvp" else ()
@@ -894,7 +932,7 @@ def upgrade(args):
             blob["version"] = clvp.FORMAT_VERSION
             clvp.checked_checkpoint(blob)
         else:
-            blob["version"] = speak.SPEAK_VERSION
+            blob.update(version=speak.SPEAK_VERSION, **{g: speak_names(g, blob[g]) for g in groups})
             speak.checked_speak_checkpoint(blob, None)
     clvp.write_tensor_file(path, blob)
     print(f"rewrote {path} as format version {blob['version']} (safetensors)")

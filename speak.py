@@ -150,8 +150,9 @@ def diffusion_voice_mels(paths, device):
 # ---------------------------------------------------------------------------------------------------
 # DiffusionTts: attention with a relative position bias, residual blocks with a time embedding
 #
-# The modules keep the original's names and layout (nn.Sequential indices included), so the converted
-# state dict loads by name. Every GroupNorm uses clvp's rule for groups. Attention is the guided-diffusion
+# The modules keep the original's names, except where it numbered the layers of an nn.Sequential: those
+# have names of their own here (in_norm, in_conv, ...), and convert_weights.py renames them, as it renames
+# clvp.pt's. Every GroupNorm uses clvp's rule for groups. Attention is the guided-diffusion
 # block: GroupNorm, one 1x1 conv making q, k, v with the heads interleaved ([heads, 3 * head_dim], read
 # here as a view), and a T5-style bias per head from 32 buckets of relative distance (16 each way: exact
 # up to 8, logarithmic up to 64), which the original multiplies by sqrt(head_dim) before adding it to the
@@ -204,19 +205,18 @@ class AttentionBlock(nn.Module):
 
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv1x1, then the time embedding as a scale and shift of the second GroupNorm,
-    SiLU, conv k3 (the Dropout slot, index 2, is empty at inference: dropout=0)."""
+    SiLU, conv k3 (the original's Dropout there does nothing at inference)."""
     def __init__(self, dim):
         super().__init__()
-        self.in_layers = nn.Sequential(nn.GroupNorm(clvp.groupnorm_groups(dim), dim), nn.SiLU(), nn.Conv1d(dim, dim, 1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-        self.out_layers = nn.Sequential(nn.GroupNorm(clvp.groupnorm_groups(dim), dim), nn.SiLU(), nn.Identity(),
-                                        nn.Conv1d(dim, dim, 3, padding=1))
+        self.in_norm, self.in_conv = nn.GroupNorm(clvp.groupnorm_groups(dim), dim), nn.Conv1d(dim, dim, 1)
+        self.emb = nn.Linear(dim, 2 * dim)
+        self.out_norm, self.out_conv = nn.GroupNorm(clvp.groupnorm_groups(dim), dim), nn.Conv1d(dim, dim, 3, padding=1)
 
     def forward(self, x, time_emb):                                   # x: [B, C, T], time_emb: [B, C]
-        h = self.in_layers(x)
-        scale, shift = self.emb_layers(time_emb)[..., None].chunk(2, dim=1)   # [B, C, 1] each
-        h = self.out_layers[0](h) * (1 + scale) + shift
-        return x + self.out_layers[1:](h)
+        h = self.in_conv(F.silu(self.in_norm(x)))
+        scale, shift = self.emb(F.silu(time_emb))[..., None].chunk(2, dim=1)   # [B, C, 1] each
+        h = self.out_norm(h) * (1 + scale) + shift
+        return x + self.out_conv(F.silu(h))
 
 
 class DiffusionLayer(nn.Module):
@@ -252,23 +252,27 @@ class DiffusionTts(nn.Module):
         super().__init__()
         d, h = c.dim, c.heads
         self.config = c
-        self.contextual_embedder = nn.Sequential(nn.Conv1d(N_MELS, d, 3, padding=1, stride=2),
-                                                 nn.Conv1d(d, 2 * d, 3, padding=1, stride=2),
-                                                 *(AttentionBlock(2 * d, h) for _ in range(5)))
-        self.latent_conditioner = nn.Sequential(nn.Conv1d(c.latent_dim, d, 3, padding=1),
-                                                *(AttentionBlock(d, h) for _ in range(4)))
+        # the voice: two stride-2 convs, then attention (the original's contextual_embedder)
+        self.voice_conv1 = nn.Conv1d(N_MELS, d, 3, padding=1, stride=2)
+        self.voice_conv2 = nn.Conv1d(d, 2 * d, 3, padding=1, stride=2)
+        self.voice_attention = nn.ModuleList(AttentionBlock(2 * d, h) for _ in range(5))
+        # the AR latents: a conv, then attention (the original's latent_conditioner)
+        self.latent_conv = nn.Conv1d(c.latent_dim, d, 3, padding=1)
+        self.latent_attention = nn.ModuleList(AttentionBlock(d, h) for _ in range(4))
         self.code_norm = nn.GroupNorm(clvp.groupnorm_groups(d), d)
         self.unconditioned_embedding = nn.Parameter(torch.randn(1, d, 1))
-        self.time_embed = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_fc1, self.time_fc2 = nn.Linear(d, d), nn.Linear(d, d)
         self.conditioning_timestep_integrator = nn.ModuleList(DiffusionLayer(d, h) for _ in range(3))
         self.inp_block = nn.Conv1d(N_MELS, d, 3, padding=1)
         self.integrating_conv = nn.Conv1d(2 * d, d, 1)
         self.layers = nn.ModuleList([DiffusionLayer(d, h) for _ in range(c.layers)] + [ResBlock(d) for _ in range(3)])
-        self.out = nn.Sequential(nn.GroupNorm(clvp.groupnorm_groups(d), d), nn.SiLU(), nn.Conv1d(d, 2 * N_MELS, 3, padding=1))
+        self.out_norm, self.out_conv = nn.GroupNorm(clvp.groupnorm_groups(d), d), nn.Conv1d(d, 2 * N_MELS, 3, padding=1)
 
     def diffusion_latent(self, mels):
         """mels [C, 100, frames] of one voice -> [1, 2 * dim]: the mean over every clip's every frame."""
-        e = self.contextual_embedder(mels)                            # [C, 2 * dim, frames / 4]
+        e = self.voice_conv2(self.voice_conv1(mels))                  # [C, 2 * dim, frames / 4]
+        for block in self.voice_attention:
+            e = block(e)
         return e.transpose(0, 1).reshape(e.shape[1], -1).mean(dim=1)[None]
 
     def timestep_independent(self, latents, voice, length):
@@ -276,21 +280,23 @@ class DiffusionTts(nn.Module):
         candidate: the latents through conv + attention, normalised, scaled and shifted by the two halves
         of the voice latent, then stretched to the mel's length by nearest-neighbour repetition."""
         scale, shift = voice[..., None].chunk(2, dim=1)               # [B, dim, 1] each
-        code = self.latent_conditioner(latents.transpose(1, 2))       # [B, dim, S]
+        code = self.latent_conv(latents.transpose(1, 2))              # [B, dim, S]
+        for block in self.latent_attention:
+            code = block(code)
         return F.interpolate(self.code_norm(code) * (1 + scale) + shift, size=length, mode="nearest")
 
     def forward(self, x, t, conditioning):
         """Noisy mels x [B, 100, L], original timesteps t [B], conditioning [B, dim, L] -> [B, 200, L]: the
         predicted noise, then the variance interpolation values. Conditioning-free rows get the learned
         unconditioned_embedding as their conditioning (see guided_eps)."""
-        time_emb = self.time_embed(timestep_embedding(t, self.config.dim).to(x.dtype))   # [B, dim]
+        time_emb = self.time_fc2(F.silu(self.time_fc1(timestep_embedding(t, self.config.dim).to(x.dtype))))  # [B, dim]
         code = conditioning
         for layer in self.conditioning_timestep_integrator:
             code = layer(code, time_emb)
         h = self.integrating_conv(torch.cat([self.inp_block(x), code], dim=1))   # [B, dim, L]
         for layer in self.layers:
             h = layer(h, time_emb)
-        return self.out(h)
+        return self.out_conv(F.silu(self.out_norm(h)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -420,16 +426,16 @@ class KernelPredictor(nn.Module):
     def __init__(self, channels, layers, hidden=64):
         super().__init__()
         self.layers, self.channels = layers, channels
-        self.input_conv = nn.Sequential(conv1d(N_MELS, hidden, 5), nn.LeakyReLU(LRELU))
-        self.residual_convs = nn.ModuleList(nn.Sequential(nn.Identity(), conv1d(hidden, hidden, 3), nn.LeakyReLU(LRELU),
-                                                          conv1d(hidden, hidden, 3), nn.LeakyReLU(LRELU)) for _ in range(3))
+        self.input_conv = conv1d(N_MELS, hidden, 5)
+        self.residual_convs = nn.ModuleList(nn.ModuleList([conv1d(hidden, hidden, 3), conv1d(hidden, hidden, 3)])
+                                            for _ in range(3))
         self.kernel_conv = conv1d(hidden, channels * 2 * channels * 3 * layers, 3)
         self.bias_conv = conv1d(hidden, 2 * channels * layers, 3)
 
     def forward(self, mel):                                           # mel: [B, 100, frames]
-        c = self.input_conv(mel)
-        for block in self.residual_convs:
-            c = c + block(c)
+        c = F.leaky_relu(self.input_conv(mel), LRELU)
+        for conv1, conv2 in self.residual_convs:
+            c = c + F.leaky_relu(conv2(F.leaky_relu(conv1(c), LRELU)), LRELU)
         B, _, frames = c.shape                                        # per layer, per frame: [in, out, 3] and [out]
         kernels = self.kernel_conv(c).view(B, self.layers, self.channels, 2 * self.channels, 3, frames)
         return kernels, self.bias_conv(c).view(B, self.layers, 2 * self.channels, frames)
@@ -448,17 +454,17 @@ class LVCBlock(nn.Module):
         super().__init__()
         self.hop = hop
         self.kernel_predictor = KernelPredictor(channels, len(VOCODER_DILATIONS))
-        self.convt_pre = nn.Sequential(nn.LeakyReLU(LRELU), nn.ConvTranspose1d(
-            channels, channels, 2 * stride, stride=stride, padding=stride // 2 + stride % 2, output_padding=stride % 2))
-        self.conv_blocks = nn.ModuleList(nn.Sequential(nn.LeakyReLU(LRELU), conv1d(channels, channels, 3, dilation=d),
-                                                       nn.LeakyReLU(LRELU)) for d in VOCODER_DILATIONS)
+        self.convt_pre = nn.ConvTranspose1d(channels, channels, 2 * stride, stride=stride,
+                                            padding=stride // 2 + stride % 2, output_padding=stride % 2)
+        self.conv_blocks = nn.ModuleList(conv1d(channels, channels, 3, dilation=d) for d in VOCODER_DILATIONS)
 
     def forward(self, x, mel):                                        # x: [B, 32, T] -> [B, 32, T * stride]
-        x = self.convt_pre(x)
+        x = self.convt_pre(F.leaky_relu(x, LRELU))
         kernels, bias = self.kernel_predictor(mel)
         C = x.shape[1]
         for i, conv in enumerate(self.conv_blocks):
-            out = location_variable_conv(conv(x), kernels[:, i], bias[:, i], self.hop)    # [B, 64, T * stride]
+            h = F.leaky_relu(conv(F.leaky_relu(x, LRELU)), LRELU)
+            out = location_variable_conv(h, kernels[:, i], bias[:, i], self.hop)          # [B, 64, T * stride]
             x = x + torch.sigmoid(out[:, :C]) * torch.tanh(out[:, C:])
         return x
 
@@ -469,14 +475,13 @@ class UnivNet(nn.Module):
         hops = np.cumprod(VOCODER_STRIDES).tolist()                  # samples per mel frame after each block
         self.res_stack = nn.ModuleList(LVCBlock(s, h) for s, h in zip(VOCODER_STRIDES, hops))
         self.conv_pre = nn.Conv1d(VOCODER_NOISE, VOCODER_CHANNELS, 7, padding=3, padding_mode="reflect")
-        self.conv_post = nn.Sequential(nn.LeakyReLU(LRELU), nn.Conv1d(VOCODER_CHANNELS, 1, 7, padding=3, padding_mode="reflect"),
-                                       nn.Tanh())
+        self.conv_post = nn.Conv1d(VOCODER_CHANNELS, 1, 7, padding=3, padding_mode="reflect")
 
     def forward(self, mel, z):                                        # mel [B, 100, T], z [B, 64, T] -> [B, 1, 256 T]
         x = self.conv_pre(z)
         for block in self.res_stack:
             x = block(x, mel)
-        return self.conv_post(x)
+        return torch.tanh(self.conv_post(F.leaky_relu(x, LRELU)))
 
     def inference(self, mel, z):
         """The original's inference(): 10 quiet frames appended against an artifact at the end (z covers
@@ -545,7 +550,7 @@ def speak(model, diffusion, vocoder, text_ids, mels, latent, codes, o: SpeakOpti
 # Part III: the boundaries. speak.pt, --codes and the options are checked whole before anything is built.
 # ===================================================================================================
 
-SPEAK_FORMAT, SPEAK_VERSION = "speak", 2      # version 1 was a torch.save pickle
+SPEAK_FORMAT, SPEAK_VERSION = "speak", 3      # 1: a torch.save pickle; 2: the original's nn.Sequential names
 MAX_LAYERS, MAX_WIDTH = 1024, 16384
 MAX_CODES_BYTES = 2**24                      # a [k, 500] int64 array is 4 kB per row
 
@@ -589,7 +594,7 @@ def diffusion_config(weights, latent_dim=None):
     bias = "layers.0.attn.relative_pos_embeddings.relative_attention_bias.weight"
     dim, heads = shape("inp_block.weight", 3)[0], shape(bias, 2)[1]
     layers = len({k.split(".")[1] for k in weights if k.startswith("layers.") and ".attn." in k})
-    c = DiffusionConfig(dim, layers, heads, shape("latent_conditioner.0.weight", 3)[1])
+    c = DiffusionConfig(dim, layers, heads, shape("latent_conv.weight", 3)[1])
     clvp.require([(1 <= c.layers <= MAX_LAYERS, f"diffusion: {c.layers} layers, not 1..{MAX_LAYERS}"),
                   (2 <= c.dim <= MAX_WIDTH and c.dim % 2 == 0, f"diffusion: width {c.dim}, not an even 2..{MAX_WIDTH}"),
                   (1 <= heads and c.dim % heads == 0, f"diffusion: {heads} heads do not divide the width {c.dim}"),
@@ -629,7 +634,8 @@ def check_speak_checkpoint(blob, latent_dim):
     clvp.require([(blob.get("format") == SPEAK_FORMAT,
                    "not a speak checkpoint (convert Tortoise's files with convert_weights.py)")], clvp.CheckpointError)
     clvp.require([(blob.get("version") == SPEAK_VERSION, f"speak checkpoint version {blob.get('version')!r}; "
-                   f"this speak.py reads version {SPEAK_VERSION}")], clvp.CheckpointError)
+                   f"this speak.py reads version {SPEAK_VERSION}" + (" (python convert_weights.py --upgrade PATH rewrites it)"
+                   if blob.get("version") == 2 else ""))], clvp.CheckpointError)
     parts = [blob.get("diffusion"), blob.get("vocoder")]
     clvp.require([(isinstance(p, dict) and all(isinstance(v, torch.Tensor) and v.is_floating_point()
                                                for v in p.values()), f"{name}: not a group of floating-point tensors")

@@ -17,7 +17,7 @@ from transformers import ClvpFeatureExtractor
 
 import clvp
 import convert_weights
-from conftest import maxdiff, run_case, tiny_speak_file
+from conftest import maxdiff, original_speak_names, run_case, tiny_speak_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -346,8 +346,8 @@ def test_download_speak_fetches_and_converts_the_audio_files(hub, tmp_path, monk
     made = tmp_path / "made.pt"
     diffusion, vocoder = tiny_speak_file(made)
     blob = clvp.read_tensor_file(made, lambda blob: None)
-    files = {"diffusion_decoder.pth": {**blob["diffusion"], "mel_head.weight": torch.zeros(3)},
-             "vocoder.pth": {"model_g": blob["vocoder"]}}
+    files = {"diffusion_decoder.pth": {**original_speak_names("diffusion", blob["diffusion"]), "mel_head.weight": torch.zeros(3)},
+             "vocoder.pth": {"model_g": original_speak_names("vocoder", blob["vocoder"])}}
     for name, state in files.items():
         buffer = io.BytesIO()
         torch.save(state, buffer)
@@ -372,26 +372,36 @@ def test_upgrade_rewrites_files_of_the_pickle_format_in_place(tmp_path, tiny_che
     torch.save({**blob, "version": 1, "extra": torch.zeros(1)}, tmp_path / "clvp.pt")
     tiny_speak_file(tmp_path / "new.pt")
     old_speak = {**clvp.read_tensor_file(tmp_path / "new.pt", lambda blob: None), "version": 1}
+    old_speak.update({g: original_speak_names(g, old_speak[g]) for g in ("diffusion", "vocoder")})
     torch.save(old_speak, tmp_path / "speak.pt")
-    for name, load in [("clvp.pt", lambda p: clvp.load_model(p, "cpu")),
-                       ("speak.pt", lambda p: speak.load_speak(p, "cpu", 64))]:
+    for name, version, load in [("clvp.pt", 2, lambda p: clvp.load_model(p, "cpu")),
+                                ("speak.pt", 3, lambda p: speak.load_speak(p, "cpu", 64))]:
         with pytest.raises(clvp.CheckpointError, match=f"rewrite it once with: python convert_weights.py --upgrade "
                                                        f".*{name}$"):
             load(tmp_path / name)
         code, out, err = run_case(tmp_path, "convert_weights.py", ["--upgrade", name])[:3]
-        assert code == 0 and err == "" and f"rewrote {name} as format version 2" in out, err
+        assert code == 0 and err == "" and f"rewrote {name} as format version {version}" in out, err
         load(tmp_path / name)
     new = clvp.read_tensor_file(tmp_path / "clvp.pt", lambda blob: None)
     assert set(new) == {"format", "version", "config", "weights", "tokenizer", "mel_norms"}
     assert new["config"] == blob["config"] and new["tokenizer"] == blob["tokenizer"]
     assert all(torch.equal(new["weights"][k], v) for k, v in blob["weights"].items())
     assert torch.equal(new["mel_norms"], blob["mel_norms"])
-    assert clvp.read_tensor_file(tmp_path / "speak.pt", lambda blob: None)["version"] == 2
+    assert clvp.read_tensor_file(tmp_path / "speak.pt", lambda blob: None)["version"] == 3
     for args, words in [(["--upgrade", "clvp.pt"], "not the zip archive torch.save writes"),
                         (["--upgrade", "clvp.pt", "-o", "x.pt"], "give it alone"),
                         (["--upgrade", "absent.pt"], "no such file")]:
         code, _, err = run_case(tmp_path, "convert_weights.py", args)[:3]
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    version_2 = {**old_speak, "version": 2}                # safetensors, with the original's nn.Sequential names
+    clvp.write_tensor_file(tmp_path / "v2.pt", version_2)
+    with pytest.raises(clvp.CheckpointError, match="version 2; this speak.py reads version 3"):
+        speak.load_speak(tmp_path / "v2.pt", "cpu", 64)
+    code, out, err = run_case(tmp_path, "convert_weights.py", ["--upgrade", "v2.pt"])[:3]
+    assert code == 0 and err == "" and "rewrote v2.pt as format version 3" in out, err
+    upgraded = clvp.read_tensor_file(tmp_path / "v2.pt", lambda blob: None)
+    assert all(torch.equal(upgraded["diffusion"][k], v) for k, v in speak.load_speak(tmp_path / "speak.pt", "cpu", 64)[0]
+               .state_dict().items())
     torch.save({"format": "clvp", "version": 2}, tmp_path / "odd.pt")
     code, _, err = run_case(tmp_path, "convert_weights.py", ["--upgrade", "odd.pt"])[:3]
     assert code == 2 and "not a clvp.pt or speak.pt of format version 1" in err, err

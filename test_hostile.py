@@ -542,6 +542,23 @@ def test_bad_numbers(work, flag, value, words):
     refused(work, *rank(flag, value), words=[words])
 
 
+def test_the_engine_choice_and_what_only_the_engine_has(work, tiny_checkpoint, monkeypatch):
+    """--engine takes fast or lesson; the lesson's cache is in the model's dtype, so --cache-dtype with it is a
+    mistake, named; the library says the same; a request the lesson cannot hold is refused with its figure."""
+    refused(work, *rank("--engine", "turbo"), words=["--engine: invalid choice: 'turbo'"])
+    refused(work, *rank("--engine", "lesson", "--cache-dtype", "bfloat16"),
+            words=["--cache-dtype must be unset with the lesson's engine"])
+    model = clvp.load_model(tiny_checkpoint, "cpu")
+    for bad, words in [(dict(engine="turbo"), "engine must be one of fast, lesson, not 'turbo'"),
+                       (dict(engine="lesson", cache_dtype="float16"), "cache_dtype must be unset")]:
+        with pytest.raises(clvp.InputError, match=words):
+            model.generate(torch.tensor([5, 6]), MELS, **bad)
+    monkeypatch.setattr(clvp, "free_memory", lambda device: 2**30)
+    clvp.check_memory(model, 10, clvp.DecodingOptions(num_candidates=16, engine="lesson"))
+    with pytest.raises(ValueError, match=r"need about [0-9.]+ GiB \(KV cache"):
+        clvp.check_memory(model, 10, clvp.DecodingOptions(num_candidates=1024, batch_size=10**6, engine="lesson"))
+
+
 def test_bench_needs_a_step_to_time(work):
     refused(work, "--tiny", "--tokens", 1, script="bench.py", words=["--tokens must be in 2..600"])
     refused(work, "--tiny", "--candidates", 10**9, script="bench.py", words=["--candidates must be in 1..1024"])
@@ -1282,17 +1299,17 @@ def test_speak_full_disk_leaves_no_partial_wav(work):
 @pytest.mark.parametrize("edit, says", [
     (lambda b: b.update(format="other"), "not a speak checkpoint"),
     (lambda b: b.update(version=1), "version 1"),
-    (lambda b: b["diffusion"].pop("out.2.bias"), "missing: out.2.bias"),
+    (lambda b: b["diffusion"].pop("out_conv.bias"), "missing: out_conv.bias"),
     (lambda b: b["diffusion"].update({"inp_block.weight": torch.zeros(64, 100, 5)}), "inp_block.weight is [64, 100, 5]"),
-    (lambda b: b["diffusion"]["time_embed.0.weight"].fill_(float("nan")), "finite"),
+    (lambda b: b["diffusion"]["time_fc1.weight"].fill_(float("nan")), "finite"),
     (lambda b: b["vocoder"].update({"conv_pre.weight_g": torch.ones(3)}), "conv_pre.weight_g must be [32, 1, 1]"),
-    (lambda b: b["diffusion"].update({"latent_conditioner.0.weight": torch.zeros(64, 32, 3)}), "reads 32-wide AR latents"),
+    (lambda b: b["diffusion"].update({"latent_conv.weight": torch.zeros(64, 32, 3)}), "reads 32-wide AR latents"),
     (lambda b: b["diffusion"].update({"inp_block.weight": torch.zeros(64)}), "inp_block.weight must have 3 dimensions"),
     (lambda b: b["diffusion"].update({"layers.0.attn.relative_pos_embeddings.relative_attention_bias.weight":
                                       torch.zeros(32)}), "relative_attention_bias.weight must have 2 dimensions"),
     (lambda b: b["vocoder"].update({"conv_pre.weight_v": torch.zeros(32)}), "conv_pre.weight_v must have 2 or more"),
     (lambda b: b.update(vocoder=[1]), "vocoder: not a group of floating-point tensors"),
-    (lambda b: b["diffusion"].update({"out.2.bias": torch.zeros(100, dtype=torch.long)}),
+    (lambda b: b["diffusion"].update({"out_conv.bias": torch.zeros(100, dtype=torch.long)}),
      "diffusion: not a group of floating-point tensors"),
     (lambda b: b["vocoder"].update({"conv_pre.weight_v": torch.zeros(32, 64, 7)}), "finite"),
 ])
@@ -1395,11 +1412,11 @@ def big(group, name, value=1e38):
 
 
 @pytest.mark.parametrize("edit, extra, stage", [
-    (big("diffusion", "out.2.weight"), [], "the diffusion's mel"),
-    (big("diffusion", "out.2.weight"), ["--pcm16"], "the diffusion's mel"),
+    (big("diffusion", "out_conv.weight"), [], "the diffusion's mel"),
+    (big("diffusion", "out_conv.weight"), ["--pcm16"], "the diffusion's mel"),
     (big("diffusion", "unconditioned_embedding"), ["--guidance", "1"], "the diffusion's mel"),
     (big("diffusion", "inp_block.weight", 1e5), ["--dtype", "float16"], "overflowed"),
-    (big("diffusion", "latent_conditioner.0.weight"), [], "the diffusion's conditioning"),
+    (big("diffusion", "latent_conv.weight"), [], "the diffusion's conditioning"),
     (big("vocoder", "res_stack.0.kernel_predictor.kernel_conv.weight_g"), ["--pcm16"], "the vocoder's waveform"),
 ])
 def test_audio_that_is_not_a_number_is_never_written(work, edit, extra, stage):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import clvp
 import convert_weights
 import speak
-from conftest import tiny_speak_file
+from conftest import original_speak_names, tiny_speak_file
 
 HERE = Path(__file__).resolve().parent
 VOICE = HERE / "examples" / "voice.wav"
@@ -271,9 +271,9 @@ def test_convert_tortoise_audio_files(tmp_path):
     blob_path = tmp_path / "blob.pt"
     diffusion, vocoder = tiny_speak_file(blob_path)
     blob = clvp.read_tensor_file(blob_path, lambda blob: None)
-    state = dict(blob["diffusion"], **{"code_embedding.weight": torch.zeros(8193, 64), "mel_head.bias": torch.zeros(100)})
+    state = dict(original_speak_names("diffusion", blob["diffusion"]), **{"code_embedding.weight": torch.zeros(8193, 64), "mel_head.bias": torch.zeros(100)})
     torch.save(state, tmp_path / "diffusion_decoder.pth")
-    torch.save({"model_g": blob["vocoder"], "optim_g": {}}, tmp_path / "vocoder.pth")
+    torch.save({"model_g": original_speak_names("vocoder", blob["vocoder"]), "optim_g": {}}, tmp_path / "vocoder.pth")
     args = ["--tortoise-diffusion", tmp_path / "diffusion_decoder.pth", "--tortoise-vocoder", tmp_path / "vocoder.pth"]
     proc = subprocess.run([sys.executable, str(HERE / "convert_weights.py"), *map(str, args), "-o",
                            str(tmp_path / "speak.pt"), "--verbose"], capture_output=True, text=True)
@@ -297,8 +297,8 @@ def test_convert_tortoise_audio_files_in_half_precision(tmp_path):
     weights rounded to fp16."""
     diffusion, _ = tiny_speak_file(tmp_path / "blob.pt")
     blob = clvp.read_tensor_file(tmp_path / "blob.pt", lambda blob: None)
-    torch.save(blob["diffusion"], tmp_path / "diffusion_decoder.pth")
-    torch.save({"model_g": blob["vocoder"]}, tmp_path / "vocoder.pth")
+    torch.save(original_speak_names("diffusion", blob["diffusion"]), tmp_path / "diffusion_decoder.pth")
+    torch.save({"model_g": original_speak_names("vocoder", blob["vocoder"])}, tmp_path / "vocoder.pth")
     for dtype in ("float32", "float16"):
         assert convert_weights.main(["--tortoise-diffusion", str(tmp_path / "diffusion_decoder.pth"), "--tortoise-vocoder",
                                      str(tmp_path / "vocoder.pth"), "-o", str(tmp_path / f"{dtype}.pt"),
