@@ -428,13 +428,8 @@ ORIGINAL_SPEAK_NAMES = {
 
 
 def original_speak_names(group, state):
-    import re
-    out = {}
-    for name, t in state.items():
-        for pattern, new in ORIGINAL_SPEAK_NAMES[group]:
-            name = re.sub(pattern, new, name)
-        out[name] = t
-    return out
+    import convert_weights
+    return convert_weights.speak_names(group, state, ORIGINAL_SPEAK_NAMES)
 
 
 def tiny_speak_file(path, edit=lambda blob: None):

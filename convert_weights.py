@@ -774,11 +774,11 @@ SPEAK_RENAMES = {
 }
 
 
-def speak_names(group, state):
+def speak_names(group, state, renames=SPEAK_RENAMES):
     """One group of the original's audio weights ("diffusion" or "vocoder") under speak.py's names."""
     renamed = {}
     for name, t in state.items():
-        for pattern, new in SPEAK_RENAMES[group]:
+        for pattern, new in renames[group]:
             name = re.sub(pattern, new, name)
         renamed[name] = t
     return renamed
