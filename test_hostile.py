@@ -1440,6 +1440,7 @@ def test_codes_overflowing_only_in_the_ar_latents_are_refused(work):
 SIGNALLED_WRITE = """
 import os, signal, sys, numpy as np, soundfile, clvp
 signum, how = int(sys.argv[1]), sys.argv[2]
+signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a terminal, even when the tests run in the background
 
 class Signalling:                      # the signal arrives inside a write: in Python, or in libsndfile's callback
     def __init__(self, f):
