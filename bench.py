@@ -392,11 +392,14 @@ def original_audio_models(diffusion, vocoder):
     from tortoise.models.vocoder import UnivNetGenerator
     theirs = DiffusionTts(model_channels=1024, num_layers=10, in_channels=100, out_channels=200, in_latent_channels=1024,
                           in_tokens=8193, dropout=0, use_fp16=False, num_heads=16, layer_drop=0, unconditioned_percentage=0)
-    unused = theirs.load_state_dict(diffusion.state_dict(), strict=False)       # code_embedding & co.: training only
-    clvp.require([(not unused.unexpected_keys, f"speak.py has tensors the original lacks: {unused.unexpected_keys[:3]}")])
+    ours = diffusion.state_dict()                            # their names -> ours, as the converter renames them
+    names = convert_weights.speak_names("diffusion", {k: k for k in theirs.state_dict()})
+    clvp.require([(set(ours) <= set(names), f"speak.py has tensors the original lacks: {sorted(set(ours) - set(names))[:3]}")])
+    theirs.load_state_dict({names[k]: v for k, v in ours.items()}, strict=False)   # code_embedding & co.: training only
     univnet = UnivNetGenerator()
     univnet.remove_weight_norm()
-    univnet.load_state_dict(vocoder.state_dict())
+    names = convert_weights.speak_names("vocoder", {k: k for k in univnet.state_dict()})
+    univnet.load_state_dict({names[k]: v for k, v in vocoder.state_dict().items()})
     univnet.eval()                                           # the original's eval() returns None
     return theirs.eval(), univnet
 
