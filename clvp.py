@@ -121,8 +121,8 @@ def tiny_config():
 # Tortoise turns text into ids in two steps, reproduced here without their dependencies:
 #   clean_text: Tortoise's english_cleaners. Transliterate to ASCII (unidecode there), lowercase,
 #     spell out numbers (inflect there), expand a few abbreviations, collapse whitespace, drop '"'.
-#     The transliteration table and the number speller are not CLVP; they sit in the appendix after
-#     this part, and clean_text calls them in one line.
+#     The transliteration table and the number speller are not CLVP; they sit in the appendix at the
+#     end of the file, and clean_text calls them in one line.
 #   Tokenizer: the 255-token BPE of Tortoise's tokenizer.json. Spaces become the token [SPACE]; anything
 #     outside the vocabulary (digits, '"', '&', ...) becomes [UNK], one per character.
 # transformers' ClvpTokenizer has its own number normalizer and a byte-level pre-tokenizer, which differ
@@ -931,144 +931,6 @@ def speech_tokens(model, texts, clips, options=None, progress=None):
     """Sentences and reference clips of one voice -> a ranked Generation for each sentence:
     speech_tokens(model, ["Hello there."], ["voice.wav"], DecodingOptions(num_candidates=16))."""
     return model.generate([encode_text(model, t) for t in texts], voice_mels(model, clips), options, progress)
-
-
-# ===================================================================================================
-# Appendix to Part I: the text normalization that is not CLVP
-#
-# clean_text's transliteration to ASCII (unidecode's work in Tortoise) and its number spelling (inflect's),
-# written out so that clvp.py needs neither library. The lesson calls them in one line; a reader can skip
-# them.
-# ===================================================================================================
-
-# unidecode romanizes every character from tables. For accented Latin letters and compatibility
-# forms ('ﬁ', '²', fullwidth 'Ａ') NFKD plus dropping the non-ASCII rest gives the same; this
-# table holds the Latin-1, Latin Extended-A and General Punctuation characters where it does not.
-# What is still not ASCII is dropped, as unidecode drops what it has no entry for (emoji).
-# Deviation: unidecode also romanizes other scripts ('Москва' -> 'Moskva', '中文' -> 'Zhong Wen ')
-# and Latin Extended-B ('ƒ' -> 'f'); those characters are dropped here.
-_ASCII = str.maketrans({
-    'Æ': 'AE', 'æ': 'ae', 'Ð': 'D', 'ð': 'd', 'Ø': 'O', 'ø': 'o', 'Þ': 'Th', 'þ': 'th', 'ß': 'ss',
-    'ẞ': 'SS', 'Đ': 'D', 'đ': 'd', 'Ħ': 'H', 'ħ': 'h', 'ı': 'i', 'ĸ': 'k', 'Ŀ': 'L', 'ŀ': 'l',
-    'Ł': 'L', 'ł': 'l', 'ŉ': "'n", 'Ŋ': 'NG', 'ŋ': 'ng', 'Œ': 'OE', 'œ': 'oe', 'Ŧ': 'T', 'ŧ': 't',
-    'µ': 'u', '¡': '!', '¢': 'C/', '£': 'PS', '¤': '$?', '¥': 'Y=', '¦': '|', '§': 'SS', '¨': '"',
-    '©': '(c)', '«': '<<', '¬': '!', '®': '(r)', '¯': '-', '°': 'deg', '±': '+-', '´': "'", '¶': 'P',
-    '·': '*', '¸': ',', '»': '>>', '¼': ' 1/4', '½': ' 1/2', '¾': ' 3/4', '¿': '?', '×': 'x',
-    '÷': '/', '€': 'EUR', '™': '(tm)', '\u200b': ' ', '\u2028': '\n', '\u2029': '\n\n',
-    '‐': '-', '‑': '-', '‒': '-', '–': '-', '—': '--', '―': '--', '⁃': '--', '‾': '-', '⁀': '-',
-    '‘': "'", '’': "'", '‛': "'", '′': "'", '″': "''", '‴': "'''", '⁗': "''''", '‚': ',',
-    '„': ',,', '“': '"', '”': '"', '‟': '"', '‵': '`', '‶': '``', '‷': '```', '‹': '<', '›': '>',
-    '‖': '||', '‗': '_', '‿': '_', '†': '+', '‡': '++', '•': '*', '‣': '*>', '※': '*', '⁎': '*',
-    '⁂': '***', '‧': '.', '‰': '%0', '‱': '%00', '‸': '^', '⁁': '^', '‽': '!?', '⁄': '/',
-    '⁅': '-[', '⁆': ']-', '⁊': '&', '⁋': 'PP', '⁌': '(]', '⁍': '[)', '⁒': '%', '⁓': '~',
-})
-
-
-def to_ascii(text):
-    """'Ærø café – “ok”' -> 'AEro cafe - "ok"' (unidecode's answer for Latin text)."""
-    text = unicodedata.normalize('NFKD', text.translate(_ASCII))
-    return text.encode('ascii', 'ignore').decode('ascii')
-
-
-# Numbers are spelled as inflect's number_to_words spells them: groups of three joined by
-# commas, no 'and' after 'hundred' (Tortoise passes andword=''), e.g. 1234567 -> 'one million,
-# two hundred thirty-four thousand, five hundred sixty-seven'.
-_ONES = ('zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen '
-         'fifteen sixteen seventeen eighteen nineteen').split()
-_TENS = ['', ''] + 'twenty thirty forty fifty sixty seventy eighty ninety'.split()
-_SCALES = ('', ' thousand', ' million', ' billion', ' trillion', ' quadrillion', ' quintillion',
-           ' sextillion', ' septillion', ' octillion', ' nonillion', ' decillion')
-
-
-def _below_100(n):
-    return _ONES[n] if n < 20 else _TENS[n // 10] + ('-' + _ONES[n % 10] if n % 10 else '')
-
-
-def _below_1000(n, andword):
-    if n < 100:
-        return _below_100(n)
-    return _ONES[n // 100] + ' hundred' + (andword + _below_100(n % 100) if n % 100 else '')
-
-
-def number_to_words(n, andword=' '):
-    """inflect's number_to_words(n, andword='') for n >= 0; andword=' and ' gives inflect's default."""
-    groups = []                                   # groups of three digits, lowest first
-    while n:
-        n, group = divmod(n, 1000)
-        groups.append(group)
-    if len(groups) > len(_SCALES):                # inflect raises NumOutOfRangeError here too
-        raise ValueError('cannot spell a number of more than 36 digits')
-    words = [_below_1000(g, andword) + _SCALES[i] for i, g in reversed(list(enumerate(groups))) if g]
-    # inflect's quirk: a last group below one hundred is joined by the andword, not by a comma:
-    # 1000020 -> 'one million twenty', but 1000100 -> 'one million, one hundred'.
-    if len(words) > 1 and 0 < groups[0] < 100:
-        return ', '.join(words[:-1]) + andword + words[-1]
-    return ', '.join(words) or 'zero'
-
-
-def _integer(digits):
-    """int(digits) for what number_to_words can spell, refused before a long string is converted."""
-    if len(digits.lstrip('0')) > 3 * len(_SCALES):
-        raise ValueError(f'cannot spell a number of more than {3 * len(_SCALES)} digits')
-    return int(digits)
-
-
-_ORDINAL_ENDINGS = {'ty': 'tieth', 'one': 'first', 'two': 'second', 'three': 'third', 'five': 'fifth',
-                    'eight': 'eighth', 'nine': 'ninth', 'twelve': 'twelfth'}
-
-
-def _ordinal(m):
-    """'21st' -> 'twenty-first'. Tortoise calls inflect on the whole match, which ignores the suffix
-    ('21th' -> 'twenty-first') and keeps inflect's default 'and': '101st' -> 'one hundred and first'."""
-    words = number_to_words(_integer(m.group(1)), andword=' and ')
-    for ending, ordinal in _ORDINAL_ENDINGS.items():
-        if words.endswith(ending):
-            return words[:-len(ending)] + ordinal
-    return words + 'th'
-
-
-def _number(m):
-    """Integers; 1001..2999 are read as years: 1999 -> 'nineteen ninety-nine', 1905 -> 'nineteen oh
-    five', 1900 -> 'nineteen hundred', but 2000..2009 -> 'two thousand (five)'."""
-    n = _integer(m.group(0))
-    if not 1000 < n < 3000 or 2000 <= n < 2010:
-        return number_to_words(n)
-    high, low = divmod(n, 100)
-    if low == 0:
-        return _below_100(high) + ' hundred'
-    return _below_100(high) + (' oh ' if low < 10 else ' ') + _below_100(low)
-
-
-def _dollars(m):
-    """'$12.50' -> '12 dollars, 50 cents' (spelled by the later rules); '$.5' -> '5 cents', and as in
-    Tortoise '$12.5' -> '12 dollars, 5 cents'."""
-    dollars, _, cents = m.group(1).partition('.')
-    if '.' in cents:                              # '$1.2.3': left to the decimal rule
-        return m.group(1) + ' dollars'
-    amounts = [(_integer(dollars or '0'), 'dollar'), (_integer(cents or '0'), 'cent')]
-    return ', '.join(f'{n} {unit}' + 's' * (n != 1) for n, unit in amounts if n) or 'zero dollars'
-
-
-# Tortoise's rules in its order. Commas go first, so '1,2,3' is 123. Dollars come before the decimal
-# rule, which then reads the digits after the point as a number: 3.14 -> 'three point fourteen'.
-# Ordinals match inside words too: '1stop' -> 'firstop'. Tortoise also has a '£' rule, but unidecode
-# has already made '£' into 'PS' by then, so it never fires ('£3' -> 'psthree'); it is left out here.
-# Each rule that starts with [0-9]+ starts only where a run of digits starts ((?<![0-9])): it would fail
-# from every later digit too, and trying them all makes a long run of digits quadratic.
-_NUMBER_RULES = [
-    (re.compile(r'[0-9][0-9,]+[0-9]'), lambda m: m.group(0).replace(',', '')),
-    (re.compile(r'\$([0-9.,]*[0-9]+)'), _dollars),
-    (re.compile(r'(?<![0-9])([0-9]+)\.([0-9]+)'), r'\1 point \2'),
-    (re.compile(r'(?<![0-9])([0-9]+)(st|nd|rd|th)'), _ordinal),
-    (re.compile(r'[0-9]+'), _number),
-]
-
-
-def spell_numbers(text):
-    """'$5 in 1999' -> 'five dollars in nineteen ninety-nine': Tortoise's number rules, in its order."""
-    for pattern, replacement in _NUMBER_RULES:
-        text = pattern.sub(replacement, text)
-    return text
 
 
 # ===================================================================================================
@@ -2429,6 +2291,143 @@ def main(argv=None):
     return run_command("clvp.py", work)
 
 
+# ===================================================================================================
+# Appendix to Part I: the text normalization that is not CLVP, after Part IV, out of the lesson's way
+#
+# clean_text's transliteration to ASCII (unidecode's work in Tortoise) and its number spelling (inflect's),
+# written out so that clvp.py needs neither library. The lesson calls them in one line; a reader can skip
+# them.
+# ===================================================================================================
+
+# unidecode romanizes every character from tables. For accented Latin letters and compatibility
+# forms ('ﬁ', '²', fullwidth 'Ａ') NFKD plus dropping the non-ASCII rest gives the same; this
+# table holds the Latin-1, Latin Extended-A and General Punctuation characters where it does not.
+# What is still not ASCII is dropped, as unidecode drops what it has no entry for (emoji).
+# Deviation: unidecode also romanizes other scripts ('Москва' -> 'Moskva', '中文' -> 'Zhong Wen ')
+# and Latin Extended-B ('ƒ' -> 'f'); those characters are dropped here.
+_ASCII = str.maketrans({
+    'Æ': 'AE', 'æ': 'ae', 'Ð': 'D', 'ð': 'd', 'Ø': 'O', 'ø': 'o', 'Þ': 'Th', 'þ': 'th', 'ß': 'ss',
+    'ẞ': 'SS', 'Đ': 'D', 'đ': 'd', 'Ħ': 'H', 'ħ': 'h', 'ı': 'i', 'ĸ': 'k', 'Ŀ': 'L', 'ŀ': 'l',
+    'Ł': 'L', 'ł': 'l', 'ŉ': "'n", 'Ŋ': 'NG', 'ŋ': 'ng', 'Œ': 'OE', 'œ': 'oe', 'Ŧ': 'T', 'ŧ': 't',
+    'µ': 'u', '¡': '!', '¢': 'C/', '£': 'PS', '¤': '$?', '¥': 'Y=', '¦': '|', '§': 'SS', '¨': '"',
+    '©': '(c)', '«': '<<', '¬': '!', '®': '(r)', '¯': '-', '°': 'deg', '±': '+-', '´': "'", '¶': 'P',
+    '·': '*', '¸': ',', '»': '>>', '¼': ' 1/4', '½': ' 1/2', '¾': ' 3/4', '¿': '?', '×': 'x',
+    '÷': '/', '€': 'EUR', '™': '(tm)', '\u200b': ' ', '\u2028': '\n', '\u2029': '\n\n',
+    '‐': '-', '‑': '-', '‒': '-', '–': '-', '—': '--', '―': '--', '⁃': '--', '‾': '-', '⁀': '-',
+    '‘': "'", '’': "'", '‛': "'", '′': "'", '″': "''", '‴': "'''", '⁗': "''''", '‚': ',',
+    '„': ',,', '“': '"', '”': '"', '‟': '"', '‵': '`', '‶': '``', '‷': '```', '‹': '<', '›': '>',
+    '‖': '||', '‗': '_', '‿': '_', '†': '+', '‡': '++', '•': '*', '‣': '*>', '※': '*', '⁎': '*',
+    '⁂': '***', '‧': '.', '‰': '%0', '‱': '%00', '‸': '^', '⁁': '^', '‽': '!?', '⁄': '/',
+    '⁅': '-[', '⁆': ']-', '⁊': '&', '⁋': 'PP', '⁌': '(]', '⁍': '[)', '⁒': '%', '⁓': '~',
+})
+
+
+def to_ascii(text):
+    """'Ærø café – “ok”' -> 'AEro cafe - "ok"' (unidecode's answer for Latin text)."""
+    text = unicodedata.normalize('NFKD', text.translate(_ASCII))
+    return text.encode('ascii', 'ignore').decode('ascii')
+
+
+# Numbers are spelled as inflect's number_to_words spells them: groups of three joined by
+# commas, no 'and' after 'hundred' (Tortoise passes andword=''), e.g. 1234567 -> 'one million,
+# two hundred thirty-four thousand, five hundred sixty-seven'.
+_ONES = ('zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen '
+         'fifteen sixteen seventeen eighteen nineteen').split()
+_TENS = ['', ''] + 'twenty thirty forty fifty sixty seventy eighty ninety'.split()
+_SCALES = ('', ' thousand', ' million', ' billion', ' trillion', ' quadrillion', ' quintillion',
+           ' sextillion', ' septillion', ' octillion', ' nonillion', ' decillion')
+
+
+def _below_100(n):
+    return _ONES[n] if n < 20 else _TENS[n // 10] + ('-' + _ONES[n % 10] if n % 10 else '')
+
+
+def _below_1000(n, andword):
+    if n < 100:
+        return _below_100(n)
+    return _ONES[n // 100] + ' hundred' + (andword + _below_100(n % 100) if n % 100 else '')
+
+
+def number_to_words(n, andword=' '):
+    """inflect's number_to_words(n, andword='') for n >= 0; andword=' and ' gives inflect's default."""
+    groups = []                                   # groups of three digits, lowest first
+    while n:
+        n, group = divmod(n, 1000)
+        groups.append(group)
+    if len(groups) > len(_SCALES):                # inflect raises NumOutOfRangeError here too
+        raise ValueError('cannot spell a number of more than 36 digits')
+    words = [_below_1000(g, andword) + _SCALES[i] for i, g in reversed(list(enumerate(groups))) if g]
+    # inflect's quirk: a last group below one hundred is joined by the andword, not by a comma:
+    # 1000020 -> 'one million twenty', but 1000100 -> 'one million, one hundred'.
+    if len(words) > 1 and 0 < groups[0] < 100:
+        return ', '.join(words[:-1]) + andword + words[-1]
+    return ', '.join(words) or 'zero'
+
+
+def _integer(digits):
+    """int(digits) for what number_to_words can spell, refused before a long string is converted."""
+    if len(digits.lstrip('0')) > 3 * len(_SCALES):
+        raise ValueError(f'cannot spell a number of more than {3 * len(_SCALES)} digits')
+    return int(digits)
+
+
+_ORDINAL_ENDINGS = {'ty': 'tieth', 'one': 'first', 'two': 'second', 'three': 'third', 'five': 'fifth',
+                    'eight': 'eighth', 'nine': 'ninth', 'twelve': 'twelfth'}
+
+
+def _ordinal(m):
+    """'21st' -> 'twenty-first'. Tortoise calls inflect on the whole match, which ignores the suffix
+    ('21th' -> 'twenty-first') and keeps inflect's default 'and': '101st' -> 'one hundred and first'."""
+    words = number_to_words(_integer(m.group(1)), andword=' and ')
+    for ending, ordinal in _ORDINAL_ENDINGS.items():
+        if words.endswith(ending):
+            return words[:-len(ending)] + ordinal
+    return words + 'th'
+
+
+def _number(m):
+    """Integers; 1001..2999 are read as years: 1999 -> 'nineteen ninety-nine', 1905 -> 'nineteen oh
+    five', 1900 -> 'nineteen hundred', but 2000..2009 -> 'two thousand (five)'."""
+    n = _integer(m.group(0))
+    if not 1000 < n < 3000 or 2000 <= n < 2010:
+        return number_to_words(n)
+    high, low = divmod(n, 100)
+    if low == 0:
+        return _below_100(high) + ' hundred'
+    return _below_100(high) + (' oh ' if low < 10 else ' ') + _below_100(low)
+
+
+def _dollars(m):
+    """'$12.50' -> '12 dollars, 50 cents' (spelled by the later rules); '$.5' -> '5 cents', and as in
+    Tortoise '$12.5' -> '12 dollars, 5 cents'."""
+    dollars, _, cents = m.group(1).partition('.')
+    if '.' in cents:                              # '$1.2.3': left to the decimal rule
+        return m.group(1) + ' dollars'
+    amounts = [(_integer(dollars or '0'), 'dollar'), (_integer(cents or '0'), 'cent')]
+    return ', '.join(f'{n} {unit}' + 's' * (n != 1) for n, unit in amounts if n) or 'zero dollars'
+
+
+# Tortoise's rules in its order. Commas go first, so '1,2,3' is 123. Dollars come before the decimal
+# rule, which then reads the digits after the point as a number: 3.14 -> 'three point fourteen'.
+# Ordinals match inside words too: '1stop' -> 'firstop'. Tortoise also has a '£' rule, but unidecode
+# has already made '£' into 'PS' by then, so it never fires ('£3' -> 'psthree'); it is left out here.
+# Each rule that starts with [0-9]+ starts only where a run of digits starts ((?<![0-9])): it would fail
+# from every later digit too, and trying them all makes a long run of digits quadratic.
+_NUMBER_RULES = [
+    (re.compile(r'[0-9][0-9,]+[0-9]'), lambda m: m.group(0).replace(',', '')),
+    (re.compile(r'\$([0-9.,]*[0-9]+)'), _dollars),
+    (re.compile(r'(?<![0-9])([0-9]+)\.([0-9]+)'), r'\1 point \2'),
+    (re.compile(r'(?<![0-9])([0-9]+)(st|nd|rd|th)'), _ordinal),
+    (re.compile(r'[0-9]+'), _number),
+]
+
+
+def spell_numbers(text):
+    """'$5 in 1999' -> 'five dollars in nineteen ninety-nine': Tortoise's number rules, in its order."""
+    for pattern, replacement in _NUMBER_RULES:
+        text = pattern.sub(replacement, text)
+    return text
+
+
 if __name__ == "__main__":
     sys.exit(main())
-
