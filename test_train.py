@@ -74,18 +74,26 @@ def test_short_run_learns(short_run):
 
 @FULL
 def test_the_trained_model_ranks_from_the_command_line(short_run, tmp_path):
+    """Four held-out sentences through clvp.py, seeded, sampled as train.py evaluates (temperature 1, no top-p,
+    no repetition penalty: the toy speaker repeats codes, which Tortoise's penalty of 2 fights). Over seeds 0..5
+    the mean CER was 0.44..0.59 (one unseeded sentence at Tortoise's settings once read 0.95: a single sample
+    is too noisy to test)."""
     _, _, out = short_run
     model = clvp.load_model(out, "cpu")
     assert model.config.decoder.speech_vocab_size == train.CODES + 2
-    text = train.sentences(2200)[-1]                                       # a held-out sentence
-    r = subprocess.run([sys.executable, os.path.join(HERE, "clvp.py"), "--checkpoint", str(out), "--text", text,
-                        "--audio", os.path.join(HERE, "examples", "voice.wav"), "--max-tokens",
-                        str(model.config.decoder.speech_positions - 2), "--candidates", "4", "--json", "--out",
-                        str(tmp_path / "best.npy")], capture_output=True, text=True)
+    texts = train.sentences(2200)[-4:]                                     # held out
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "clvp.py"), "--checkpoint", str(out), "--text-file",
+                        str(tmp_path / "texts.txt"), "--audio", os.path.join(HERE, "examples", "voice.wav"),
+                        "--max-tokens", str(model.config.decoder.speech_positions - 2), "--candidates", "8",
+                        "--seed", "0", "--temperature", "1", "--top-p", "1", "--repetition-penalty", "1", "--json",
+                        "--out", str(tmp_path / "best.npy")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    best = np.load(tmp_path / "best.npy")[0]
-    spoken = train.recognize(best[best != clvp.FIX_STOP_CODE].tolist())
-    assert train.cer(spoken, clvp.clean_text(text)) < 0.8                  # it says something like the text
+    cers = []
+    for i, text in enumerate(texts):
+        best = np.load(tmp_path / f"best-{i + 1}.npy")[0]
+        cers.append(train.cer(train.recognize(best[best != clvp.FIX_STOP_CODE].tolist()), clvp.clean_text(text)))
+    assert np.mean(cers) < 0.75, cers                                      # it says something like the texts
 
 
 def test_bad_arguments(tmp_path):
