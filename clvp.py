@@ -1475,8 +1475,8 @@ def check_text(model, text):
     limit = model.config.decoder.text_positions - 3           # room for the text start and two stops
     fewest = math.ceil(len(cleaned) / max(map(len, model.tokenizer.vocab)))   # a token spans this many at most
     ids = model.tokenizer.encode(text) if fewest <= limit else []
-    require([(fewest <= limit and len(ids) <= limit, f"the text is {len(ids) or f'at least {fewest}'} tokens long; "
-              f"the model reads at most {limit} (split it into sentences, one per line, with --text-file)")])
+    require([(fewest <= limit and len(ids) <= limit, f"the text {text[:40]!r} is {len(ids) or f'at least {fewest}'} "
+              f"tokens long; the model reads at most {limit}: cut it into shorter parts with '|'")])
 
 
 def check_overflow(t):
@@ -1963,8 +1963,9 @@ def save_checkpoint(path, config, weights, tokenizer=None, mel_norms=None, dtype
 #
 # The arguments are checked first (Part III's checks, in the flags' words), then the files, the model and
 # every text, all before the first decoding step; each mistake is one line on stderr with exit code 2.
-# Each output is written whole as soon as its text is ranked (with --text-file, group by group), so an
-# error or Ctrl-C never leaves a half-written file.
+# A text is cut into parts of a few sentences (text_parts, in the appendix), each ranked on its own, as
+# Tortoise's read.py speaks them. Each output is written whole as soon as its part is ranked (group by group
+# when parts decode together), so an error or Ctrl-C never leaves a half-written file.
 # ===================================================================================================
 
 
@@ -1995,17 +1996,18 @@ class Progress:
 def build_parser():
     p = ArgumentParser(prog="clvp.py", description="Sample speech-token candidates for a text in a reference "
                        "voice with Tortoise's decoder, and rank them with CLVP.")
-    p.add_argument("--text", help="the sentence to speak")
-    p.add_argument("--text-file", metavar="FILE", help="one sentence per line, each ranked on its own")
+    p.add_argument("--text", help="the text to speak, cut into parts of about 200 characters at sentence ends as "
+                   "Tortoise's read.py cuts it, or at each '|' if it has one; each part is ranked on its own")
+    p.add_argument("--text-file", metavar="FILE", help="one text per line, each cut into parts as --text is")
     p.add_argument("--audio", nargs="+", metavar="WAV", help="reference clip(s) of the voice")
     p.add_argument("--checkpoint", help="converted weights (default: $CLVP_CACHE or ~/.cache/clvp, clvp.pt; "
                    "python convert_weights.py --download puts them there)")
     p.add_argument("--random-init", action="store_true", help="random weights: watch the pipeline, ignore the scores")
     p.add_argument("--tiny", action="store_true", help="with --random-init: a small model instead of the official size")
     g = p.add_argument_group("sampling")
-    g.add_argument("--candidates", dest="num_candidates", type=int, default=16, help="how many candidates to sample for each sentence (default 16)")
+    g.add_argument("--candidates", dest="num_candidates", type=int, default=16, help="how many candidates to sample for each part (default 16)")
     g.add_argument("--batch-size", type=int, default=16, help="rows decoded together (default 16); more than "
-                   "--candidates decodes several --text-file lines at once")
+                   "--candidates decodes several parts at once")
     g.add_argument("--keep", "--top-k", type=int, default=1, help="how many of the best candidates to keep and "
                    "write (default 1)")
     g.add_argument("--seed", type=int, help="random seed, for repeatable candidates")
@@ -2065,10 +2067,11 @@ def prepare_model(args, device):
     return model.to(device=device, dtype=getattr(torch, args.dtype))
 
 
-def read_texts(args):
-    """--text, or the non-empty lines of --text-file (at most MAX_TEXT_BYTES of UTF-8)."""
+def read_lines(args):
+    """--text as line 1, or the non-empty lines of --text-file (at most MAX_TEXT_BYTES of UTF-8), stripped
+    -> [(line number from 1, text)]."""
     if args.text is not None:
-        return [args.text]
+        return [(1, args.text)]
     with open_input(args.text_file, UsageError) as f:
         data = f.read(MAX_TEXT_BYTES + 1)
     require([(len(data) <= MAX_TEXT_BYTES, f"{args.text_file}: more than {MAX_TEXT_BYTES // 2**20} MiB of text; "
@@ -2077,9 +2080,27 @@ def read_texts(args):
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UsageError(f"{args.text_file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    lines = [line.strip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n") if line.strip()]
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    lines = [(n + 1, line.strip()) for n, line in enumerate(lines) if line.strip()]
     require([(lines, f"{args.text_file}: no text in it")])
     return lines
+
+
+def read_parts(args):
+    """The texts to rank -> [(part, the line it is from)]: each line of read_lines cut by text_parts. A line
+    with nothing to say (only spaces and . , ; : ! ?, or only spaces and '|') gives no part, as split_text drops
+    such parts of a text; no part at all is refused."""
+    lines = read_lines(args)
+    parts = [(part, n) for n, line in lines for part in text_parts(line)]
+    where = f"the text {args.text[:40]!r}" if args.text is not None else f"{args.text_file}: the text"
+    require([(args.text is None or args.text.strip(), "the text is empty"),
+             (parts, f"{where} has nothing to say: only spaces and . , ; : ! ? (or only '|' and spaces)")])
+    return parts
+
+
+def read_texts(args):
+    """The texts to rank, in order: the parts of --text, or of each line of --text-file (read_parts)."""
+    return [part for part, _ in read_parts(args)]
 
 
 def output_paths(out, n):
@@ -2149,16 +2170,17 @@ def explain_result(say, model, ids, gen, o):
 
 
 def texts_together(options):
-    """How many --text-file lines decode together: as many as fill one batch with their candidates (the
+    """How many parts decode together: as many as fill one batch with their candidates (the
     engine's); the lesson decodes one text at a time."""
     return 1 if options.engine == "lesson" else max(1, options.batch_size // options.num_candidates)
 
 
 def prepare_run(args, device, options):
     """Everything checked, cheapest first, before the first decoding step: the outputs (none of them an
-    input), the input files, the model, every line of text, the memory the generation will need, the audio.
-    -> (model, texts, ids for each, mels, output paths)."""
-    texts = read_texts(args)
+    input), the input files, the model, every part of the text, the memory the generation will need, the
+    audio. -> (model, texts (the parts), the line each is from, ids for each, mels, output paths)."""
+    parts = read_parts(args)
+    texts, lines = [part for part, _ in parts], [n for _, n in parts]
     outs = output_paths(args.out, len(texts))
     inputs = [*args.audio, args.text_file or "", "" if args.random_init else args.checkpoint or default_checkpoint()]
     with prefixed("--out "):
@@ -2167,16 +2189,19 @@ def prepare_run(args, device, options):
         check_input_file(path, AudioError)
     model = prepare_model(args, device)
     check_options(options, model.config, flag)
-    ids_list = [encode_text(model, t) for t in texts]
+    ids_list = []
+    for text, n in parts:                                    # a refusal names the part, and its line in a file
+        with prefixed(f"{args.text_file}, line {n}: " if args.text_file else ""):
+            ids_list.append(encode_text(model, text))
     check_memory(model, max(len(ids) for ids in ids_list), options, min(texts_together(options), len(texts)))
-    return model, texts, ids_list, voice_mels(model, args.audio), outs
+    return model, texts, lines, ids_list, voice_mels(model, args.audio), outs
 
 
 def run(args, device, options):
-    """Rank each text's candidates and write its best tokens. Texts decode together, as many as fill one
+    """Rank each part's candidates and write its best tokens. Parts decode together, as many as fill one
     batch of --batch-size rows, and each group's outputs are written as soon as it is done: a failure on
-    a later line leaves the earlier outputs complete, and the message says which they are."""
-    model, texts, ids_list, mels, outs = prepare_run(args, device, options)
+    a later part leaves the earlier outputs complete, and the message says which they are."""
+    model, texts, line_of, ids_list, mels, outs = prepare_run(args, device, options)
     quiet = args.quiet or args.json or not sys.stderr.isatty()
     say = print if args.explain and not args.json else None
     if args.random_init and not args.json:
@@ -2184,15 +2209,15 @@ def run(args, device, options):
               "this run only shows every stage working.")
     results, group = [], texts_together(options)
     for first in range(0, len(texts), group):
-        lines = range(first, min(first + group, len(texts)))
-        for i in lines if say else ():
-            explain_prompt(say, model, texts[i], ids_list[i], mels, options, [ids_list[j] for j in lines])
+        members = range(first, min(first + group, len(texts)))
+        for i in members if say else ():
+            explain_prompt(say, model, texts[i], ids_list[i], mels, options, [ids_list[j] for j in members])
         progress = Progress(not quiet)
         t0 = time.perf_counter()
-        generations = speech_tokens(model, [texts[i] for i in lines], args.audio, options, progress)
+        generations = speech_tokens(model, [texts[i] for i in members], args.audio, options, progress)
         progress.show("")
         seconds = time.perf_counter() - t0
-        for i, gen in zip(lines, generations):
+        for i, gen in zip(members, generations):
             if say:
                 explain_result(say, model, ids_list[i], gen, options)
             try:
@@ -2200,11 +2225,12 @@ def run(args, device, options):
             except OSError as e:
                 done = f"; written before it: {', '.join(r['out'] for r in results)}" if results else ""
                 raise UsageError(f"{outs[i]}: cannot write it ({e.strerror or first_line(e)}){done}") from None
-            results.append(dict(text=texts[i], ids=ids_list[i].tolist(), out=outs[i], seconds=round(seconds, 3),
-                                scores=[round(s, 6) for s in gen.scores.float().tolist()], order=gen.order.tolist(),
-                                lengths=gen.lengths.tolist(), best=gen.best.tolist(), decoded_with=len(lines)))
+            results.append(dict(text=texts[i], line=line_of[i], ids=ids_list[i].tolist(), out=outs[i],
+                                seconds=round(seconds, 3), scores=[round(s, 6) for s in gen.scores.float().tolist()],
+                                order=gen.order.tolist(), lengths=gen.lengths.tolist(), best=gen.best.tolist(),
+                                decoded_with=len(members)))
             if not args.json:
-                print_table(texts[i], gen, outs[i], seconds, len(lines))
+                print_table(texts[i], gen, outs[i], seconds, len(members))
     if args.json:
         print(json.dumps(dict(checkpoint=None if args.random_init else (args.checkpoint or default_checkpoint()),
                               random_init=args.random_init, device=str(device), dtype=args.dtype,
@@ -2213,7 +2239,7 @@ def run(args, device, options):
 
 
 def print_table(text, gen, out, seconds, together=1, rows=10):
-    with_others = f" (decoded with {together - 1} other line(s))" if together > 1 else ""
+    with_others = f" (decoded with {together - 1} other part(s))" if together > 1 else ""
     print(f"\n{text!r}: {len(gen.scores)} candidates in {seconds:.1f} s{with_others}")
     print(f"{'rank':>4}  {'candidate':>9}  {'score':>9}  {'length':>6}")
     for place, i in enumerate(gen.order.tolist()[:rows]):
@@ -2296,7 +2322,8 @@ def main(argv=None):
 #
 # clean_text's transliteration to ASCII (unidecode's work in Tortoise) and its number spelling (inflect's),
 # written out so that clvp.py needs neither library. The lesson calls them in one line; a reader can skip
-# them.
+# them. Last, the splitter that cuts a long text into parts of a few sentences, as Tortoise's read.py does;
+# the command line (Part IV) ranks each part on its own.
 # ===================================================================================================
 
 # unidecode romanizes every character from tables. For accented Latin letters and compatibility
@@ -2427,6 +2454,94 @@ def spell_numbers(text):
     for pattern, replacement in _NUMBER_RULES:
         text = pattern.sub(replacement, text)
     return text
+
+
+# ---------------------------------------------------------------------------------------------------
+# Long texts. The decoder reads at most 401 text tokens, a few sentences, so Tortoise's read.py and
+# read_fast.py cut a longer text into parts of about 200 characters and speak each on its own. split_text
+# reproduces tortoise/utils/text.py: split_and_recombine_text, the same parts for the same arguments
+# (test_tortoise.py compares the two on Tortoise's texts and on thousands of random ones), quirks included:
+#   - All whitespace, newlines too, becomes single spaces before anything else, so the original's rules for
+#     newlines never fire: a newline is not a sentence end. Curly double quotes become '"'.
+#   - Its look-ahead never sees the last character: it reads '' there, and `'' in s` is True for every
+#     string s. So near the end a '.' ends a sentence whatever follows it, and a run of '!?.' takes in the
+#     last character whatever it is: with desired_length=1, 'Hi!xy' -> 'Hi!', 'xy' but 'Hi!x' stays whole.
+#   - A sentence end inside quotes does not count. A closing quote before a space is a place to cut when a
+#     part grows too long, but never cuts by itself.
+#   - Inside quotes or not is a flag, flipped at each '"' the walk steps on, forward and back; stepping back
+#     flips it at the character it lands on, not at the one it leaves, so after a cut that steps back the
+#     flag can disagree with the quotes before it.
+#   - A part of only spaces and . , ; : ! ? is dropped; a part of only quotes is kept.
+# The walk steps back at most max_length characters at each forced cut: a megabyte with no space, all quotes
+# or all punctuation splits in about a second (measured).
+# ---------------------------------------------------------------------------------------------------
+
+_NOTHING_TO_SAY = set(' .,;:!?')
+
+
+def _flips(text, a, b):
+    """Whether the quote flag flips on a walk over text[a:b]: an odd number of '"' there."""
+    return text.count('"', a, b) % 2 == 1
+
+
+def _forced_cut(text, start, pos, ends, desired_length):
+    """Where a part text[start:pos + 1] that has grown to max_length ends: at its last place to cut if it has
+    one and is over half desired_length; else at the last space or ! ? . that leaves it longer than
+    desired_length; else mid-word, at desired_length characters."""
+    if ends and pos - start + 1 > desired_length / 2:
+        return ends[-1]
+    cut = pos
+    while text[cut] not in '!?. ' and cut - start + 1 > desired_length:
+        cut -= 1
+    return cut
+
+
+def split_text(text, desired_length=200, max_length=300):
+    """A long text -> parts, each ending at the first sentence end outside quotes that makes it desired_length
+    characters long, unless it reaches max_length first: then it is cut back (_forced_cut). Tortoise's
+    split_and_recombine_text, quirks included (see above)."""
+    require([(isinstance(text, str), f"split_text takes a string, not {describe(text)}"),
+             (all(isinstance(n, int) and n >= 1 for n in (desired_length, max_length)),
+              f"desired_length and max_length must be integers >= 1, not {desired_length!r}, {max_length!r}")])
+    text = re.sub(r'\s+', ' ', text).replace('\u201c', '"').replace('\u201d', '"')
+    last = len(text) - 1
+
+    def sees(i, chars):          # the original's look-ahead: text[i] in chars, True at the last character
+        return i >= last or text[i] in chars
+
+    parts, ends = [], []         # ends: where the part being read may be cut (sentence ends, closing quotes)
+    start, pos, quoted = 0, -1, False     # the part is text[start:pos + 1]
+    while pos < last:
+        pos += 1
+        quoted ^= text[pos] == '"'
+        if pos - start + 1 >= max_length:
+            cut = _forced_cut(text, start, pos, ends, desired_length)
+            quoted ^= _flips(text, cut, pos)                  # stepping back from pos to cut
+            parts.append(text[start:cut + 1])
+            start, pos, ends = cut + 1, cut, []
+        elif not quoted and (text[pos] in '!?' or text[pos] == '.' and sees(pos + 1, ' ')):
+            while pos < last and pos - start + 1 < max_length and sees(pos + 1, '!?.'):    # '?!?', '...'
+                pos += 1
+                quoted ^= text[pos] == '"'
+            ends.append(pos)
+            if pos - start + 1 >= desired_length:
+                parts.append(text[start:pos + 1])
+                start, ends = pos + 1, []
+        elif quoted and pos + 1 < last and text[pos + 1] == '"' and sees(pos + 2, ' '):   # 'Go," said'
+            quoted ^= _flips(text, pos + 1, pos + 3)
+            pos += 2
+            ends.append(pos)
+    parts.append(text[start:])
+    return [part.strip() for part in parts if not set(part) <= _NOTHING_TO_SAY]
+
+
+def text_parts(text):
+    """A text -> the parts to speak one by one, as read.py cuts it: at each '|' if it has one (the user's own
+    cut; read.py keeps its parts as they are, here each is stripped and the empty ones dropped), else with
+    split_text."""
+    if '|' in text:
+        return [part.strip() for part in text.split('|') if part.strip()]
+    return split_text(text)
 
 
 if __name__ == "__main__":

@@ -1075,6 +1075,153 @@ def test_cli_ctrl_c_leaves_no_output(tiny_checkpoint, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+# ---------------------------------------------------------------------------------------------------
+# Long texts: cut into parts as Tortoise's read.py cuts them (split_text; equal to the original's
+# split_and_recombine_text on random texts in test_tortoise.py), each part ranked on its own
+# ---------------------------------------------------------------------------------------------------
+
+PARAGRAPH = (
+    "The lighthouse keeper had kept the same routine for thirty-one years, and he saw no reason to change it "
+    "now. Every evening he climbed the one hundred and twelve steps, wiped the salt from the great lens, and "
+    "lit the lamp before the sun touched the water. \"A light that comes on late,\" he liked to say, \"is a "
+    "light that might as well not come on at all.\" The village below thought him stubborn; the fishermen "
+    "thought him a saint. On the night of the storm the power failed twice. The first time he cranked the "
+    "old generator by hand until his arms shook! The second time he did not wait for the generator at all; "
+    "he lit the oil lamps that his predecessor had left in the cupboard, wrapped in newspaper from a war that "
+    "nobody remembered any more... Were they enough? He could not tell. The rain came sideways, the windows "
+    "rattled in their frames, and somewhere out in the dark a small boat was trying to find the harbour "
+    "mouth. At a quarter past two he heard the horn, three short blasts and one long, which meant that "
+    "someone had seen him. He sat down on the top step and laughed until he coughed. In the morning the "
+    "harbour master came up the hill with a basket of bread, a jar of honey and a letter from the mayor, "
+    "which the keeper did not open. \"You could have been killed up there,\" said the harbour master. \"Yes,\" "
+    "said the keeper, \"and they could have been killed down there. Only one of those was my job.\" He put the "
+    "letter in the cupboard beside the newspaper, climbed the steps again, and slept until the afternoon, "
+    "when it was time to wipe the lens once more. Years later, when the lighthouse was automated and the "
+    "keeper had moved to a small house by the church, children would ask him whether he missed the tower. "
+    "He always gave the same answer: that a light does not care who lights it, as long as somebody does, and "
+    "that the best nights were the ones when nothing happened at all. Then he would pour them a cup of tea, "
+    "far too sweet, and tell them about the storm again, a little differently each time, until the boat had "
+    "become a ship and the ship a fleet"
+)
+
+
+def test_split_text_the_originals_own_examples():
+    # tortoise/utils/text.py's __main__ tests, with their expected parts.
+    text = """
+    This is a sample sentence.
+    This is another sample sentence.
+    This is a longer sample sentence that should force a split inthemiddlebutinotinthislongword.
+    "Don't split my quote... please"
+    """
+    assert clvp.split_text(text, desired_length=20, max_length=40) == [
+        'This is a sample sentence.', 'This is another sample sentence.', 'This is a longer sample sentence that',
+        'should force a split', 'inthemiddlebutinotinthislongword.', '"Don\'t split my quote... please"']
+    text = """
+    When you are really angry sometimes you use consecutive exclamation marks!!!!!! Is this a good thing to do?!?!?!
+    I don't know but we should handle this situation..........................
+    """
+    assert clvp.split_text(text, desired_length=30, max_length=50) == [
+        'When you are really angry sometimes you use', 'consecutive exclamation marks!!!!!!',
+        'Is this a good thing to do?!?!?!', "I don't know but we should handle this situation."]
+
+
+@pytest.mark.parametrize("text, desired, longest, parts", [
+    # a sentence end inside quotes does not cut; a closing quote before a space is only a place to cut back to
+    ('"Stop!" she said. "Wait. Please wait." Then nothing.', 10, 30,
+     ['"Stop!" she said.', '"Wait. Please wait."', 'Then nothing.']),
+    ('He said "one. two. three." and left. Done.', 5, 300, ['He said "one. two. three." and left.', 'Done.']),
+    # runs of ! ? . stay with their sentence; what is left of a run past max_length is punctuation, dropped
+    ('What?!?! No way!!! Really... yes.', 1, 300, ['What?!?!', 'No way!!!', 'Really...', 'yes.']),
+    ('Wow!!!!!!!!!!', 1, 5, ['Wow!!']),
+    # a word longer than max_length is cut mid-word at desired_length; so is a long word after short ones
+    ('x' * 700, 200, 300, ['x' * 200] * 3 + ['x' * 100]),
+    ('short words then ' + 'y' * 400 + ' end.', 200, 300,
+     ['short words then ' + 'y' * 183, 'y' * 217 + ' end.']),
+    # newlines are spaces (runs of whitespace become one space first): a newline is not a sentence end
+    ('Line one\nline two.\n\n\nLine three', 1, 300, ['Line one line two.', 'Line three']),
+    ('\u201cCurly quotes.\u201d she said. \u201cAgain!\u201d', 1, 300, ['"Curly quotes." she said.', '"Again!"']),
+    ('First sentence. And a trailing part without a period', 1, 300,
+     ['First sentence.', 'And a trailing part without a period']),
+    # sentences are gathered until a part reaches desired_length
+    ('One. Two. Three. Four.', 9, 300, ['One. Two.', 'Three. Four.']),
+    # the look-ahead never sees the last character: a run of '!' takes it in
+    ('Hi!xy', 1, 300, ['Hi!', 'xy']), ('Hi!x', 1, 300, ['Hi!x']),
+    # nothing to say: empty, whitespace, punctuation only; a part of only quotes is kept
+    ('', 200, 300, []), ('   \n\t ', 200, 300, []), ('... !!! ??? ,;:', 1, 300, []), ('""', 1, 300, ['""']),
+])
+def test_split_text_tricky_cases(text, desired, longest, parts):
+    assert clvp.split_text(text, desired, longest) == parts
+
+
+def test_split_text_parts_are_short_and_keep_every_word():
+    parts = clvp.split_text(PARAGRAPH)
+    assert len(PARAGRAPH) > 2000 and len(parts) >= 8
+    assert all(len(p) <= 300 for p in parts) and all(p[-1] in '.!?"' for p in parts[:-1])
+    assert " ".join(parts).split() == PARAGRAPH.split()
+    assert parts[0].startswith("The lighthouse keeper") and parts[-1].endswith("the ship a fleet")
+
+
+def test_split_text_refuses_what_it_cannot_split():
+    for args in [(None,), ("text", 0, 300), ("text", 200, 0), ("text", 2.5, 300)]:
+        with pytest.raises(clvp.InputError):
+            clvp.split_text(*args)
+
+
+def test_text_parts_cut_at_bars_when_the_text_has_one():
+    assert clvp.text_parts(" First part. Still first! | second |  |third") == ["First part. Still first!", "second",
+                                                                             "third"]
+    assert clvp.text_parts("No bar. Two sentences.") == clvp.split_text("No bar. Two sentences.")
+    assert clvp.text_parts("|||") == [] and clvp.text_parts("| ... |") == ["..."]
+
+
+def json_results(r):
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)["results"]
+
+
+def test_cli_a_long_text_is_ranked_part_by_part(tmp_path):
+    r = cli("--random-init", "--tiny", "--text", PARAGRAPH, "--audio", VOICE, "--max-tokens", 8, "--candidates", 2,
+            "--json", "--out", tmp_path / "best.npy")
+    results, parts = json_results(r), clvp.split_text(PARAGRAPH)
+    assert [x["text"] for x in results] == parts and len(parts) >= 8
+    assert [x["line"] for x in results] == [1] * len(parts)
+    assert [x["out"] for x in results] == clvp.output_paths(str(tmp_path / "best.npy"), len(parts))
+    for x in results:
+        assert np.load(x["out"]).tolist() == x["best"] and len(x["scores"]) == 2
+    assert sorted(os.listdir(tmp_path)) == sorted(f"best-{i + 1}.npy" for i in range(len(parts)))
+
+
+def test_cli_bars_are_the_users_parts(capsys, tmp_path):
+    text = "A first part, with a comma. And its second sentence! | The second part | | third?"
+    code = clvp.main(["--random-init", "--tiny", "--text", text, "--audio", VOICE, "--max-tokens", "6",
+                      "--candidates", "2", "--json", "--quiet", "--out", str(tmp_path / "b.npy")])
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert code == 0 and [x["text"] for x in results] == ["A first part, with a comma. And its second sentence!",
+                                                          "The second part", "third?"]
+    assert [os.path.basename(x["out"]) for x in results] == ["b-1.npy", "b-2.npy", "b-3.npy"]
+
+
+def test_cli_text_file_lines_are_each_split(capsys, tmp_path):
+    lines = [PARAGRAPH[:700], "", "A short line.", "...", "Bars | cut this one", PARAGRAPH[700:1500]]
+    (tmp_path / "t.txt").write_text("\n".join(lines) + "\n")
+    code = clvp.main(["--random-init", "--tiny", "--text-file", str(tmp_path / "t.txt"), "--audio", VOICE,
+                      "--max-tokens", "6", "--candidates", "2", "--batch-size", "6", "--json", "--quiet",
+                      "--out", str(tmp_path / "b.npy")])
+    results = json.loads(capsys.readouterr().out)["results"]
+    split = [[(part, n + 1) for part in clvp.split_text(line)] for n, line in enumerate(lines)]
+    expected = split[0] + split[2] + [("Bars", 5), ("cut this one", 5)] + split[5]     # line 4: nothing to say
+    assert code == 0 and [(x["text"], x["line"]) for x in results] == expected
+    assert len(split[0]) == 3 and len(split[5]) >= 3 and split[3] == []
+    assert [x["decoded_with"] for x in results] == [3] * 9 + [1]            # parts of lines 3 and 5 together
+    assert all(os.path.exists(x["out"]) for x in results) and len({x["out"] for x in results}) == len(expected)
+
+
+def test_read_texts_gives_speak_py_the_parts_as_strings(tmp_path):
+    args = clvp.build_parser().parse_args(["--text", PARAGRAPH, "--audio", VOICE])
+    assert clvp.read_texts(args) == clvp.split_text(PARAGRAPH)
+    assert all(type(t) is str for t in clvp.read_texts(args))
+
+
 def parts(path):
     """A file's lines cut at its banners (a '# ====' line, then '# Part I...' or '# Appendix...') -> {title: lines}."""
     lines = open(path, encoding="utf-8").read().split("\n")

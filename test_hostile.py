@@ -248,7 +248,7 @@ def test_endless_or_huge_text_file(work):
 
 
 def test_a_million_character_word_is_refused_before_tokenizing(work):
-    (work / "word.txt").write_text("a" * 1_000_000)
+    (work / "word.txt").write_text("a" * 1_000_000 + " | Hi.")      # '|': the user's parts, the word uncut
     line = refused(work, "--text-file", "word.txt", "--audio", "voice.wav", "--checkpoint", "tiny.pt",
                    words=["at most 401"])
     assert "at least" in line
@@ -622,6 +622,25 @@ def test_text_that_cleans_to_nothing(work, text):
     refused(work, *rank("--text", text), words=["empty"])
 
 
+def test_a_part_too_long_for_the_model_is_named(work):
+    """A long text is cut into parts that fit; a part the user cut with '|' is theirs, and one too long is
+    refused, by its first words (and its line in a file), with how to cut it."""
+    line = refused(work, *rank("--text", "Fine. | " + "word " * 300 + "| Fine too."),
+                   words=["'word word word", "at most 401", "cut it into shorter parts with '|'"])
+    assert "one per line" not in line
+    (work / "long.txt").write_text("Fine.\n\n" + "More words here. " * 200 + "\n" + "words " * 300 + "| Fine.\n")
+    refused(work, "--text-file", "long.txt", "--audio", "voice.wav", "--checkpoint", "tiny.pt",
+            words=["long.txt, line 4: the text 'words words", "at most 401"])
+
+
+@pytest.mark.parametrize("text", ["|||", " | | ", "...", "?! ... ,;: !!!"])
+def test_a_text_with_nothing_to_say(work, text):
+    refused(work, *rank("--text", text), words=["nothing to say", repr(text)])
+    (work / "nothing.txt").write_text(f"{text}\n\n{text}\n")
+    refused(work, "--text-file", "nothing.txt", "--audio", "voice.wav", "--checkpoint", "tiny.pt",
+            words=["nothing.txt: the text has nothing to say"])
+
+
 # ---------------------------------------------------------------------------------------------------
 # The library API: each public function checks its arguments and names them
 # ---------------------------------------------------------------------------------------------------
@@ -839,7 +858,9 @@ def test_load_model_bad_files(tiny_checkpoint, tmp_path):
     (["--text", "", "--audio", VOICE], "text is empty"),
     (["--text", "   ", "--audio", VOICE], "text is empty"),
     (["--text", "\"\"", "--audio", VOICE], "empty after cleaning"),
-    (["--text", "word " * 300, "--audio", VOICE], "at most 401"),
+    (["--text", "word " * 300 + "| Hi.", "--audio", VOICE], "at most 401"),
+    (["--text", " | |||", "--audio", VOICE], "nothing to say"),
+    (["--text", "... ?! ,;:", "--audio", VOICE], "nothing to say"),
     (["--text", "1" * 40, "--audio", VOICE], "cannot read the text"),
     (["--text", "Hi.", "--audio", "missing.wav"], "missing.wav: no such file"),
     (["--text", "Hi.", "--audio", __file__], "not a readable audio file"),
@@ -1075,6 +1096,27 @@ def test_a_megabyte_of_short_lines_has_its_outputs_checked_in_one_pass(work):
     os.link(work / "voice.wav", work / "o-262143.npy")
     refused(work, "--text-file", "short.txt", "--audio", "voice.wav", "--checkpoint", "tiny.pt", "--out", "o.npy",
             words=["o-262143.npy: is also an input (voice.wav)"])
+
+
+@pytest.mark.parametrize("char, words", [('"', "empty after cleaning"), ("!", "nothing to say"), (",", "nothing to say"),
+                                         ("|", "nothing to say"), ("\u201d", "empty after cleaning")])
+def test_a_megabyte_text_of_one_character_splits_at_once(work, char, words):
+    """No space and no sentence end (or nothing else): the splitter walks it once, stepping back at most
+    300 characters per cut; all quotes make parts of quotes (nothing to speak), punctuation and '|' no part."""
+    (work / "one.txt").write_text(char * (clvp.MAX_TEXT_BYTES // len(char.encode()) - 1))
+    refused(work, "--text-file", "one.txt", "--audio", "voice.wav", "--checkpoint", "tiny.pt", words=[words])
+
+
+def test_a_megabyte_word_is_split_at_once_into_its_parts(work):
+    """A megabyte 'word' is cut every 200 characters, as the original cuts it: 5,243 parts, whose outputs are
+    all checked (the last one is the voice clip, hard-linked) within the time bound."""
+    text = "a" * (clvp.MAX_TEXT_BYTES - 1)
+    n = len(clvp.split_text(text))
+    assert n == 5243
+    (work / "word.txt").write_text(text)
+    os.link(work / "voice.wav", work / f"o-{n}.npy")
+    refused(work, "--text-file", "word.txt", "--audio", "voice.wav", "--checkpoint", "tiny.pt", "--out", "o.npy",
+            words=[f"o-{n}.npy: is also an input (voice.wav)"])
 
 
 def test_a_text_file_of_digits_is_refused_at_once(work):

@@ -654,3 +654,54 @@ def test_chain_through_command_line(audio, name, tmp_path, capsys):
     DIFFS[f"{name} chain WAV"] = diff
     assert diff <= WAV_TOL, f"{name}: WAV max |difference| {diff:.2e} > {WAV_TOL}"
     assert float(np.abs(theirs.numpy()).max()) > 0.05               # not silence on both sides
+
+
+# ---------------------------------------------------------------------------------------------------
+# The text splitter of read.py and read_fast.py: clvp.split_text against the original
+# tortoise/utils/text.py: split_and_recombine_text, which imports only re
+# ---------------------------------------------------------------------------------------------------
+
+SHIPPED_TEXTS = ["riding_hood.txt", "seal_copypasta.txt", "got.txt", "layman.txt"]
+SPLIT_PIECES = [".", "!", "?", '"', "\u201c", "\u201d", " ", " ", "  ", "\n", "\n\n", "\t", ",", ";", "...", "?!",
+                "a", "b", "The", "word", "said", "x" * 40, "W" * 350]
+
+
+@pytest.fixture(scope="module")
+def original_split(tortoise_src):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("tortoise_text", tortoise_src / "tortoise" / "utils" / "text.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.split_and_recombine_text
+
+
+def test_split_text_equals_the_original_on_tortoises_texts(tortoise_src, original_split):
+    compared = 0
+    for name in SHIPPED_TEXTS:
+        text = (tortoise_src / "tortoise" / "data" / name).read_text(encoding="utf-8")
+        for piece in [text] + text.splitlines():
+            expected = original_split(piece)
+            assert clvp.split_text(piece) == expected, (name, piece[:80])
+            compared += 1
+        assert len(original_split(text)) > 3 or name == "layman.txt"    # the sdist's layman.txt is empty
+    assert compared > 100
+
+
+def random_text(rng):
+    """Up to a few thousand characters, mostly the splitter's special characters, with words and runs of
+    letters longer than its lengths, each piece drawn with a weight of its own so that texts differ in kind."""
+    weights = [rng.random() ** 3 for _ in SPLIT_PIECES]
+    return "".join(rng.choices(SPLIT_PIECES, weights, k=rng.choice([0, 1, 2, 5, 20, 80, 300, 1000])))
+
+
+def test_split_text_equals_the_original_on_random_texts(original_split):
+    import random
+    rng = random.Random(20240607)
+    kinds = set()
+    for i in range(3000):
+        text = random_text(rng)
+        desired, longest = (200, 300) if i % 2 else (rng.randint(1, 250), rng.randint(1, 350))
+        expected = original_split(text, desired, longest)
+        assert clvp.split_text(text, desired, longest) == expected, (i, desired, longest, text[:200])
+        kinds.add(min(len(expected), 3))
+    assert kinds == {0, 1, 2, 3}                   # texts that give no part, one, two and many
