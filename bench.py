@@ -7,6 +7,7 @@
     python bench.py --sentences 8 --batch-size 64                     # 8 sentences together vs one at a time
     python bench.py --attention            # the decode step's attention six ways: why the caches are what they are
     python bench.py --speak --compare      # speak.py's audio stages against the original Tortoise code
+    python bench.py --fast --compare       # speak.py --decoder hifigan: first audio, real-time factor, HiFi-GAN
     python bench.py --load                 # loading clvp.pt, from a fresh process to a model in memory
 
 The whole job is timed (conditioning, prefill, decoding, reranking) on random weights with the stop
@@ -16,7 +17,9 @@ The yardstick is the decode step's matrix products run bare: the same weights an
 torch.matmul, with nothing else around them. Medians of --repeat runs, the implementations interleaved
 so a machine that drifts hits both alike.
 """
+import contextlib
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -379,13 +382,19 @@ def front_end_speed(device, repeat=20):
                                    "one clip")}
 
 
+def tortoise_source(what):
+    """The unpacked tortoise-tts 3.0.0 source: $CLVP_TORTOISE_SRC, or where the tests unpack it."""
+    src = os.environ.get("CLVP_TORTOISE_SRC") or os.path.expanduser("~/.cache/clvp-test/tortoise-tts-3.0.0")
+    clvp.require([(os.path.isdir(os.path.join(src, "tortoise")), f"{what} needs the tortoise-tts 3.0.0 source in "
+                   f"{src} (pip download --no-deps tortoise-tts==3.0.0, unpack, set CLVP_TORTOISE_SRC)")])
+    return src
+
+
 def original_audio_models(diffusion, vocoder):
     """Tortoise's own DiffusionTts and UnivNetGenerator at the official size, holding exactly speak.py's
-    weights. They need the tortoise-tts 3.0.0 source ($CLVP_TORTOISE_SRC, or where the tests unpack it) and
-    einops; torchaudio, which arch_util imports but this path never calls, is stubbed."""
-    src = os.environ.get("CLVP_TORTOISE_SRC") or os.path.expanduser("~/.cache/clvp-test/tortoise-tts-3.0.0")
-    clvp.require([(os.path.isdir(os.path.join(src, "tortoise")), f"--speak --compare needs the tortoise-tts 3.0.0 "
-                   f"source in {src} (pip download --no-deps tortoise-tts==3.0.0, unpack, set CLVP_TORTOISE_SRC)")])
+    weights. They need the tortoise-tts 3.0.0 source and einops; torchaudio, which arch_util imports but this
+    path never calls, is stubbed."""
+    src = tortoise_source("--speak --compare")
     sys.modules.setdefault("torchaudio", types.ModuleType("torchaudio"))
     sys.path.insert(0, src)
     from tortoise.models.diffusion_decoder import DiffusionTts
@@ -477,6 +486,109 @@ def audio_rows(args):
                 peak_mib_above_the_models=audio_peaks(L, args.compare))
 
 
+def original_hifigan(hifigan):
+    """tortoise 3.0's own HifiganGenerator at api_fast.py's size, holding speak.py's weights under weight norm
+    (g = |w| per row, v = w), as api_fast.py runs it: it never removes the weight norm. Its inference() moves
+    its input to "cuda"; tortoise_oracle.import_hifigan patches that one line, for the CPU."""
+    import tortoise_oracle
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                       # torch's deprecated (old-style) weight_norm
+        theirs = tortoise_oracle.import_hifigan(tortoise_source("--fast --compare"))(
+            in_channels=1024, out_channels=1, resblock_type="1", resblock_dilation_sizes=[[1, 3, 5]] * 3,
+            resblock_kernel_sizes=[3, 7, 11], upsample_kernel_sizes=[16, 16, 4, 4], upsample_initial_channel=512,
+            upsample_factors=[8, 8, 2, 2], cond_channels=1024)
+    state = {}
+    for name, w in hifigan.state_dict().items():
+        if name.endswith("weight") and not name.startswith("cond_layer"):
+            state[name + "_v"], state[name + "_g"] = w, w.flatten(1).norm(dim=1).view(-1, *[1] * (w.dim() - 1))
+        else:
+            state[name] = w
+    theirs.load_state_dict(state)
+    return theirs.eval()
+
+
+def fast_rows(args, device):
+    """speak.py --decoder hifigan at the official size on random weights, the stop token banned so that every
+    candidate makes exactly --tokens codes: time to the first audio and wall seconds per second of audio, at 1
+    and 16 candidates and streamed, in each --dtype; the decode step at one row against its floor (the weights'
+    bytes at the bandwidth measured here); HiFi-GAN alone, and with --compare against the original's."""
+    clvp.require([(not (args.tiny and args.compare), "--fast --compare needs the official size (the original's "
+                   "HiFi-GAN reads 1024-wide latents)")])
+    torch.manual_seed(0)
+    base = clvp.add_front_end(clvp.DecoderAndCLVP(clvp.tiny_config() if args.tiny else clvp.Config())).to(device).eval()
+    width = base.config.decoder.dim
+    with torch.no_grad():
+        base.decoder.head.bias[base.config.decoder.stop_token] = -1e4
+    hifigan32 = speak.HifiGan(width, 32 if args.tiny else speak.HIFI_CHANNELS).to(device).eval()
+    L, ids = args.tokens, texts_to_read(args, device)[0]
+    mels = clvp.log_mel_spectrogram(0.1 * torch.randn(clvp.CONDITIONING_SAMPLES, device=device))[None]
+    gbps, rows = stream_gbps(device), {}
+    for dtype in args.dtype:
+        model = copy.deepcopy(base).to(getattr(torch, dtype))
+        hifigan = copy.deepcopy(hifigan32).to(speak.hifigan_dtype(device, model.logit_scale.dtype))   # as speak.py
+        m = mels.to(model.logit_scale.dtype)
+        for name, n in (("1 candidate", 1), ("16 candidates", 16), ("streamed", 1)):
+            o = clvp.DecodingOptions(num_candidates=n, batch_size=n, max_new_tokens=L, sample_top_k=50, seed=0)
+            fast_path_run(model, hifigan, ids, m, dataclasses.replace(o, max_new_tokens=2), name == "streamed")
+            rows[f"{name}, {dtype}"] = fast_path_run(model, hifigan, ids, m, o, name == "streamed")
+        weights = sum(p.numel() * p.element_size() for n, p in model.decoder.named_parameters()
+                      if "embedding" not in n and "positions" not in n)
+        for engine in ("fast", "lesson"):
+            ms = one_row_step_ms(model, ids, m, engine)
+            rows[f"decode step at one row, {dtype}, {engine} engine"] = {
+                "ms": ms, "floor ms": weights / gbps / 1e6, "step / floor": ms * gbps * 1e6 / weights,
+                "weights MiB": weights / 2**20}
+    latents, voice = torch.randn(1, L, width, device=device), torch.randn(1, width, device=device)
+    seconds = len(speak.hifigan_decode(hifigan32, latents, voice)) / speak.SAMPLE_RATE
+    with torch.inference_mode():
+        ours = best_ms(lambda: speak.hifigan_decode(hifigan32, latents, voice), args.repeat, device) / 1e3
+        h16 = copy.deepcopy(hifigan32).bfloat16()
+        ours16 = best_ms(lambda: speak.hifigan_decode(h16, latents, voice), args.repeat, device) / 1e3
+        theirs = original_hifigan(hifigan32) if args.compare else None
+        orig = theirs and best_ms(lambda: theirs.inference(latents, voice), args.repeat, device) / 1e3
+    rows[f"HiFi-GAN alone, {seconds:.1f} s of audio"] = {"speak.py fp32 s": ours, "speak.py bf16 s": ours16,
+                                                          **({"original fp32 s": orig, "speed-up fp32": orig / ours}
+                                                             if orig else {})}
+    return dict(device=str(device), cpu=cpu_facts() if device.type == "cpu" else None, stream_GB_per_s=gbps, tokens=L,
+                audio_seconds_per_token=1024 / clvp.SAMPLE_RATE, torch=torch.__version__,
+                threads=torch.get_num_threads(), rows=rows)
+
+
+@torch.inference_mode()
+def fast_path_run(model, hifigan, ids, mels, options, streamed):
+    """One speak.py --decoder hifigan run, in process -> time to the first audio, seconds per second of audio."""
+    t0 = time.perf_counter()
+    if streamed:
+        first, samples = None, 0
+        for chunk in speak.stream(model, hifigan, ids, mels, options):
+            first, samples = first or time.perf_counter() - t0, samples + len(chunk)
+    else:
+        gen = model.generate(ids, mels, options)
+        codes = speak.spoken_codes(gen, options, model.config.decoder.stop_token)
+        samples = len(speak.speak_fast(model, hifigan, ids, mels, codes))
+        first = time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    return {"first audio s": first, "wall s": wall, "audio s": samples / speak.SAMPLE_RATE,
+            "real-time factor": wall / (samples / speak.SAMPLE_RATE)}
+
+
+@torch.inference_mode()
+def one_row_step_ms(model, ids, mels, engine, steps=30):
+    """The stream's decode step, ms: one row through the lesson's KV cache, on the engine's packed weights or not."""
+    dec, c = model.decoder, model.decoder.config
+    prompt = dec.prompt(model.voice_latent(mels)[None], ids[None])
+    P, token = prompt.shape[1], torch.tensor([[5]], device=prompt.device)
+    cache = clvp.KVCache.empty(c, 1, P + 2 * steps, prompt.device, prompt.dtype)
+    with clvp.packed_weights(dec, 1) if engine == "fast" else contextlib.nullcontext():
+        dec(prompt, cache)
+        times = []
+        for k in range(2 * steps):
+            t0 = time.perf_counter()
+            dec.logits(dec(dec.embed_speech(token, clvp.speech_position(k + 1)), cache, P + k)[:, -1])
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[steps:]) * 1e3            # the first half warms up
+
+
 def build_parser():
     p = clvp.ArgumentParser(prog="bench.py", description="Time clvp.py's generate-and-rank on random weights "
                             "(and transformers' with --compare).")
@@ -493,6 +605,8 @@ def build_parser():
     p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "float16", "bfloat16"],
                    help="clvp.py's dtype(s), each timed in turn (default float32)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--fast", action="store_true", help="only time speak.py --decoder hifigan: first audio, real-time "
+                   "factor, the one-row decode step against its floor, HiFi-GAN alone (with --compare: against the original's)")
     p.add_argument("--speak", action="store_true", help="only time speak.py's audio stages (fp32, CPU; with --compare "
                    "against the original's DiffusionTts and UnivNet), at --seconds of audio")
     p.add_argument("--seconds", type=float, default=3.0, help="audio length for --speak (default 3)")
@@ -549,6 +663,9 @@ def measure(args):
                   clvp.within("--text-tokens", args.text_tokens, 1, 400), clvp.within("--repeat", args.repeat, 1, 100)])
     with clvp.prefixed("--device: "):
         device = clvp.resolve_device(args.device)
+    if args.fast:
+        print(json.dumps(fast_rows(args, device), indent=None if args.json else 1))
+        return 0
     if args.speak:
         clvp.require([(1 <= args.seconds <= 30, f"--seconds must be in 1..30, not {args.seconds}")])
         report = audio_rows(args)

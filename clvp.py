@@ -448,8 +448,12 @@ class Decoder(nn.Module):
             x = block(x, i, cache, start)
         return x
 
+    def latent(self, h):                                     # [B, T, D] -> [B, T, D]
+        """GPT-2's last norm, then UnifiedVoice's own final_norm: the "latents" speak.py's decoders read."""
+        return self.final_norm(self.norm(h))
+
     def logits(self, h):                                     # [B, T, D] -> [B, T, 8194]
-        return self.head(self.final_norm(self.norm(h)))
+        return self.head(self.latent(h))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -691,8 +695,8 @@ class DecoderAndCLVP(nn.Module):
 # 3. rank: CLVP scores every candidate against the text, best first.
 #
 # next_tokens applies the processors of transformers' generate, in its order: repetition penalty,
-# temperature, top-p, then typical sampling where asked. That is the Hugging Face port's order; the
-# original's typical_sampling=True passes its TypicalLogitsWarper as a logits processor instead, which
+# temperature, top-k where asked (api_fast.py asks for 50), top-p, then typical sampling where asked.
+# That is the Hugging Face port's order; the original's typical_sampling=True passes its TypicalLogitsWarper as a logits processor instead, which
 # under its transformers (4.31) runs right after the repetition penalty, before temperature and top-p.
 # The repetition penalty covers the start token and the tokens generated so far, as in the Hugging
 # Face port. The original Tortoise prompt also held a run of fake token-1 entries, so it penalized
@@ -714,6 +718,7 @@ class DecodingOptions:
     top_p: float = 0.8
     repetition_penalty: float = 2.0
     typical_mass: float | None = None  # typical sampling, off unless set
+    sample_top_k: int | None = None    # sample among the k most likely tokens only (api_fast.py: 50); off unless set
     keep: int = 1                      # how many of the ranked candidates Generation.best keeps
     seed: int | None = None
     pad_to_max: bool = True            # stop-pad candidates to max_new_tokens before scoring (Tortoise)
@@ -737,6 +742,12 @@ class Generation:
 def repetition_penalty(logits, seen, penalty):
     """Make every token already seen less likely: positive logits / penalty, negative * penalty."""
     return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def top_k_filter(logits, k):
+    """Keep the k most likely tokens (and any tied with the k-th), as transformers' top_k does."""
+    kth = logits.topk(min(k, logits.shape[-1]), dim=-1).values[:, -1:]
+    return logits.masked_fill(logits < kth, -math.inf)
 
 
 def top_p_filter(logits, top_p):
@@ -767,6 +778,8 @@ def next_tokens(logits, seen, options, generator):
     # Moving the best logit to 0 changes no probability, but keeps any finite penalty and temperature finite.
     logits.clamp_(max=torch.finfo(logits.dtype).max)          # in place: logits is the penalty's own copy
     logits.sub_(logits.max(dim=-1, keepdim=True).values).div_(options.temperature)
+    if options.sample_top_k is not None:
+        logits = top_k_filter(logits, options.sample_top_k)
     if options.top_p < 1:
         logits = top_p_filter(logits, options.top_p)
     if options.typical_mass is not None:
@@ -1506,6 +1519,8 @@ def decoding_problems(o, config):
              ("repetition_penalty", number(o.repetition_penalty) and o.repetition_penalty > 0, FP32_POSITIVE),
              ("typical_mass", o.typical_mass is None or number(o.typical_mass, 0.0, 1.0) and o.typical_mass > 0,
               "None (off) or in (0, 1]"),
+             ("sample_top_k", o.sample_top_k is None or integer(o.sample_top_k, 1, config.decoder.speech_vocab_size),
+              f"None (off) or an integer in 1..{config.decoder.speech_vocab_size}"),
              ("keep", integer(o.keep, 1, MAX_SIZE), f"an integer in 1..{MAX_SIZE}"),
              ("seed", o.seed is None or integer(o.seed, 0, 2**64 - 1), "None or an integer in 0..2**64-1"),
              ("pad_to_max", isinstance(o.pad_to_max, bool), "True or False"),
@@ -2016,6 +2031,8 @@ def build_parser():
     g.add_argument("--repetition-penalty", type=float, default=2.0, help="default 2.0")
     g.add_argument("--typical-mass", type=float, help="typical sampling mass (off by default), applied after top-p "
                    "as transformers orders it (Tortoise's typical_sampling applies it before temperature)")
+    g.add_argument("--sample-top-k", type=int, help="sample only among the K most likely tokens, after the "
+                   "temperature and before top-p (off by default, as in api.py; api_fast.py samples with 50)")
     g.add_argument("--max-tokens", dest="max_new_tokens", type=int, default=500, help="speech tokens per candidate at most (default 500)")
     g.add_argument("--no-pad", dest="pad_to_max", action="store_false", help="score candidates unpadded (transformers) rather than "
                    "stop-padded to --max-tokens (Tortoise)")

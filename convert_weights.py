@@ -4,6 +4,7 @@
     python convert_weights.py --hf DIR -o clvp.pt [--dtype float16]
     python convert_weights.py --download            # fetch the official files, write ~/.cache/clvp/clvp.pt
     python convert_weights.py --upgrade clvp.pt     # a file an earlier clvp wrote with torch.save, rewritten
+    python convert_weights.py --tortoise-hifigan hifidecoder.pth -o hifigan.pt    # speak.py --decoder hifigan
 
 Tortoise's own files: autoregressive.pth (the decoder and its conditioning encoder) and clvp2.pth (the
 text and speech encoders), with tokenizer.json and mel_norms.pth (copies ship in data/, the norms as
@@ -810,6 +811,38 @@ def fetch_and_convert_audio(directory=None, progress=True):
     return out
 
 
+# ---------------------------------------------------------------------------------------------------
+# The fast path's HiFi-GAN (speak.py --decoder hifigan): tortoise 3.0's hifidecoder.pth -> hifigan.pt
+# ---------------------------------------------------------------------------------------------------
+
+FAST_URL = "https://huggingface.co/Manmay/tortoise-tts/resolve/main"     # where api_fast.py gets it
+FAST_FILES = {"hifidecoder.pth": FAST_URL}
+
+
+def convert_tortoise_hifigan(path):
+    """hifidecoder.pth (HifiganGenerator's state dict, with weight norm) -> (hifigan.pt's contents, names
+    skipped). The weight norm is folded here, once (w = g * v / |v|), so speak.py reads plain convolutions.
+    api_fast.py loads the file with strict=False: a tensor HifiGan has no place for is skipped (listed with
+    --verbose), as there; a missing one is refused, where the original would keep its random initialisation."""
+    with clvp.prefixed(f"{path}: ", ConversionError):
+        state = speak.fold_weight_norm(read_torch(path), "hifigan")
+        with torch.device("meta"):
+            names = set(speak.HifiGan(*speak.hifigan_sizes(state)).state_dict())
+        blob = {"format": speak.HIFIGAN_FORMAT, "version": speak.HIFIGAN_VERSION,
+                "hifigan": {k: v for k, v in state.items() if k in names}}
+        speak.checked_hifigan_checkpoint(blob, None)
+    return blob, sorted(k for k in state if k not in names)
+
+
+def fetch_and_convert_hifigan(directory=None, progress=True):
+    """Download hifidecoder.pth into `directory` (default: the cache) and write hifigan.pt there, beside clvp.pt,
+    where speak.py --decoder hifigan looks for it."""
+    paths = download_official(directory, progress, FAST_FILES)
+    out = os.path.join(os.path.dirname(paths["hifidecoder.pth"]), "hifigan.pt")
+    clvp.write_tensor_file(out, convert_tortoise_hifigan(paths["hifidecoder.pth"])[0])
+    return out
+
+
 def build_parser():
     p = clvp.ArgumentParser(prog="convert_weights.py", description="Convert official CLVP weights into the one "
                             "file clvp.py loads. Give one source: --hf, --tortoise-ar with --tortoise-clvp, or "
@@ -823,9 +856,13 @@ def build_parser():
     p.add_argument("--tortoise-diffusion", metavar="PATH", help="Tortoise's diffusion_decoder.pth (with "
                    "--tortoise-vocoder: writes speak.py's speak.pt)")
     p.add_argument("--tortoise-vocoder", metavar="PATH", help="Tortoise's vocoder.pth")
+    p.add_argument("--tortoise-hifigan", metavar="PATH", help="tortoise 3.0's hifidecoder.pth (with -o: writes "
+                   "speak.py --decoder hifigan's hifigan.pt)")
     p.add_argument("--download", action="store_true", help="fetch the official Tortoise files and convert them")
     p.add_argument("--speak", action="store_true", help="with --download: also fetch diffusion_decoder.pth and "
                    "vocoder.pth and write speak.py's speak.pt beside clvp.pt")
+    p.add_argument("--fast", action="store_true", help="with --download: also fetch hifidecoder.pth (from "
+                   "Manmay/tortoise-tts, as api_fast.py does) and write hifigan.pt beside clvp.pt")
     p.add_argument("--cache", metavar="DIR", help="where --download keeps the files (default: $CLVP_CACHE or "
                    "~/.cache/clvp); clvp.pt is written there")
     p.add_argument("-o", "--output", help="where to write the checkpoint (e.g. clvp.pt)")
@@ -839,14 +876,19 @@ def build_parser():
 
 def convert(args):
     """The conversion the arguments ask for, every input and the output checked before any work."""
-    clvp.require([(args.download or not args.speak, "--speak only applies with --download")], ConversionError)
+    clvp.require([(args.download or not args.speak, "--speak only applies with --download"),
+                  (args.download or not args.fast, "--fast only applies with --download")], ConversionError)
     if args.upgrade:
         return upgrade(args)
     if args.download:
         print(f"wrote {fetch_and_convert(args.cache, progress=True)}")
         if args.speak:
             print(f"wrote {fetch_and_convert_audio(args.cache, progress=True)}")
+        if args.fast:
+            print(f"wrote {fetch_and_convert_hifigan(args.cache, progress=True)}")
         return 0
+    if args.tortoise_hifigan:
+        return convert_hifigan(args)
     if args.tortoise_diffusion or args.tortoise_vocoder:
         return convert_audio(args)
     if bool(args.hf) == bool(args.tortoise_ar or args.tortoise_clvp):
@@ -896,6 +938,26 @@ def convert_audio(args):
     return 0
 
 
+def convert_hifigan(args):
+    """--tortoise-hifigan -> hifigan.pt."""
+    clvp.require([(not (args.hf or args.tortoise_ar or args.tortoise_clvp or args.tortoise_diffusion or
+                        args.tortoise_vocoder), "convert hifidecoder.pth on its own: --tortoise-hifigan PATH -o PATH"),
+                  (bool(args.output), "say where to write the checkpoint with -o PATH (e.g. hifigan.pt)")], ConversionError)
+    with clvp.prefixed("-o ", ConversionError):
+        clvp.check_output(args.output, [args.tortoise_hifigan])
+    blob, skipped = convert_tortoise_hifigan(args.tortoise_hifigan)
+    blob["hifigan"] = {k: v.to(getattr(torch, args.dtype)) for k, v in blob["hifigan"].items()}   # --dtype: storage
+    with clvp.prefixed(f"{args.output}: not written in {args.dtype}: ", ConversionError):
+        speak.checked_hifigan_checkpoint(blob, None)
+    clvp.write_tensor_file(args.output, blob)
+    for name in skipped if args.verbose else []:
+        print(f"skipped {name}")
+    n = sum(v.numel() for v in blob["hifigan"].values())
+    print(f"wrote {args.output} ({os.path.getsize(args.output) / 2**20:.1f} MiB, {n / 1e6:.1f} M parameters; "
+          f"{len(skipped)} tensors skipped, as api_fast.py's strict=False skips them)")
+    return 0
+
+
 def old_speak_file(path):
     """A speak.pt of format version 2 (a tensor file with the original's names) -> its contents; None for a
     zip archive (version 1), which load_plain reads; anything else is refused from its header."""
@@ -913,7 +975,7 @@ def upgrade(args):
     format, checked as clvp.py and speak.py check them, replacing the old file only once the new one is whole."""
     path = args.upgrade
     clvp.require([(not any(getattr(args, k) for k in ("hf", "tortoise_ar", "tortoise_clvp", "tortoise_diffusion",
-                                                       "tortoise_vocoder", "download", "output")),
+                                                       "tortoise_vocoder", "tortoise_hifigan", "download", "output")),
                    "--upgrade PATH rewrites PATH in place; give it alone")], ConversionError)
     with clvp.prefixed("--upgrade ", ConversionError):
         clvp.check_output(path)

@@ -1,4 +1,4 @@
-"""speak.py: Tortoise's last two stages, speech tokens -> a 24 kHz WAV, in one file beside clvp.py.
+"""speak.py: Tortoise's last stages, speech tokens -> 24 kHz audio, in one file beside clvp.py.
 
 clvp.py ends with the speech tokens CLVP picked. Tortoise turns them into audio in two more networks:
 
@@ -9,13 +9,21 @@ clvp.py ends with the speech tokens CLVP picked. Tortoise turns them into audio 
     noise [1, 100, L] --DiffusionTts, N respaced DDPM (or DDIM) steps--> mel [1, 100, L] in [-1, 1]
         --denormalise--> log-mel --UnivNet--> wav [1, 1, 256 * L] at 24 kHz
 
+tortoise-tts 3.0's fast path (api_fast.py) skips the diffusion: HiFi-GAN reads the AR latents themselves,
+
+    one sampled candidate --Decoder (teacher-forced)--> AR latents [1, S, 1024] --stretch--> [1, 1024, L]
+        --HiFi-GAN, with the decoder's voice latent--> wav [1, 1, 256 * L] at 24 kHz
+
+and can stream: the latents of the sampling pass itself, decoded every 40 tokens, crossfaded chunk to chunk.
+
 Its parts are numbered as clvp.py's: Part I is the lesson, in that order; Part III checks what comes in
-(speak.pt, --codes, the options) before any work; Part IV is the command line. There is no Part II: the
-audio stages run as the lesson writes them (their one speed idea, the position bias read as a view of one
-row, is plain enough to be the lesson's own). It imports clvp for everything before the tokens (text, audio
-loading, the decoder, generation and ranking) and for its boundary helpers; clvp.py imports nothing of
-this file. Numbers match the original Tortoise code on the same weights (test_tortoise.py).
+(speak.pt, hifigan.pt, --codes, the options) before any work; Part IV is the command line. There is no
+Part II: the audio stages run as the lesson writes them (their speed ideas, the position bias read as a
+view of one row and the stream's steps on clvp.py's packed weights, are each a line). It imports clvp for
+everything before the tokens (text, audio loading, the decoder, generation and ranking) and for its
+boundary helpers; clvp.py imports nothing of this file. Numbers match the original Tortoise code on the same weights (test_tortoise.py).
 """
+import contextlib
 import json
 import math
 import os
@@ -64,7 +72,7 @@ def speech_latents(model, latent, text_ids, codes):
     prompt = dec.prompt(latent.expand(B, -1), text_ids.expand(B, -1))                    # ends in 8192 at 0
     speech = dec.speech_embedding(codes[:, :-1]) + dec.speech_positions.weight[1:S]      # training positions
     h = dec(torch.cat([prompt, speech], dim=1))                                           # causal: the last code
-    return dec.final_norm(dec.norm(h[:, prompt.shape[1] - 1:]))                           # and 8193 change nothing
+    return dec.latent(h[:, prompt.shape[1] - 1:])                                        # and 8193 change nothing
 
 
 def calm_length(codes):
@@ -504,6 +512,70 @@ def vocode(vocoder, mel, generator=None):
 
 
 # ---------------------------------------------------------------------------------------------------
+# The fast path (tortoise 3.0's api_fast.py): HiFi-GAN reads the AR latents themselves
+#
+# No diffusion, no 100-band mel, no UnivNet: a HiFi-GAN generator (the original's models/hifigan_decoder.py,
+# from coqui's TTS, after Kong et al.) was trained to turn the decoder's latents [1, S, 1024] straight into
+# 24 kHz audio. A code stands for 1024 samples at 22.05 kHz, four mel frames of 256, so the latents are first
+# stretched linearly x4, then x24000/22050 to frames of 256 samples at 24 kHz: L = floor(floor(4 S) * 24000 / 22050).
+# The generator: a 7-tap conv 1024 -> 512, plus the decoder's voice latent through a 1x1 conv (one vector
+# added at every frame); four stages, each a leaky ReLU, a transposed conv that upsamples x8, x8, x2, x2
+# (256 samples per frame in all) and halves the channels (512 -> 32), then the mean of three residual blocks
+# with kernels 3, 7 and 11 (HiFi-GAN's multi-receptive-field fusion: each block dilates 1, 3, 5); then a
+# leaky ReLU, a 7-tap conv to one channel and tanh. Quirk: every leaky ReLU has slope 0.1 but the last, which
+# has torch's default 0.01, as in HiFi-GAN's own code. The weight norm it was trained with is folded when
+# convert_weights.py writes hifigan.pt, so these are plain convolutions.
+# ---------------------------------------------------------------------------------------------------
+
+HIFI_SLOPE = 0.1
+HIFI_UPSAMPLE, HIFI_KERNELS, HIFI_DILATIONS, HIFI_CHANNELS = (8, 8, 2, 2), (3, 7, 11), (1, 3, 5), 512
+
+
+class HifiResBlock(nn.Module):
+    def __init__(self, channels, kernel):
+        super().__init__()
+        self.convs1 = nn.ModuleList(conv1d(channels, channels, kernel, dilation=d) for d in HIFI_DILATIONS)
+        self.convs2 = nn.ModuleList(conv1d(channels, channels, kernel) for _ in HIFI_DILATIONS)
+
+    def forward(self, x):                                             # [B, C, T] -> [B, C, T]
+        for c1, c2 in zip(self.convs1, self.convs2):
+            x = x + c2(F.leaky_relu(c1(F.leaky_relu(x, HIFI_SLOPE)), HIFI_SLOPE))
+        return x
+
+
+class HifiGan(nn.Module):
+    def __init__(self, latent_dim=1024, channels=HIFI_CHANNELS):
+        super().__init__()
+        self.conv_pre = nn.Conv1d(latent_dim, channels, 7, padding=3)
+        self.cond_layer = nn.Conv1d(latent_dim, channels, 1)
+        self.ups = nn.ModuleList(nn.ConvTranspose1d(channels >> i, channels >> (i + 1), 2 * u, u, padding=u // 2)
+                                 for i, u in enumerate(HIFI_UPSAMPLE))
+        self.resblocks = nn.ModuleList(HifiResBlock(channels >> (i + 1), k)
+                                       for i in range(len(HIFI_UPSAMPLE)) for k in HIFI_KERNELS)
+        self.conv_post = nn.Conv1d(channels >> len(HIFI_UPSAMPLE), 1, 7, padding=3)
+
+    def forward(self, x, voice):                      # frames [B, latent_dim, L], voice [B, latent_dim] -> [B, 1, 256 L]
+        x = self.conv_pre(x) + self.cond_layer(voice[:, :, None])
+        n = len(HIFI_KERNELS)
+        for i, up in enumerate(self.ups):
+            x = up(F.leaky_relu(x, HIFI_SLOPE))                       # [B, C / 2, T * u]
+            x = sum(block(x) for block in self.resblocks[i * n:(i + 1) * n]) / n
+        return torch.tanh(self.conv_post(F.leaky_relu(x)))             # slope 0.01: the quirk above
+
+
+def stretch(latents):
+    """AR latents [B, S, D] -> frames [B, D, L] at 24 kHz, as the original's inference() stretches them."""
+    x = F.interpolate(latents.transpose(1, 2), scale_factor=4, mode="linear")             # [B, D, 4 S]
+    return F.interpolate(x, scale_factor=SAMPLE_RATE / clvp.SAMPLE_RATE, mode="linear")   # [B, D, L]
+
+
+def hifigan_decode(hifigan, latents, voice):
+    """AR latents [1, S, D] and the decoder's voice latent [1, D] -> wav [256 * L] at 24 kHz."""
+    dtype = hifigan.conv_pre.weight.dtype
+    return hifigan(stretch(finite(latents, "the AR latents").to(dtype)), voice.to(dtype))[0, 0]
+
+
+# ---------------------------------------------------------------------------------------------------
 # One line of text, spoken: the whole chain with its randomness pinned
 # ---------------------------------------------------------------------------------------------------
 
@@ -544,6 +616,103 @@ def speak(model, diffusion, vocoder, text_ids, mels, latent, codes, o: SpeakOpti
     wav = vocode(vocoder, mel, generator).float()
     finite(wav, "the vocoder's waveform")
     return wav
+
+
+# ---------------------------------------------------------------------------------------------------
+# One line of text, the fast way (api_fast.py's tts): one sample, its latents, HiFi-GAN
+#
+# api_fast's tts() samples one candidate (top-k 50 on top of api.py's sampling), takes its latents from a
+# second, teacher-forced pass, as the diffusion path does (speech_latents), and hands them to HiFi-GAN. It
+# neither fixes the codes nor trims the calm run: the codes are spoken as inference_speech returned them,
+# through the stop token (whose latent is the last code's hidden state). With more than one candidate,
+# clvp.py ranks them first and the best is spoken, which no fast path of the original does.
+# ---------------------------------------------------------------------------------------------------
+
+def spoken_codes(gen, options, stop_token):
+    """The best candidate of a Generation as inference_speech returned it -> [S]: the codes before its stop
+    token, then the stop token, unless it never stopped (the fix replaced the stop and what follows)."""
+    length, stop = int(gen.lengths[gen.order[0]]), gen.best.new_tensor([stop_token])
+    return torch.cat([gen.best[0, :length], stop if length < options.max_new_tokens else stop[:0]])
+
+
+@torch.inference_mode()
+def speak_fast(model, hifigan, text_ids, mels, codes):
+    """Codes [S] of one text, as spoken_codes gives them -> wav [samples] at 24 kHz."""
+    voice = model.voice_latent(mels)[None]                                                       # [1, D]
+    return hifigan_decode(hifigan, speech_latents(model, voice, text_ids[None], codes[None]), voice).float()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Streaming (api_fast.py's tts_stream): audio while the decoder is still sampling
+#
+# The stream takes its latents from the sampling pass itself: for each token, the decoder's final-normed
+# hidden state at the input that produced it (the start token's for the first), at the positions the cached
+# generation uses (speech position k + 1 for the k-th token: clvp.py's position quirk), so they differ a
+# little from the teacher-forced ones above. After the first 60 tokens, then every 40, HiFi-GAN decodes *all*
+# the latents so far (its convolutions need context on both sides: decoding only the new ones would click
+# at each seam) and the stream plays what it has not played yet, except the last 1024 samples: the next
+# decode remakes them with more context to their right, and its first 1024 samples are crossfaded with them
+# by linear ramps (handle_chunks, from coqui's XTTS). Two things differ from the original, at the end only:
+# it never plays its last 1024 samples, and it crashes when the last decode adds fewer than 1024 samples
+# (coqui TTS PR 3160 fixed the same in XTTS); here the last chunk is everything not yet played.
+# ---------------------------------------------------------------------------------------------------
+
+STREAM_FIRST, STREAM_EVERY, STREAM_OVERLAP = 60, 40, 1024
+
+
+class Crossfade:
+    """Successive decodes of all the latents so far -> the chunks to play, each crossfaded into the last."""
+
+    def __init__(self, overlap=STREAM_OVERLAP):
+        self.overlap, self.played, self.tail = overlap, 0, None
+
+    def chunk(self, wav, last=False):
+        """wav [samples], the newest decode -> the samples to play now: from where the previous chunk stopped
+        (its held-back tail) to the end, less a new held-back tail unless this is the last."""
+        piece = wav[max(self.played - self.overlap, 0):len(wav) if last else len(wav) - self.overlap].clone()
+        if self.tail is not None:
+            n = self.overlap
+            piece[:n] = self.tail * torch.linspace(1.0, 0.0, n, device=wav.device) + \
+                piece[:n] * torch.linspace(0.0, 1.0, n, device=wav.device)
+        self.played, self.tail = len(wav), wav[-self.overlap:]
+        return piece
+
+
+@torch.inference_mode()
+def stream(model, hifigan, text_ids, mels, options, codes=None):
+    """One text -> wav chunks [samples] at 24 kHz as they are made: sampled with `options`, one token at a time
+    through a one-row KV cache, or, with codes [S], these tokens in place of sampled ones (a stream replayed).
+    The steps run on clvp.py's engine's packed weights unless options.engine is "lesson": at one row a step is
+    a matrix-vector product per weight, bound by memory bandwidth (official size, fp32: 84 ms a step packed,
+    148 ms plain, against a floor of 71 ms for its 1.47 GB at 21.7 GB/s, on an AVX2 EPYC)."""
+    dec, c = model.decoder, model.decoder.config
+    voice = model.voice_latent(mels)[None]                                                       # [1, D]
+    prompt = dec.prompt(voice, text_ids[None])                                                   # [1, P, D]
+    P, steps = prompt.shape[1], options.max_new_tokens if codes is None else len(codes)
+    cache = clvp.KVCache.empty(c, 1, P + steps, prompt.device, prompt.dtype)
+    generator = torch.Generator(prompt.device).manual_seed(options.seed) if options.seed is not None else None
+    seen = torch.zeros(1, c.speech_vocab_size, dtype=torch.bool, device=prompt.device)
+    seen[:, c.start_token] = True
+    latents, fade, decoded = [], Crossfade(), 0
+    with clvp.packed_weights(dec, 1) if options.engine == "fast" else contextlib.nullcontext():
+        h = dec(prompt, cache)[:, -1]                               # the start token's hidden state [1, D]
+        for k in range(steps):
+            latents.append(dec.latent(h))                           # the latent of the token drawn next
+            if codes is None:
+                logits = dec.head(latents[-1]).float()              # drawn as clvp.decode draws, for one row
+                clvp.check_overflow(logits)
+                logits[:, c.start_token] = -math.inf
+                token = clvp.next_tokens(logits, seen, options, generator)
+                seen[:, token] = True
+            else:
+                token = codes[k:k + 1]
+            last = int(token) == c.stop_token or k == steps - 1
+            if last or len(latents) - decoded >= (STREAM_EVERY if decoded else STREAM_FIRST):
+                yield fade.chunk(hifigan_decode(hifigan, torch.cat(latents)[None], voice).float(), last)
+                decoded = len(latents)
+            if last:
+                return
+            h = dec(dec.embed_speech(token[:, None], clvp.speech_position(k + 1)), cache, P + k)[:, -1]
 
 
 # ===================================================================================================
@@ -673,6 +842,61 @@ def load_speak(path, device, latent_dim, dtype=torch.float32):
     return diffusion.to(device, dtype).eval(), vocoder.to(device, dtype).eval()
 
 
+HIFIGAN_FORMAT, HIFIGAN_VERSION = "hifigan", 1
+
+
+def default_hifigan_checkpoint():
+    """Where speak.py looks for hifigan.pt by default: beside clvp.pt in the cache."""
+    return os.path.join(os.path.dirname(clvp.default_checkpoint()), "hifigan.pt")
+
+
+def hifigan_sizes(weights, latent_dim=None):
+    """(latent_dim, channels) read off conv_pre's [channels, latent_dim, 7], checked -> or a CheckpointError."""
+    t = weights.get("conv_pre.weight")
+    clvp.require([(isinstance(t, torch.Tensor) and t.dim() == 3, "hifigan: conv_pre.weight missing, or not "
+                   "[channels, latent_dim, 7]")], clvp.CheckpointError)
+    channels, width = t.shape[:2]
+    step = 2 ** len(HIFI_UPSAMPLE)                   # the channels halve at each upsampling
+    clvp.require([(step <= channels <= MAX_WIDTH and channels % step == 0,
+                   f"hifigan: {channels} channels, not a multiple of {step} in {step}..{MAX_WIDTH}"),
+                  (1 <= width <= MAX_WIDTH, f"hifigan: reads {width}-wide latents, not 1..{MAX_WIDTH}"),
+                  (latent_dim is None or width == latent_dim,
+                   f"hifigan: reads {width}-wide AR latents, the decoder makes {latent_dim}")], clvp.CheckpointError)
+    return width, channels
+
+
+def check_hifigan_checkpoint(blob, latent_dim):
+    """hifigan.pt's header -> its weights (tensors possibly still on the meta device), or a CheckpointError."""
+    clvp.require([(blob.get("format") == HIFIGAN_FORMAT, "not a hifigan checkpoint (convert Tortoise's "
+                   "hifidecoder.pth with convert_weights.py --tortoise-hifigan)"),
+                  (blob.get("version") == HIFIGAN_VERSION, f"hifigan checkpoint version {blob.get('version')!r}; "
+                   f"this speak.py reads version {HIFIGAN_VERSION}")], clvp.CheckpointError)
+    weights = blob.get("hifigan")
+    clvp.require([(isinstance(weights, dict) and all(isinstance(v, torch.Tensor) for v in weights.values()),
+                   "hifigan: not a group of tensors")], clvp.CheckpointError)
+    sizes = hifigan_sizes(weights, latent_dim)
+    check_tensors(lambda: HifiGan(*sizes), weights, "hifigan")
+    return weights
+
+
+def checked_hifigan_checkpoint(blob, latent_dim):
+    """hifigan.pt's contents once read -> its weights, every number finite too (speak.py and the converter)."""
+    weights = check_hifigan_checkpoint(blob, latent_dim)
+    clvp.check_finite(weights, "hifigan")
+    return weights
+
+
+def load_hifigan(path, device, latent_dim, dtype=torch.float32):
+    """hifigan.pt -> HifiGan in eval mode, in dtype, on device; validated before building."""
+    blob = clvp.read_tensor_file(path, lambda blob: check_hifigan_checkpoint(blob, latent_dim))
+    with clvp.prefixed(f"{path}: ", clvp.CheckpointError):
+        weights = checked_hifigan_checkpoint(blob, latent_dim)
+    with torch.device("meta"):
+        hifigan = HifiGan(*hifigan_sizes(weights))
+    hifigan.load_state_dict(weights, assign=True)
+    return hifigan.to(device, dtype).eval()
+
+
 def random_speak(config, device, dtype=torch.float32):
     """--random-init: random models (every DiffusionTts parameter perturbed, as the original zero-inits some)."""
     torch.manual_seed(0)
@@ -684,8 +908,7 @@ def random_speak(config, device, dtype=torch.float32):
 
 
 def read_codes(path, stop_token):
-    """--codes FILE.npy: clvp.py's [k, T] tokens (T <= 500); the first row (the best) stop-padded to 500 and
-    fixed, as Tortoise fixes candidates -> [1, 500] long. The header's shape and dtype are checked against
+    """--codes FILE.npy: clvp.py's [k, T] tokens (T <= 500) -> the first row (the best) [T] long. The header's shape and dtype are checked against
     the file's size before numpy allocates anything by them."""
     npy = np.lib.format
     with clvp.open_input(path, clvp.UsageError) as f, clvp.prefixed(f"--codes {path}: ", clvp.UsageError):
@@ -708,7 +931,16 @@ def read_codes(path, stop_token):
         except (ValueError, OSError, EOFError) as e:
             raise clvp.InputError(f"not a .npy array ({clvp.first_line(e)})") from None
         clvp.require([(0 <= codes.min() and codes.max() <= stop_token, f"tokens must be in 0..{stop_token}")])
-    return clvp.fix_candidates(torch.from_numpy(codes[:1].astype(np.int64)), stop_token, 500)[0]
+    return torch.from_numpy(codes[0].astype(np.int64))
+
+
+def codes_as_spoken(row, stop_token):
+    """--codes' row [T] -> what each decoder speaks: the diffusion path, [1, 500] stop-padded and fixed as api.py
+    fixes a candidate; HiFi-GAN, [S] as inference_speech returns a sample (through its first stop token), or, for
+    a row without one (clvp.py writes fixed rows), up to the calm run, where api.py cuts fixed codes."""
+    fixed = clvp.fix_candidates(row[None], stop_token, 500)[0]
+    stops = (row == stop_token).nonzero()
+    return fixed, row[:int(stops[0]) + 1] if len(stops) else row[:calm_length(row)]
 
 
 def speak_options(args):
@@ -744,10 +976,17 @@ def wav_container(lines, tokens, pcm16):
 def build_parser():
     p = clvp.build_parser()                                  # text, voice, checkpoint, sampling, device, output
     p.prog, p.description = "speak.py", "Speak a text in a reference voice with Tortoise: clvp.py's ranked " \
-                                         "candidates through the diffusion decoder and UnivNet to a 24 kHz WAV."
-    p.set_defaults(out="speech.wav", max_new_tokens=None)   # None: 500, or RANDOM_TOKENS with --random-init
+        "candidates through the diffusion decoder and UnivNet (api.py), or straight through HiFi-GAN (api_fast.py), " \
+        "to 24 kHz audio."
+    p.set_defaults(out="speech.wav", max_new_tokens=None, num_candidates=None)   # None: each decoder's own default
     g = p.add_argument_group("audio")
+    g.add_argument("--decoder", choices=["diffusion", "hifigan"], default="diffusion", help="diffusion: api.py's "
+                   "diffusion decoder and UnivNet (default); hifigan: api_fast.py's HiFi-GAN, from the decoder's "
+                   "latents (1 candidate unless --candidates says more)")
+    g.add_argument("--stream", action="store_true", help="with --decoder hifigan: audio as it is sampled, a chunk "
+                   "after the first 60 tokens and every 40 after (api_fast.py's tts_stream); one candidate")
     g.add_argument("--speak-checkpoint", help="converted diffusion decoder + vocoder (default: speak.pt beside clvp.pt)")
+    g.add_argument("--hifigan-checkpoint", help="converted HiFi-GAN decoder (default: hifigan.pt beside clvp.pt)")
     g.add_argument("--codes", metavar="FILE.npy", help="speak these tokens (clvp.py's output; its first row) "
                    "instead of sampling candidates")
     g.add_argument("--preset", choices=list(PRESETS), default="ultra_fast", help="Tortoise's presets (default ultra_fast: "
@@ -757,42 +996,89 @@ def build_parser():
     g.add_argument("--guidance", type=float, help="conditioning-free guidance weight (0: off)")
     g.add_argument("--diffusion-temperature", type=float, default=1.0)
     g.add_argument("--pcm16", action="store_true", help="write 16-bit PCM instead of 32-bit float")
+    p.epilog = "--out - writes raw 16-bit little-endian mono PCM at 24 kHz to standard output, for a player: " \
+               "python speak.py ... --decoder hifigan --stream --out - | aplay -f S16_LE -r 24000 -c 1"
     return p
 
 
-def prepare(args):
-    """Everything checked before any work -> (device, decoding options, speak options, model, diffusion,
-    vocoder, texts, ids, codes or None)."""
+def check_speak_args(args):
+    """speak.py's own rules on top of clvp.py's, and each decoder's defaults."""
+    fast = args.decoder == "hifigan"
     if args.max_new_tokens is None:      # random weights never stop: 500 codes would be 23 s of noise to make
         args.max_new_tokens = RANDOM_TOKENS if args.random_init else clvp.DecodingOptions.max_new_tokens
+    if args.num_candidates is None:
+        args.num_candidates = 1 if fast else clvp.DecodingOptions.num_candidates
+    clvp.require([(fast or not args.stream, "--stream needs --decoder hifigan (the diffusion decoder needs the "
+                   "whole candidate)"),
+                  (not args.stream or args.num_candidates == 1, "--stream speaks as it samples: one candidate "
+                   "(--candidates 1), nothing to rank"),
+                  (fast or not args.hifigan_checkpoint, "--hifigan-checkpoint needs --decoder hifigan"),
+                  (not (args.out == "-" and args.json), "--json and --out - both write to standard output"),
+                  (not (args.out == "-" and args.pcm16), "--out - is 16-bit PCM already; --pcm16 is for a WAV"),
+                  (args.out != "-" or not sys.stdout.isatty(), "--out - writes raw 16-bit PCM to standard output, "
+                   "which is a terminal here: pipe it into a player (| aplay -f S16_LE -r 24000 -c 1)")],
+                 clvp.UsageError)
+
+
+def prepare(args):
+    """Everything checked before any work -> (device, decoding options, speak options, model, the audio stages,
+    texts, ids, codes or None). The audio stages: (diffusion, vocoder), or (hifigan,) for --decoder hifigan."""
+    check_speak_args(args)
     device, decoding = clvp.check_args(args)
     options = speak_options(args)
     texts = clvp.read_texts(args)
-    speak_path = None if args.random_init else args.speak_checkpoint or default_speak_checkpoint()
-    inputs = [*args.audio, args.text_file, args.codes, speak_path,
+    fast = args.decoder == "hifigan"
+    default = default_hifigan_checkpoint() if fast else default_speak_checkpoint()
+    stage_path = None if args.random_init else (args.hifigan_checkpoint if fast else args.speak_checkpoint) or default
+    inputs = [*args.audio, args.text_file, args.codes, stage_path,
               None if args.random_init else args.checkpoint or clvp.default_checkpoint()]
-    with clvp.prefixed("--out ", clvp.UsageError):
-        clvp.check_output(args.out, [i for i in inputs if i])
+    if args.out != "-":
+        with clvp.prefixed("--out ", clvp.UsageError):
+            clvp.check_output(args.out, [i for i in inputs if i])
     for path in args.audio:
         clvp.check_input_file(path, clvp.AudioError)
     codes = read_codes(args.codes, clvp.DecoderConfig().stop_token) if args.codes else None
-    if not args.random_init and args.speak_checkpoint is None and not os.path.exists(speak_path):
-        raise clvp.UsageError(f"no speak checkpoint at {speak_path}: run `python convert_weights.py --download "
-                              "--speak` to fetch and convert Tortoise's diffusion_decoder.pth and vocoder.pth, or "
-                              "pass --speak-checkpoint PATH")
+    if not args.random_init and stage_path == default and not os.path.exists(stage_path):
+        fetch = "--fast` to fetch and convert tortoise 3.0's hifidecoder.pth" if fast else \
+            "--speak` to fetch and convert Tortoise's diffusion_decoder.pth and vocoder.pth"
+        raise clvp.UsageError(f"no {'hifigan' if fast else 'speak'} checkpoint at {stage_path}: run `python "
+                              f"convert_weights.py --download {fetch}, or pass --{'hifigan' if fast else 'speak'}"
+                              "-checkpoint PATH")
     model = clvp.prepare_model(args, device)
     clvp.check_options(decoding, model.config, clvp.flag)
-    if args.random_init:
-        tiny = DiffusionConfig(dim=64, layers=2, heads=2, latent_dim=model.config.decoder.dim)
-        diffusion, vocoder = random_speak(tiny if args.tiny else DiffusionConfig(), device, getattr(torch, args.dtype))
-    else:
-        diffusion, vocoder = load_speak(speak_path, device, model.config.decoder.dim, getattr(torch, args.dtype))
+    dtype = getattr(torch, args.dtype)
+    stages = load_stages(args, model, stage_path, device, dtype)
     ids = [clvp.encode_text(model, t) for t in texts]
-    if codes is None:
+    if codes is not None:
+        codes = codes_as_spoken(codes, model.config.decoder.stop_token)[fast]
+    elif not args.stream:
         clvp.check_memory(model, max(len(i) for i in ids), decoding)
-    check_speak_memory(diffusion.config, decoding.max_new_tokens if codes is None else calm_length(codes),
-                       options.guidance > 0, getattr(torch, args.dtype), device)
-    return device, decoding, options, model, diffusion, vocoder, texts, ids, codes
+    if not fast:
+        check_speak_memory(stages[0].config, decoding.max_new_tokens if codes is None else calm_length(codes[0]),
+                           options.guidance > 0, dtype, device)
+    return device, decoding, options, model, stages, texts, ids, codes
+
+
+def hifigan_dtype(device, dtype):
+    """HiFi-GAN's dtype: the model's, but fp32 for bf16 on a CPU without AVX-512 BF16, where bf16 convolutions
+    are emulated (20x slower than fp32 on an AVX2 EPYC: bench.py --fast). clvp.py's engine keeps its KV cache
+    in fp32 there by the same rule."""
+    return clvp.cache_dtype(device, dtype)
+
+
+def load_stages(args, model, path, device, dtype):
+    """(diffusion, vocoder), or (hifigan,): read from path, or random with --random-init."""
+    width = model.config.decoder.dim
+    if args.decoder == "hifigan":
+        dtype = hifigan_dtype(device, dtype)
+        if path:
+            return (load_hifigan(path, device, width, dtype),)
+        torch.manual_seed(0)
+        return (HifiGan(width, 32 if args.tiny else HIFI_CHANNELS).to(device, dtype).eval(),)
+    if path:
+        return load_speak(path, device, width, dtype)
+    tiny = DiffusionConfig(dim=64, layers=2, heads=2, latent_dim=width)
+    return random_speak(tiny if args.tiny else DiffusionConfig(), device, dtype)
 
 
 class SpeakProgress(clvp.Progress):
@@ -806,7 +1092,7 @@ class SpeakProgress(clvp.Progress):
         """name starts (None: the last one ends)."""
         now = time.perf_counter()
         if self.current:
-            self.times[self.current] += now - self.began
+            self.times[self.current] = self.times.get(self.current, 0.0) + now - self.began
         self.current, self.began = name, now
         self.show(name or "")
 
@@ -815,42 +1101,97 @@ class SpeakProgress(clvp.Progress):
         self.show(f"diffusion: step {step + 1}/{steps} ({o.sampler}{f', guidance {o.guidance:g}' if o.guidance else ''})")
 
 
-def run(args):
-    device, decoding, options, model, diffusion, vocoder, texts, ids, codes = prepare(args)
-    quiet = args.quiet or args.json or not sys.stderr.isatty()
-    if args.random_init and not args.json:
-        print("NOTE: --random-init: the weights are random, so the audio is noise; this run only shows every "
-              f"stage working (on {args.max_new_tokens} speech tokens per candidate).")
+def spoken(args, device, decoding, options, model, stages, ids, codes, times, quiet):
+    """Each part's audio in turn, as float tensors [samples]: one per part, or a stream's chunks."""
     mels = clvp.voice_mels(model, args.audio)
-    dtype = diffusion.unconditioned_embedding.dtype
-    latent = diffusion.diffusion_latent(diffusion_voice_mels(args.audio, device).to(dtype))   # [1, 2 * dim], once
-    finite(latent, "the diffusion's voice latent")
-    times, samples = {"decoding": 0.0, "latents": 0.0, "diffusion": 0.0, "vocoder": 0.0}, 0
-    container = wav_container(len(ids), decoding.max_new_tokens if codes is None else calm_length(codes), args.pcm16)
+    if args.decoder == "diffusion":
+        diffusion, vocoder = stages
+        dtype = diffusion.unconditioned_embedding.dtype
+        latent = diffusion.diffusion_latent(diffusion_voice_mels(args.audio, device).to(dtype))   # [1, 2 * dim], once
+        finite(latent, "the diffusion's voice latent")
+    for text_ids in ids:
+        progress = SpeakProgress(not quiet, times, options)
+        if args.stream:
+            progress.stage("streaming")
+            yield from stream(model, stages[0], text_ids, mels, decoding, codes)
+            progress.stage(None)
+            continue
+        progress.stage("decoding")
+        gen = model.generate(text_ids, mels, decoding, progress) if codes is None else None
+        if args.decoder == "diffusion":
+            best = codes if codes is not None else gen.best
+            yield speak(model, diffusion, vocoder, text_ids, mels, latent, best.to(device), options, progress)
+        else:
+            best = codes if codes is not None else spoken_codes(gen, decoding, model.config.decoder.stop_token)
+            progress.stage("hifigan")
+            yield finite(speak_fast(model, stages[0], text_ids, mels, best.to(device)), "HiFi-GAN's waveform")
+        progress.stage(None)
 
-    def write(f):            # --text-file: the lines joined, as read.py does, each written as soon as it is made,
-        nonlocal samples     # so memory holds one line's audio, never the whole file's
-        with soundfile.SoundFile(f, "w", SAMPLE_RATE, 1, "PCM_16" if args.pcm16 else "FLOAT", format=container) as wav:
-            for text_ids in ids:
-                progress = SpeakProgress(not quiet, times, options)
-                progress.stage("decoding")
-                best = codes if codes is not None else model.generate(text_ids, mels, decoding, progress).best
-                part = speak(model, diffusion, vocoder, text_ids, mels, latent, best.to(device), options, progress)
-                progress.stage(None)
-                wav.write(part.cpu().numpy())
-                samples += len(part)
-    try:
-        clvp.write_atomically(args.out, write)
-    except OSError as e:
-        raise clvp.UsageError(f"{args.out}: cannot write it ({e.strerror or clvp.first_line(e)})") from None
-    seconds = samples / SAMPLE_RATE
-    if args.json:
-        print(json.dumps(dict(out=args.out, sample_rate=SAMPLE_RATE, seconds=round(seconds, 4), lines=len(texts),
-                              random_init=args.random_init, stages={k: round(v, 3) for k, v in times.items()})))
+
+def pcm16(wav):
+    """float samples in [-1, 1] -> 16-bit little-endian PCM bytes (x 32767, rounded, as libsndfile writes them)."""
+    return (wav.clamp(-1, 1) * 32767).round().to(torch.int16).cpu().numpy().astype("<i2").tobytes()
+
+
+def run(args):
+    device, decoding, options, model, stages, texts, ids, codes = prepare(args)
+    quiet = args.quiet or args.json or not sys.stderr.isatty()
+    say = (lambda line: print(line, file=sys.stderr)) if args.out == "-" else print    # stdout holds the audio
+    if args.random_init and not args.json:
+        say("NOTE: --random-init: the weights are random, so the audio is noise; this run only shows every "
+            f"stage working (on {args.max_new_tokens} speech tokens per candidate).")
+    times, samples, first = {}, 0, None
+    t0 = time.perf_counter()
+    parts = spoken(args, device, decoding, options, model, stages, ids, codes, times, quiet)
+    if args.out == "-":
+        samples, first, closed = write_pcm(parts, t0)
+        if closed:                            # the reader went away: write_pcm said so, in one line
+            return 0
     else:
-        print(f"{seconds:.2f} s of audio at {SAMPLE_RATE} Hz written to {args.out} "
-              f"(decoding {times['decoding']:.1f} s, diffusion {times['diffusion']:.1f} s, vocoder {times['vocoder']:.1f} s)")
+        tokens = decoding.max_new_tokens if codes is None else len(codes[0] if codes.dim() > 1 else codes)
+        container = wav_container(len(ids), tokens, args.pcm16)
+
+        def write(f):        # each part (or chunk) written as soon as it is made, so memory holds one part's
+            nonlocal samples, first       # audio, never the whole text's
+            with soundfile.SoundFile(f, "w", SAMPLE_RATE, 1, "PCM_16" if args.pcm16 else "FLOAT", format=container) as wav:
+                for part in parts:
+                    first = first or time.perf_counter() - t0
+                    wav.write(part.cpu().numpy())
+                    samples += len(part)
+        try:
+            clvp.write_atomically(args.out, write)
+        except OSError as e:
+            raise clvp.UsageError(f"{args.out}: cannot write it ({e.strerror or clvp.first_line(e)})") from None
+    seconds, wall = samples / SAMPLE_RATE, time.perf_counter() - t0
+    report = dict(out=args.out, sample_rate=SAMPLE_RATE, seconds=round(seconds, 4), parts=len(texts),
+                  decoder=args.decoder, stream=args.stream, random_init=args.random_init,
+                  first_audio_seconds=round(first or 0.0, 3), real_time_factor=round(wall / max(seconds, 1e-9), 3),
+                  stages={k: round(v, 3) for k, v in times.items()})
+    if args.json:
+        print(json.dumps(report))
+    else:
+        stages = ", ".join(f"{k} {v:.1f} s" for k, v in times.items())
+        say(f"{seconds:.2f} s of audio at {SAMPLE_RATE} Hz written to {'standard output' if args.out == '-' else args.out} "
+            f"({stages}; first audio after {first or 0.0:.1f} s, {report['real_time_factor']:g} s per second of audio)")
     return 0
+
+
+def write_pcm(parts, t0):
+    """--out -: each part or chunk to standard output as 16-bit PCM as soon as it is made -> (samples, seconds to
+    the first, whether the reader went away). A reader that goes away (the player quit: EPIPE) ends the run
+    with one line and exit code 0."""
+    out, samples, first = sys.stdout.buffer, 0, None
+    try:
+        for part in parts:
+            out.write(pcm16(part))
+            out.flush()
+            first, samples = first or time.perf_counter() - t0, samples + len(part)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # Python's own last flush must not fail
+        print(f"speak.py: standard output was closed (the player quit?) after {samples / SAMPLE_RATE:.2f} s of "
+              "audio; stopped", file=sys.stderr)
+        return samples, first, True
+    return samples, first, False
 
 
 def main(argv=None):

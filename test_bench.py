@@ -17,6 +17,28 @@ def bench(*args):
                           text=True)
 
 
+def test_fast_path_benchmark_reports_every_row():
+    """bench.py --fast, tiny: first audio and the real-time factor for each way, the one-row step against its
+    floor, HiFi-GAN alone; the figures are consistent with each other (their sizes are never asserted)."""
+    r = bench("--fast", "--tiny", "--tokens", 8, "--repeat", 1, "--dtype", "float32", "bfloat16", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    rows, gbps = report["rows"], report["stream_GB_per_s"]
+    for dtype in ("float32", "bfloat16"):
+        for way in ("1 candidate", "16 candidates", "streamed"):
+            row = rows[f"{way}, {dtype}"]
+            assert row["audio s"] == 256 * int(int(4 * 8) * 24000 / 22050) / 24000      # 8 codes, never stopped
+            assert 0 < row["first audio s"] <= row["wall s"] and row["real-time factor"] == row["wall s"] / row["audio s"]
+        for engine in ("fast", "lesson"):
+            step = rows[f"decode step at one row, {dtype}, {engine} engine"]
+            assert abs(step["floor ms"] - step["weights MiB"] * 2**20 / gbps / 1e6) < 1e-9 and step["ms"] > 0
+    assert rows["decode step at one row, float32, fast engine"]["weights MiB"] == \
+        2 * rows["decode step at one row, bfloat16, fast engine"]["weights MiB"]
+    alone = next(v for k, v in rows.items() if k.startswith("HiFi-GAN alone"))
+    assert alone["speak.py fp32 s"] > 0 and alone["speak.py bf16 s"] > 0 and report["cpu"]["model"]
+    assert bench("--fast", "--tiny", "--compare").returncode == 2
+
+
 def test_tiny_benchmark_reports_every_row():
     r = bench("--tiny", "--candidates", 2, "--tokens", 6, "--repeat", 1, "--compare", "--dtype", "float32", "bfloat16",
               "--json")

@@ -957,7 +957,7 @@ def test_fix_candidates_like_tortoise():
 
 
 def test_processors_match_transformers():
-    from transformers import RepetitionPenaltyLogitsProcessor, TopPLogitsWarper, TypicalLogitsWarper
+    from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper, TypicalLogitsWarper
     torch.manual_seed(9)
     logits = torch.randn(4, 8194) * 3
     ids = torch.randint(0, 8194, (4, 12))
@@ -968,6 +968,22 @@ def test_processors_match_transformers():
         assert torch.equal(clvp.top_p_filter(logits, p), TopPLogitsWarper(p)(ids, logits.clone()))
     for mass in (0.2, 0.9):
         assert torch.equal(clvp.typical_filter(logits, mass), TypicalLogitsWarper(mass)(ids, logits.clone()))
+    tied = logits.clone()
+    tied[:, :60] = 50.0                                              # ties at the k-th are kept, as there
+    for k in (1, 50, 8194, 10**6):
+        for x in (logits, tied):
+            assert torch.equal(clvp.top_k_filter(x, k), TopKLogitsWarper(min(k, 8194))(ids, x.clone()))
+
+
+def test_sample_top_k_draws_only_among_the_k_best():
+    """--sample-top-k 3: every token drawn is one of the 3 most likely after the penalty and temperature."""
+    torch.manual_seed(1)
+    logits, seen = torch.randn(64, 100), torch.zeros(64, 100, dtype=torch.bool)
+    options = clvp.DecodingOptions(temperature=1.0, top_p=1.0, sample_top_k=3)
+    drawn = torch.stack([clvp.next_tokens(logits.clone(), seen, options, None) for _ in range(20)], 1)   # [64, 20]
+    best3 = logits.topk(3, dim=-1).indices
+    assert (drawn[:, :, None] == best3[:, None]).any(-1).all()
+    assert len(drawn.unique()) > 3                              # rows differ: not one global top 3
 
 
 # ---------------------------------------------------------------------------------------------------

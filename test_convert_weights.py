@@ -364,6 +364,33 @@ def test_download_speak_fetches_and_converts_the_audio_files(hub, tmp_path, monk
         assert (folded.state_dict()[k] - v).abs().max() <= 1e-6, k
 
 
+def test_download_fast_fetches_and_converts_hifidecoder(hub, tmp_path, monkeypatch):
+    """--download --fast: hifidecoder.pth (weight norm, a stray tensor) from the hub, folded into hifigan.pt beside
+    clvp.pt, where speak.py --decoder hifigan looks; the URL is api_fast.py's repository unless CLVP_HUB_URL."""
+    import speak
+    torch.manual_seed(0)
+    hifigan = speak.HifiGan(64, 32)
+    state = {}
+    for name, w in hifigan.state_dict().items():
+        if name.endswith("weight") and not name.startswith("cond_layer"):
+            state[name + "_v"], state[name + "_g"] = 2 * w, w.flatten(1).norm(dim=1).view(-1, *[1] * (w.dim() - 1))
+        else:
+            state[name] = w
+    buffer = io.BytesIO()
+    torch.save({**state, "speaker_encoder.w": torch.zeros(2)}, buffer)
+    hub.files["hifidecoder.pth"] = buffer.getvalue()
+    assert convert_weights.official_urls(convert_weights.FAST_FILES) == {
+        "hifidecoder.pth": "https://huggingface.co/Manmay/tortoise-tts/resolve/main/hifidecoder.pth"}
+    monkeypatch.setenv("CLVP_HUB_URL", hub.url)
+    monkeypatch.setenv("CLVP_CACHE", str(tmp_path / "cache"))
+    out = convert_weights.fetch_and_convert_hifigan(progress=False)
+    assert out == str(tmp_path / "cache" / "hifigan.pt") == speak.default_hifigan_checkpoint()
+    assert [name for name, _ in hub.requests] == ["hifidecoder.pth"]
+    loaded = speak.load_hifigan(out, "cpu", 64)
+    for k, v in hifigan.state_dict().items():
+        assert (loaded.state_dict()[k] - v).abs().max() <= 1e-6, k
+
+
 def test_upgrade_rewrites_files_of_the_pickle_format_in_place(tmp_path, tiny_checkpoint):
     """clvp.pt and speak.pt as clvp wrote them before format version 2 (torch.save of a dict): clvp.py and
     speak.py refuse them in one line naming the command; the command rewrites them in place, same numbers."""

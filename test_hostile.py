@@ -1360,6 +1360,75 @@ def test_bad_speak_checkpoint(work, edit, says):
     refused(work, *speaking(weights=True), script="speak.py", words=["speak.pt", says])
 
 
+# ---------------------------------------------------------------------------------------------------
+# The fast path (issue 27): --decoder hifigan, --stream, --out -, --sample-top-k, hifigan.pt
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, says", [
+    (["--stream"], "--stream needs --decoder hifigan"),
+    (["--decoder", "hifigan", "--stream", "--candidates", "2"], "one candidate (--candidates 1)"),
+    (["--hifigan-checkpoint", "x.pt"], "--hifigan-checkpoint needs --decoder hifigan"),
+    (["--decoder", "hifigan", "--out", "-", "--json"], "--json and --out - both write to standard output"),
+    (["--decoder", "hifigan", "--out", "-", "--pcm16"], "--out - is 16-bit PCM already"),
+    (["--decoder", "univnet"], "invalid choice"),
+    (["--sample-top-k", "0"], "--sample-top-k must be None (off) or an integer in 1..8194"),
+    (["--sample-top-k", "9000"], "--sample-top-k must be None (off) or an integer in 1..8194"),
+    (["--sample-top-k", "x"], "invalid int value"),
+])
+def test_fast_path_bad_options(work, args, says):
+    refused(work, *speaking(*args), script="speak.py", words=[says])
+
+
+def test_sample_top_k_is_checked_in_clvp_py_and_the_library(work):
+    refused(work, "--random-init", "--tiny", "--text", "Hi.", "--audio", "voice.wav", "--sample-top-k", "-3",
+            words=["--sample-top-k must be None (off) or an integer in 1..8194, not -3"])
+    model = clvp.add_front_end(clvp.DecoderAndCLVP(clvp.tiny_config())).eval()
+    with pytest.raises(clvp.InputError, match="sample_top_k must be"):
+        model.generate(torch.tensor([5, 6]), torch.zeros(1, 80, 100), sample_top_k=2.5)
+
+
+def hifigan_file(path, edit=lambda blob: None):
+    """A tiny hifigan.pt for tiny.pt's decoder (64-wide latents, 32 channels), after `edit`."""
+    torch.manual_seed(0)
+    blob = {"format": "hifigan", "version": 1,
+            "hifigan": {k: v.clone() for k, v in speak.HifiGan(64, 32).state_dict().items()}}
+    edit(blob)
+    clvp.write_tensor_file(path, blob)
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda b: b.update(format="speak"), "not a hifigan checkpoint"),
+    (lambda b: b.update(version=2), "hifigan checkpoint version 2"),
+    (lambda b: b["hifigan"].pop("conv_post.bias"), "missing: conv_post.bias"),
+    (lambda b: b["hifigan"].update({"conv_pre.weight": torch.zeros(32, 96, 7)}), "reads 96-wide AR latents"),
+    (lambda b: b["hifigan"].update({"conv_pre.weight": torch.zeros(24, 64, 7)}), "24 channels, not a multiple of 16"),
+    (lambda b: b["hifigan"].update({"conv_pre.weight": torch.zeros(32)}), "conv_pre.weight missing, or not"),
+    (lambda b: b["hifigan"]["ups.0.weight"].fill_(float("inf")), "finite"),
+    (lambda b: b["hifigan"].update({"resblocks.0.convs1.0.weight": torch.zeros(16, 16, 5)}),
+     "resblocks.0.convs1.0.weight is [16, 16, 5], expected [16, 16, 3]"),
+    (lambda b: b.update(hifigan=[1]), "hifigan: not a group of tensors"),
+])
+def test_bad_hifigan_checkpoint(work, edit, says):
+    hifigan_file(work / "hifigan.pt", edit)
+    refused(work, *speaking("--decoder", "hifigan", "--hifigan-checkpoint", "hifigan.pt", weights=True),
+            script="speak.py", words=["hifigan.pt", says])
+
+
+def test_hifigan_conversion_refuses_bad_sources(work):
+    torch.save({"conv_pre.weight_v": torch.zeros(32, 64, 7)}, work / "partial.pth")
+    refused(work, "--tortoise-hifigan", "partial.pth", "-o", "h.pt", script="convert_weights.py",
+            words=["partial.pth", "conv_pre.weight_g must be [32, 1, 1]"])
+    refused(work, "--tortoise-hifigan", "voice.wav", "-o", "h.pt", script="convert_weights.py", words=["voice.wav"])
+    refused(work, "--tortoise-hifigan", "absent.pth", "-o", "h.pt", script="convert_weights.py", words=["absent.pth"])
+    refused(work, "--tortoise-hifigan", "partial.pth", script="convert_weights.py", words=["-o PATH"])
+    refused(work, "--tortoise-hifigan", "partial.pth", "-o", "partial.pth", script="convert_weights.py",
+            words=["is also an input"])
+    refused(work, "--fast", "--hf", "x", "-o", "x.pt", script="convert_weights.py",
+            words=["--fast only applies with --download"])
+    refused(work, *speaking("--decoder", "hifigan", weights=True)[4:], "--checkpoint", "tiny.pt", script="speak.py",
+            env={**os.environ, "CLVP_CACHE": str(work / "empty")}, words=["no hifigan checkpoint at", "--download --fast"])
+
+
 def test_speak_checkpoint_missing_or_download_options_misused(work):
     refused(work, *speaking("--speak-checkpoint", "none.pt", weights=True), script="speak.py",
             words=["none.pt: no such file"])

@@ -336,3 +336,142 @@ def test_dtype_bfloat16_writes_a_wav(tmp_path):
     assert proc.returncode == 0, proc.stderr
     wav, rate = soundfile.read(out)
     assert rate == 24000 and len(wav) > 0 and np.isfinite(wav).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The fast path: HiFi-GAN (--decoder hifigan), the stream, --out -
+# ---------------------------------------------------------------------------------------------------
+
+HIFI = ["--random-init", "--tiny", "--decoder", "hifigan", "--quiet"]
+
+
+def hifigan_original_state(hifigan):
+    """Our HifiGan's weights as hifidecoder.pth holds them: each conv under weight norm (g and v), g != |v|."""
+    state = {}
+    for name, t in hifigan.state_dict().items():
+        if name.endswith("weight") and not name.startswith("cond_layer"):
+            v = t * 1.7
+            norm = v.flatten(1).norm(dim=1).view(-1, *[1] * (v.dim() - 1))
+            state[name + "_v"], state[name + "_g"] = v, norm / 1.7
+        else:
+            state[name] = t
+    return state
+
+
+def test_the_hifigan_path_writes_the_stretched_length(tmp_path):
+    """--codes through HiFi-GAN: a row with a stop token is spoken through it (api_fast's tts), 256 samples per
+    24 kHz frame of floor(floor(4 S) * 24000 / 22050); clvp.py's fixed row (no stop) up to its calm run."""
+    row = np.random.default_rng(0).integers(0, 8192, (1, 40))
+    row[0, 25] = 8193
+    np.save(tmp_path / "raw.npy", row)
+    fixed = clvp.fix_candidates(torch.from_numpy(row), 8193, 500)[0].numpy()
+    np.save(tmp_path / "fixed.npy", fixed)
+    for name, spoken in (("raw", 26), ("fixed", 25 + 8)):
+        proc = cli(*HIFI, "--text", "Hello.", "--audio", VOICE, "--codes", tmp_path / f"{name}.npy", "--out",
+                   tmp_path / f"{name}.wav")
+        assert proc.returncode == 0, proc.stderr
+        assert soundfile.info(tmp_path / f"{name}.wav").frames == 256 * int(int(4 * spoken) * 24000 / 22050), name
+
+
+def test_stretch_is_linear_interpolation():
+    latents = torch.arange(5.0)[None, :, None].expand(1, 5, 3)                 # a ramp 0..4 over the codes
+    frames = speak.stretch(latents)
+    assert frames.shape == (1, 3, int(20 * 24000 / 22050))
+    assert (frames.diff(dim=-1) >= -1e-6).all() and frames.min() >= 0 and frames.max() <= 4   # monotone, in range
+
+
+def test_the_crossfade_of_an_unchanging_signal_is_the_signal():
+    """Decodes that agree where they overlap (each a prefix of one signal) must play back as that signal: the
+    two ramps sum to one, nothing is played twice or skipped, and the last chunk plays the held-back tail, also
+    when the last decode adds nothing (where the original crashes)."""
+    signal = torch.randn(20000, generator=torch.Generator().manual_seed(0))
+    for ends in ((6000, 9000, 14000, 20000), (6000, 20000, 20000), (20000,)):
+        fade = speak.Crossfade()
+        played = torch.cat([fade.chunk(signal[:end], last=i == len(ends) - 1) for i, end in enumerate(ends)])
+        assert played.shape == signal.shape and (played - signal).abs().max() < 1e-6, ends
+    one = speak.Crossfade().chunk(signal[:700], last=True)                     # a stream of one short decode
+    assert torch.equal(one, signal[:700])
+
+
+def test_a_stream_of_given_codes_is_the_same_through_a_pipe_and_a_wav(tmp_path):
+    """--stream replays --codes through the cached generation; --out - sends the same samples as 16-bit PCM."""
+    row = np.random.default_rng(1).integers(0, 8192, (1, 130))
+    row[0, 120] = 8193                                                       # decodes at 60, 100, then 121
+    np.save(tmp_path / "codes.npy", row)
+    args = [*HIFI, "--stream", "--text", "Hello.", "--audio", VOICE, "--codes", tmp_path / "codes.npy"]
+    proc = cli(*args, "--out", tmp_path / "stream.wav")
+    assert proc.returncode == 0, proc.stderr
+    wav, sr = soundfile.read(tmp_path / "stream.wav", dtype="float32")
+    assert sr == 24000 and len(wav) == 256 * int(int(4 * 121) * 24000 / 22050)
+    pipe = subprocess.run([sys.executable, str(HERE / "speak.py"), *map(str, args), "--out", "-"], capture_output=True)
+    assert pipe.returncode == 0, pipe.stderr
+    pcm = np.frombuffer(pipe.stdout, dtype="<i2")
+    assert len(pcm) == len(wav) and np.abs(pcm - np.round(np.clip(wav, -1, 1) * 32767)).max() <= 1
+
+
+def test_a_stream_arrives_before_the_decoder_has_finished():
+    """The first PCM bytes are read while speak.py is still sampling (its first chunk comes at 60 of 150 tokens)."""
+    proc = subprocess.Popen([sys.executable, str(HERE / "speak.py"), *HIFI, "--stream", "--text", "Hello there.",
+                             "--audio", str(VOICE), "--max-tokens", "150", "--seed", "0", "--out", "-"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.read(2)
+    running = proc.poll() is None
+    rest = proc.stdout.read()
+    proc.wait()
+    assert proc.returncode == 0 and len(first) == 2 and running, proc.stderr.read()
+    assert len(first + rest) == 2 * 256 * int(int(4 * 150) * 24000 / 22050)   # random weights never stop
+
+
+def test_a_player_that_quits_ends_the_stream_in_one_line():
+    """EPIPE: the reader takes 1000 bytes and closes the pipe; speak.py stops with one line, exit code 0."""
+    proc = subprocess.Popen([sys.executable, str(HERE / "speak.py"), *HIFI, "--stream", "--text", "Hello there.",
+                             "--audio", str(VOICE), "--max-tokens", "150", "--out", "-"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(1000)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait()
+    lines = [line for line in err.splitlines() if not line.startswith("NOTE: --random-init")]
+    assert proc.returncode == 0 and len(lines) == 1 and "standard output was closed" in lines[0], err
+    assert "Traceback" not in err and "Exception ignored" not in err
+
+
+def test_hifigan_checkpoint_converts_folds_and_loads(tmp_path):
+    """--tortoise-hifigan: g * v / |v| folded once, a stray tensor skipped as api_fast's strict=False skips it,
+    and speak.py's loader gives back the weights HifiGan was built with."""
+    torch.manual_seed(0)
+    hifigan = speak.HifiGan(96, 32).eval()
+    state = hifigan_original_state(hifigan)
+    torch.save({**state, "speaker_encoder.fc.weight": torch.zeros(2, 2)}, tmp_path / "hifidecoder.pth")
+    proc = subprocess.run([sys.executable, str(HERE / "convert_weights.py"), "--tortoise-hifigan",
+                           str(tmp_path / "hifidecoder.pth"), "-o", str(tmp_path / "hifigan.pt"), "--verbose"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped speaker_encoder.fc.weight" in proc.stdout
+    loaded = speak.load_hifigan(tmp_path / "hifigan.pt", "cpu", 96)
+    for k, v in hifigan.state_dict().items():
+        assert (loaded.state_dict()[k] - v).abs().max() < 1e-6, k
+    x, voice = torch.randn(1, 7, 96), torch.randn(1, 96)
+    with torch.no_grad():
+        assert (speak.hifigan_decode(loaded, x, voice) - speak.hifigan_decode(hifigan, x, voice)).abs().max() < 1e-5
+    del state["conv_post.bias"]
+    torch.save(state, tmp_path / "broken.pth")
+    proc = subprocess.run([sys.executable, str(HERE / "convert_weights.py"), "--tortoise-hifigan",
+                           str(tmp_path / "broken.pth"), "-o", str(tmp_path / "x.pt")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "conv_post.bias" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_long_paragraph_is_spoken_part_by_part_into_one_wav(tmp_path):
+    """A 2,000-character --text: cut as read.py cuts it (clvp.split_text), each part spoken in turn, one WAV."""
+    sentences = ["The wind rose over the hills at dawn, and the shepherds counted their flocks twice.",
+                 "Nobody spoke of the storm that had passed; it was enough that the bridge still stood!",
+                 "\"Will it hold another winter?\" asked the miller, who trusted nothing built by his cousin."]
+    text = " ".join(sentences[i % 3] for i in range(24))[:2000]
+    parts = clvp.split_text(text)
+    assert len(text) == 2000 and len(parts) >= 8 and all(len(p) <= 300 for p in parts)
+    proc = cli(*HIFI, "--text", text, "--audio", VOICE, "--max-tokens", "4", "--out", tmp_path / "long.wav", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    per_part = 256 * int(int(4 * 4) * 24000 / 22050)             # 4 codes each: random weights never stop
+    assert report["parts"] == len(parts) and soundfile.info(tmp_path / "long.wav").frames == len(parts) * per_part

@@ -160,11 +160,11 @@ def report_timings():
 SIZES = ["tiny", "official"]
 
 
-def assert_close(what, ours, theirs):
-    """Max absolute difference <= TOL; the largest seen per `what` is printed at the end (pytest -s)."""
+def assert_close(what, ours, theirs, tol=TOL):
+    """Max absolute difference <= tol; the largest seen per `what` is printed at the end (pytest -s)."""
     diff = (ours.double() - theirs.double()).abs().max().item()
     DIFFS[what] = max(diff, DIFFS.get(what, 0.0))
-    assert diff <= TOL, f"{what}: max |difference| {diff:.2e} > {TOL}"
+    assert diff <= tol, f"{what}: max |difference| {diff:.2e} > {tol}"
 
 
 def not_start(x):
@@ -519,20 +519,32 @@ CHAINS = {"unguided": (30, 0.0, 1.0), "guided": (24, 2.0, 0.8)}     # steps, gui
 WAV_TOL = 1e-2              # a whole chain on random weights amplifies rounding; see the issue's figures
 
 
+def voice_clips(d):
+    """Two reference clips under 6 s, so the original's random 6 s cut never runs."""
+    wav, sr = soundfile.read(HERE / "examples" / "voice.wav", dtype="float32")
+    voices = [d / "v1.wav", d / "v2.wav"]
+    soundfile.write(voices[0], wav[:5 * sr], sr, subtype="FLOAT")
+    soundfile.write(voices[1], 0.5 * wav[::-1][:4 * sr], sr, subtype="FLOAT")
+    return voices
+
+
+def voiced_oracle(python, src, official, d, mode):
+    """tortoise_oracle.py --audio or --fast, on two clips made in d, CHAIN_TEXT's ids and the `official` run's
+    decoder -> (the clips, the oracle's folder)."""
+    voices = voice_clips(d)
+    ids = clvp.Tokenizer.from_file(HERE / "data" / "tokenizer.json").encode(CHAIN_TEXT)
+    return voices, run_oracle(python, src, mode, ["--size", "official", "--seed", 3, f"--{mode}", "--ar", official["dir"],
+                                                  "--voice", *voices, "--text-ids", ",".join(map(str, ids))],
+                              # by their samples: libsndfile stamps the time into a float WAV's PEAK chunk
+                              inputs={v: soundfile.read(v, dtype="float32")[0].tobytes() for v in voices})
+
+
 @pytest.fixture(scope="session")
 def audio(tortoise_python, tortoise_src, official, tmp_path_factory):
     """One oracle run: the original's audio pieces and two chains from codes to a WAV, on random official-size
     DiffusionTts and UnivNet and the official-size decoder of the `official` run; then speak.pt converted."""
     d = tmp_path_factory.mktemp("tortoise-audio")
-    wav, sr = soundfile.read(HERE / "examples" / "voice.wav", dtype="float32")
-    voices = [d / "v1.wav", d / "v2.wav"]            # under 6 s, so the original's random 6 s cut never runs
-    soundfile.write(voices[0], wav[:5 * sr], sr, subtype="FLOAT")
-    soundfile.write(voices[1], 0.5 * wav[::-1][:4 * sr], sr, subtype="FLOAT")
-    ids = clvp.Tokenizer.from_file(HERE / "data" / "tokenizer.json").encode(CHAIN_TEXT)
-    o = run_oracle(tortoise_python, tortoise_src, "audio", ["--size", "official", "--seed", 3, "--audio", "--ar",
-                   official["dir"], "--voice", *voices, "--text-ids", ",".join(map(str, ids))],
-                   # by their samples: libsndfile stamps the time into a float WAV's PEAK chunk
-                   inputs={v: soundfile.read(v, dtype="float32")[0].tobytes() for v in voices})
+    voices, o = voiced_oracle(tortoise_python, tortoise_src, official, d, "audio")
     t0 = time.perf_counter()
     _, skipped = convert_weights.convert_tortoise_audio(o / "diffusion_decoder.pth", o / "vocoder.pth")
     assert convert_weights.main(["--tortoise-diffusion", str(o / "diffusion_decoder.pth"), "--tortoise-vocoder",
@@ -705,3 +717,69 @@ def test_split_text_equals_the_original_on_random_texts(original_split):
         assert clvp.split_text(text, desired, longest) == expected, (i, desired, longest, text[:200])
         kinds.add(min(len(expected), 3))
     assert kinds == {0, 1, 2, 3}                   # texts that give no part, one, two and many
+
+
+# ---------------------------------------------------------------------------------------------------
+# The fast path (api_fast.py): HiFi-GAN per call, tts() for given codes, tts_stream()'s chunks
+# ---------------------------------------------------------------------------------------------------
+
+FAST_WAV_TOL = 1e-3         # tts() through the 30-layer decoder and HiFi-GAN, fp32 (the issue's bound)
+PCM_LSB = 1 / 32767
+
+
+@pytest.fixture(scope="session")
+def fast(tortoise_python, tortoise_src, official, tmp_path_factory):
+    """One oracle run of api_fast.py on a random official-size HiFi-GAN and the `official` decoder; hifigan.pt
+    converted from its hifidecoder.pth through the command line."""
+    d = tmp_path_factory.mktemp("tortoise-fast")
+    voices, o = voiced_oracle(tortoise_python, tortoise_src, official, d, "fast")
+    t0 = time.perf_counter()
+    assert convert_weights.main(["--tortoise-hifigan", str(o / "hifidecoder.pth"), "-o", str(d / "hifigan.pt")]) == 0
+    hifigan = speak.load_hifigan(d / "hifigan.pt", "cpu", 1024)
+    TIMINGS["convert+load hifigan.pt"] = time.perf_counter() - t0
+    return dict(dir=d, voices=voices, hifigan=hifigan, expected=torch.load(o / "expected_fast.pt", weights_only=True),
+                ar=official)
+
+
+def fast_command(fast, codes, *args):
+    e, d = fast["expected"], fast["dir"]
+    np.save(d / "codes.npy", e[codes].numpy())
+    return [sys.executable, str(HERE / "speak.py"), "--text", CHAIN_TEXT, "--audio", *map(str, fast["voices"]),
+            "--codes", str(d / "codes.npy"), "--checkpoint", str(fast["ar"]["checkpoint"]), "--decoder", "hifigan",
+            "--hifigan-checkpoint", str(d / "hifigan.pt"), "--device", "cpu", "--quiet", *args]
+
+
+def test_hifigan_per_call(fast):
+    e = fast["expected"]
+    assert e["call_wav"].abs().max() > 0.01                    # random weights, yet not a silent output
+    with torch.no_grad():
+        ours = speak.hifigan_decode(fast["hifigan"], e["call_latents"], e["auto_latent"])
+    assert ours.shape == e["call_wav"][0, 0].shape == (256 * int(int(4 * 37) * 24000 / 22050),)
+    assert_close("HiFi-GAN per call, weight norm folded", ours, e["call_wav"][0, 0])
+
+
+def test_hifigan_tts_through_command_line(fast, tmp_path):
+    """speak.py --codes --decoder hifigan: api_fast's tts() for those codes (its inference_speech stood in by them)."""
+    r = subprocess.run(fast_command(fast, "tts_codes", "--out", str(tmp_path / "fast.wav")), capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ours, sr = soundfile.read(tmp_path / "fast.wav", dtype="float32")
+    theirs = fast["expected"]["tts_wav"][0, 0]
+    assert sr == 24000 and ours.shape == theirs.shape
+    assert_close("api_fast tts() WAV", torch.from_numpy(ours), theirs, FAST_WAV_TOL)
+
+
+def test_stream_through_command_line(fast):
+    """speak.py --codes --stream --out -: the original's tts_stream chunks (its generator forced to the codes,
+    handle_chunks over what it decoded), then the 1024 samples the original holds back and never plays, within
+    2 LSB."""
+    r = subprocess.run(fast_command(fast, "stream_codes", "--stream", "--out", "-"), capture_output=True)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    e = fast["expected"]
+    ours, theirs = np.frombuffer(r.stdout, dtype="<i2").astype(np.float64), e["stream_chunks"].double().numpy()
+    assert e["stream_chunk_lengths"].tolist() == [65792, 44544, 34560]     # decodes at 60, 100 and 131 latents
+    assert len(ours) == len(theirs) + speak.STREAM_OVERLAP
+    theirs = np.concatenate([theirs, e["stream_tail"].double().numpy()])   # the held-back end, which we play
+    lsb = np.abs(ours - np.round(theirs * 32767)).max()
+    DIFFS["tts_stream chunks and tail, LSB of 16-bit PCM"] = lsb
+    assert lsb <= 2

@@ -64,11 +64,11 @@ def import_tortoise(src):
     return UnifiedVoice, CLVP
 
 
-def api_function(src, name, **names):
-    """One function (or TextToSpeech method) of tortoise/api.py, compiled on its own with `names` as its
-    globals: api.py itself imports the classifier, CVVP, wav2vec alignment, progressbar, ... none of which
-    the function needs."""
-    path = os.path.join(src, "tortoise", "api.py")
+def api_function(src, name, file="api.py", **names):
+    """One function (or TextToSpeech method) of tortoise/api.py (or api_fast.py), compiled on its own with
+    `names` as its globals: the file itself imports the classifier, CVVP, wav2vec alignment, progressbar, ...
+    none of which the function needs."""
+    path = os.path.join(src, "tortoise", file)
     with open(path, encoding="utf-8") as f:
         tree = ast.parse(f.read(), path)
     bodies = tree.body + [n for c in tree.body if isinstance(c, ast.ClassDef) for n in c.body]
@@ -265,6 +265,106 @@ def audio_main(args):
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------
+# --fast: api_fast.py's HiFi-GAN path (official sizes): the decoder per call, tts() and tts_stream() for given codes
+# ---------------------------------------------------------------------------------------------------
+
+FAST_CALL_LATENTS = 37              # latents of the per-call comparison
+FAST_TTS_CODES = 69                 # codes before the stop token in tts()'s comparison
+FAST_STREAM_CODES = 130             # ... and in the stream's: decodes at 60 and 100 yields, then the end at 131
+
+
+def import_hifigan(src):
+    """models/hifigan_decoder.py with its one CUDA line patched: inference() moves its input to "cuda"."""
+    path = os.path.join(src, "tortoise", "models", "hifigan_decoder.py")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    assert text.count('up_2.to("cuda")') == 1, "hifigan_decoder.py changed: the CUDA patch no longer applies"
+    namespace = {"__name__": "hifigan_decoder"}
+    exec(compile(text.replace('up_2.to("cuda")', "up_2"), path, "exec"), namespace)
+    return namespace["HifiganGenerator"]
+
+
+class ForceCodes:
+    """A logits processor that leaves only the next of `codes` finite: the stream generator, sampling as
+    tts_stream asks (top-k 50, top-p 0.8, ...), then yields exactly these codes with its own latents."""
+
+    def __init__(self, codes, prompt_length):
+        self.codes, self.prompt_length = codes, prompt_length
+
+    def __call__(self, input_ids, scores):
+        forced = torch.full_like(scores, -float("inf"))
+        forced[:, self.codes[input_ids.shape[1] - self.prompt_length]] = 0
+        return forced
+
+
+def fast_main(args):
+    torchaudio, TorchMelSpectrogram, UnifiedVoice, _, _, audio, _ = import_audio(args.src)
+    from tortoise.models.stream_generator import init_stream_support
+    from transformers import LogitsProcessorList
+    init_stream_support()
+    HifiganGenerator = import_hifigan(args.src)
+    names = dict(torchaudio=torchaudio, TorchMelSpectrogram=TorchMelSpectrogram, random=__import__("random"),
+                 time=time.time)
+    for name in ("format_conditioning", "get_conditioning_latents", "tts", "tts_stream", "handle_chunks",
+                 "deterministic_state"):
+        names[name] = api_function(args.src, name, "api_fast.py", **names)
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    hifi = HifiganGenerator(in_channels=1024, out_channels=1, resblock_type="1",                 # api_fast.py:218
+                            resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]], resblock_kernel_sizes=[3, 7, 11],
+                            upsample_kernel_sizes=[16, 16, 4, 4], upsample_initial_channel=512,
+                            upsample_factors=[8, 8, 2, 2], cond_channels=1024).eval()
+    randomize(hifi)                                  # weight_g too: g is no longer |v|, so folding is exercised
+    torch.save(hifi.state_dict(), os.path.join(args.out, "hifidecoder.pth"))
+    ar = UnifiedVoice(**SIZES["official"][0], **AR_COMMON).eval()
+    ar.load_state_dict(torch.load(os.path.join(args.ar, "autoregressive.pth")), strict=False)
+    ar.post_init_gpt2_config(use_deepspeed=False, kv_cache=True)     # as api_fast.py does after loading
+    t_build = time.perf_counter() - t0
+
+    g = torch.Generator().manual_seed(args.seed + 1)
+    ids = [int(i) for i in args.text_ids.split(",")]
+    out = {}
+    with torch.no_grad():
+        clips = [audio.load_audio(p, 22050) for p in args.voice]
+        tts = types.SimpleNamespace(device="cpu", autoregressive=ar, hifi_decoder=hifi, half=False,
+                                    tokenizer=types.SimpleNamespace(encode=lambda text: ids))
+        for name in ("get_conditioning_latents", "handle_chunks", "deterministic_state"):
+            setattr(tts, name, types.MethodType(names[name], tts))
+        auto_latent = tts.get_conditioning_latents(clips)                          # [1, 1024]
+        tts.get_random_conditioning_latents = lambda: auto_latent                   # voice_samples=None below
+        latents = torch.randn(1, FAST_CALL_LATENTS, 1024, generator=g)
+        out.update(auto_latent=auto_latent, call_latents=latents, call_wav=hifi.inference(latents, auto_latent))
+
+        # tts(): inference_speech stands in with the codes it "sampled" (they end in the stop token).
+        codes = torch.cat([torch.randint(0, 8192, (1, FAST_TTS_CODES), generator=g), torch.tensor([[8193]])], 1)
+        ar.inference_speech = lambda *a, **k: codes
+        out.update(tts_codes=codes, tts_wav=names["tts"](tts, "text", voice_samples=None, verbose=False,
+                                                         use_deterministic_seed=args.seed))
+        del ar.inference_speech
+
+        # tts_stream(): its stream generator forced to these codes; the latents it yields are recorded.
+        codes = torch.cat([torch.randint(0, 8192, (FAST_STREAM_CODES,), generator=g), torch.tensor([8193])])
+        get_generator, seen = ar.get_generator, []
+
+        def recording(fake_inputs, **kwargs):
+            for token, latent in get_generator(fake_inputs, **kwargs):
+                seen.append(latent)
+                yield token, latent
+        ar.get_generator = recording
+        chunks = list(names["tts_stream"](tts, "text", voice_samples=None, verbose=False,
+                                          logits_processor=LogitsProcessorList([ForceCodes(codes, len(ids) + 5)])))
+        # what its handle_chunks holds back at the end and never plays: the last decode's last 1024 samples
+        tail = hifi.inference(torch.cat(seen)[None], auto_latent)[0, 0, -1024:]
+        out.update(stream_codes=codes[None], stream_latents=torch.cat(seen)[None], stream_tail=tail,
+                   stream_chunks=torch.cat(chunks), stream_chunk_lengths=torch.tensor([len(c) for c in chunks]))
+    out["seed"] = args.seed
+    torch.save(out, os.path.join(args.out, "expected_fast.pt"))
+    print(f"oracle --fast: build {t_build:.1f} s, total {time.perf_counter() - t0:.1f} s, "
+          f"{len(chunks)} stream chunks")
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--src", required=True, help="the unpacked tortoise-tts 3.0.0 source package")
@@ -272,7 +372,8 @@ def main(argv=None):
     p.add_argument("--size", choices=sorted(SIZES), default="tiny")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--audio", action="store_true", help="the audio stages instead (official size)")
-    p.add_argument("--ar", help="--audio: the directory of an official-size run's autoregressive.pth")
+    p.add_argument("--fast", action="store_true", help="api_fast.py's HiFi-GAN path instead (official size)")
+    p.add_argument("--ar", help="--audio, --fast: the directory of an official-size run's autoregressive.pth")
     p.add_argument("--voice", nargs="+", help="--audio: reference clips (22.05 kHz WAV, at most 6 s)")
     p.add_argument("--text-ids", help="--audio: the chain's raw text ids, comma-separated")
     args = p.parse_args(argv)
@@ -280,6 +381,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     if args.audio:
         return audio_main(args)
+    if args.fast:
+        return fast_main(args)
     t0 = time.perf_counter()
     UnifiedVoice, CLVP = import_tortoise(args.src)
     fix_autoregressive_output = api_function(args.src, "fix_autoregressive_output")
