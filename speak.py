@@ -1012,6 +1012,8 @@ def check_speak_args(args):
                    "whole candidate)"),
                   (not args.stream or args.num_candidates == 1, "--stream speaks as it samples: one candidate "
                    "(--candidates 1), nothing to rank"),
+                  (not args.stream or args.cache_dtype is None, "--cache-dtype sets the engine's batched cache; "
+                   "--stream decodes one row through a cache in the model's dtype"),
                   (fast or not args.hifigan_checkpoint, "--hifigan-checkpoint needs --decoder hifigan"),
                   (not (args.out == "-" and args.json), "--json and --out - both write to standard output"),
                   (not (args.out == "-" and args.pcm16), "--out - is 16-bit PCM already; --pcm16 is for a WAV"),
@@ -1061,7 +1063,7 @@ def prepare(args):
 
 def hifigan_dtype(device, dtype):
     """HiFi-GAN's dtype: the model's, but fp32 for bf16 on a CPU without AVX-512 BF16, where bf16 convolutions
-    are emulated (20x slower than fp32 on an AVX2 EPYC: bench.py --fast). clvp.py's engine keeps its KV cache
+    are emulated (60x slower than fp32 on an AVX2 EPYC: bench.py --fast). clvp.py's engine keeps its KV cache
     in fp32 there by the same rule."""
     return clvp.cache_dtype(device, dtype)
 

@@ -1368,6 +1368,7 @@ def test_bad_speak_checkpoint(work, edit, says):
     (["--stream"], "--stream needs --decoder hifigan"),
     (["--decoder", "hifigan", "--stream", "--candidates", "2"], "one candidate (--candidates 1)"),
     (["--hifigan-checkpoint", "x.pt"], "--hifigan-checkpoint needs --decoder hifigan"),
+    (["--decoder", "hifigan", "--stream", "--candidates", "1", "--cache-dtype", "bfloat16"], "--stream decodes one row"),
     (["--decoder", "hifigan", "--out", "-", "--json"], "--json and --out - both write to standard output"),
     (["--decoder", "hifigan", "--out", "-", "--pcm16"], "--out - is 16-bit PCM already"),
     (["--decoder", "univnet"], "invalid choice"),
