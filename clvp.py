@@ -696,8 +696,9 @@ class DecoderAndCLVP(nn.Module):
 #
 # next_tokens applies the processors of transformers' generate, in its order: repetition penalty,
 # temperature, top-k where asked (api_fast.py asks for 50), top-p, then typical sampling where asked.
-# That is the Hugging Face port's order; the original's typical_sampling=True passes its TypicalLogitsWarper as a logits processor instead, which
-# under its transformers (4.31) runs right after the repetition penalty, before temperature and top-p.
+# That is the Hugging Face port's order; the original's typical_sampling=True passes its
+# TypicalLogitsWarper as a logits processor instead, which under its transformers (4.31) runs right after
+# the repetition penalty, before temperature and top-p.
 # The repetition penalty covers the start token and the tokens generated so far, as in the Hugging
 # Face port. The original Tortoise prompt also held a run of fake token-1 entries, so it penalized
 # speech token 1 as well; see the README.

@@ -21,7 +21,8 @@ Its parts are numbered as clvp.py's: Part I is the lesson, in that order; Part I
 Part II: the audio stages run as the lesson writes them (their speed ideas, the position bias read as a
 view of one row and the stream's steps on clvp.py's packed weights, are each a line). It imports clvp for
 everything before the tokens (text, audio loading, the decoder, generation and ranking) and for its
-boundary helpers; clvp.py imports nothing of this file. Numbers match the original Tortoise code on the same weights (test_tortoise.py).
+boundary helpers; clvp.py imports nothing of this file. Numbers match the original Tortoise code on the
+same weights (test_tortoise.py).
 """
 import contextlib
 import json
@@ -554,7 +555,7 @@ class HifiGan(nn.Module):
                                        for i in range(len(HIFI_UPSAMPLE)) for k in HIFI_KERNELS)
         self.conv_post = nn.Conv1d(channels >> len(HIFI_UPSAMPLE), 1, 7, padding=3)
 
-    def forward(self, x, voice):                      # frames [B, latent_dim, L], voice [B, latent_dim] -> [B, 1, 256 L]
+    def forward(self, x, voice):             # frames [B, latent_dim, L], voice [B, latent_dim] -> [B, 1, 256 L]
         x = self.conv_pre(x) + self.cond_layer(voice[:, :, None])
         n = len(HIFI_KERNELS)
         for i, up in enumerate(self.ups):
@@ -908,8 +909,8 @@ def random_speak(config, device, dtype=torch.float32):
 
 
 def read_codes(path, stop_token):
-    """--codes FILE.npy: clvp.py's [k, T] tokens (T <= 500) -> the first row (the best) [T] long. The header's shape and dtype are checked against
-    the file's size before numpy allocates anything by them."""
+    """--codes FILE.npy: clvp.py's [k, T] tokens (T <= 500) -> the first row (the best) [T] long. The header's
+    shape and dtype are checked against the file's size before numpy allocates anything by them."""
     npy = np.lib.format
     with clvp.open_input(path, clvp.UsageError) as f, clvp.prefixed(f"--codes {path}: ", clvp.UsageError):
         size = os.fstat(f.fileno()).st_size
