@@ -1018,8 +1018,9 @@ def check_speak_args(args):
                   (fast or not args.hifigan_checkpoint, "--hifigan-checkpoint needs --decoder hifigan"),
                   (not (args.out == "-" and args.json), "--json and --out - both write to standard output"),
                   (not (args.out == "-" and args.pcm16), "--out - is 16-bit PCM already; --pcm16 is for a WAV"),
-                  (args.out != "-" or not sys.stdout.isatty(), "--out - writes raw 16-bit PCM to standard output, "
-                   "which is a terminal here: pipe it into a player (| aplay -f S16_LE -r 24000 -c 1)")],
+                  (args.out != "-" or sys.stdout is not None, "--out -: standard output is closed"),
+                  (args.out != "-" or sys.stdout is None or not sys.stdout.isatty(), "--out - writes raw 16-bit PCM "
+                   "to standard output, which is a terminal here: pipe it into a player (| aplay -f S16_LE -r 24000 -c 1)")],
                  clvp.UsageError)
 
 
@@ -1194,6 +1195,10 @@ def write_pcm(parts, t0):
         print(f"speak.py: standard output was closed (the player quit?) after {samples / SAMPLE_RATE:.2f} s of "
               "audio; stopped", file=sys.stderr)
         return samples, first, True
+    except OSError as e:                                                 # a full disk behind a redirection
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise clvp.UsageError(f"--out -: cannot write to standard output ({e.strerror or clvp.first_line(e)}) "
+                              f"after {samples / SAMPLE_RATE:.2f} s of audio") from None
     return samples, first, False
 
 

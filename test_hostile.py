@@ -1380,6 +1380,19 @@ def test_fast_path_bad_options(work, args, says):
     refused(work, *speaking(*args), script="speak.py", words=[says])
 
 
+@pytest.mark.parametrize("stdout, says", [("closed", "--out -: standard output is closed"),
+                                          ("/dev/full", "--out -: cannot write to standard output (No space left")])
+def test_out_dash_with_no_standard_output_to_write(work, stdout, says):
+    """--out - when fd 1 is closed, or is a full device: one line naming it, exit code 2, no traceback."""
+    args = [sys.executable, os.path.join(HERE, "speak.py"), "--random-init", "--tiny", "--decoder", "hifigan",
+            "--text", "Hi.", "--audio", "voice.wav", "--max-tokens", "4", "--out", "-", "--quiet"]
+    with open(os.devnull if stdout == "closed" else stdout, "wb") as out:
+        p = subprocess.run(args, cwd=work, stdout=out, stderr=subprocess.PIPE, text=True, timeout=120,
+                           preexec_fn=(lambda: os.close(1)) if stdout == "closed" else None)
+    lines = [line for line in p.stderr.splitlines() if not line.startswith("NOTE: --random-init")]
+    assert p.returncode == 2 and len(lines) == 1 and says in lines[0] and "Traceback" not in p.stderr, p.stderr
+
+
 def test_sample_top_k_is_checked_in_clvp_py_and_the_library(work):
     refused(work, "--random-init", "--tiny", "--text", "Hi.", "--audio", "voice.wav", "--sample-top-k", "-3",
             words=["--sample-top-k must be None (off) or an integer in 1..8194, not -3"])
