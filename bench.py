@@ -560,12 +560,12 @@ def fast_path_run(model, hifigan, ids, mels, options, streamed):
     t0 = time.perf_counter()
     if streamed:
         first, samples = None, 0
-        for chunk in speak.stream(model, hifigan, ids, mels, options):
+        for chunk in speak.stream(model, hifigan, ids, model.voice_latent(mels)[None], options):
             first, samples = first or time.perf_counter() - t0, samples + len(chunk)
     else:
         gen = model.generate(ids, mels, options)
         codes = speak.spoken_codes(gen, options, model.config.decoder.stop_token)
-        samples = len(speak.speak_fast(model, hifigan, ids, mels, codes))
+        samples = len(speak.speak_fast(model, hifigan, ids, model.voice_latent(mels)[None], codes))
         first = time.perf_counter() - t0
     wall = time.perf_counter() - t0
     return {"first audio s": first, "wall s": wall, "audio s": samples / speak.SAMPLE_RATE,

@@ -180,7 +180,6 @@ def bpe(ids, ranks):
 _WORD_RE = re.compile(r'\w+|[^\w\s]+')
 
 
-
 class Tokenizer:
     """Tortoise's VoiceBpeTokenizer. vocab: {token: id}; merges: [(a, b), ...], lowest rank first."""
 
@@ -448,8 +447,7 @@ class Decoder(nn.Module):
             x = block(x, i, cache, start)
         return x
 
-    def latent(self, h):                                     # [B, T, D] -> [B, T, D]
-        """GPT-2's last norm, then UnifiedVoice's own final_norm: the "latents" speak.py's decoders read."""
+    def latent(self, h):               # [B, T, D] -> [B, T, D]: GPT-2's ln_f, then UnifiedVoice's final_norm
         return self.final_norm(self.norm(h))
 
     def logits(self, h):                                     # [B, T, D] -> [B, T, 8194]
@@ -597,9 +595,8 @@ class Encoder(nn.Module):
 # takes this from DALL-E, which reranks its image samples with CLIP: sample N (16 to 512 in Tortoise),
 # keep the best by CLVP.
 #
-# Code that imports clvp is a boundary too: each public method checks its arguments in its first line
-# (Part III), so ids outside a vocabulary or mels of the wrong shape are a ValueError that names the
-# argument and the allowed range, not an IndexError from deep inside torch.
+# Each public method checks its arguments in its first line (Part III): bad ids or mels are a ValueError
+# naming the argument, not an IndexError from deep inside torch.
 # ---------------------------------------------------------------------------------------------------
 
 class DecoderAndCLVP(nn.Module):
@@ -694,11 +691,9 @@ class DecoderAndCLVP(nn.Module):
 # 2. fix_candidates cleans each candidate up as Tortoise's fix_autoregressive_output does.
 # 3. rank: CLVP scores every candidate against the text, best first.
 #
-# next_tokens applies the processors of transformers' generate, in its order: repetition penalty,
-# temperature, top-k where asked (api_fast.py asks for 50), top-p, then typical sampling where asked.
-# That is the Hugging Face port's order; the original's typical_sampling=True passes its
-# TypicalLogitsWarper as a logits processor instead, which under its transformers (4.31) runs right after
-# the repetition penalty, before temperature and top-p.
+# next_tokens applies transformers' processors in its order: repetition penalty, temperature, top-k where
+# asked (api_fast.py: 50), top-p, typical sampling where asked. The original's typical_sampling=True passes
+# TypicalLogitsWarper as a logits processor, which under its transformers 4.31 runs before temperature.
 # The repetition penalty covers the start token and the tokens generated so far, as in the Hugging
 # Face port. The original Tortoise prompt also held a run of fake token-1 entries, so it penalized
 # speech token 1 as well; see the README.

@@ -589,10 +589,10 @@ class SpeakOptions:
     seed: int | None = None
 
 
-def diffusion_conditioning(model, diffusion, text_ids, mels, latent, codes):
-    """Fixed codes [1, S] of one text -> the diffusion's conditioning [1, dim, L]: the AR latents of the codes
-    before the calm run, with the diffusion voice latent [1, 2 * dim] through timestep_independent."""
-    voice = model.voice_latent(mels)[None]                                                       # [1, D]
+def diffusion_conditioning(model, diffusion, text_ids, voice, latent, codes):
+    """Fixed codes [1, S] of one text, the decoder's voice latent [1, D] -> the diffusion's conditioning [1, dim,
+    L]: the AR latents of the codes before the calm run, with the diffusion voice latent [1, 2 * dim] through
+    timestep_independent."""
     latents = speech_latents(model, voice, text_ids[None], codes)[:, :calm_length(codes[0])].float()   # [1, S, D]
     finite(latents, "the AR latents")                                # the decoder overflowed (Part III)
     length = latents.shape[1] * 4 * SAMPLE_RATE // clvp.SAMPLE_RATE     # 4 mel frames of 22.05 kHz per code
@@ -600,14 +600,14 @@ def diffusion_conditioning(model, diffusion, text_ids, mels, latent, codes):
 
 
 @torch.inference_mode()
-def speak(model, diffusion, vocoder, text_ids, mels, latent, codes, o: SpeakOptions, progress=None):
-    """Fixed codes [1, S] of one text (S = 500 after Tortoise's padding) -> wav [samples] at 24 kHz. mels: the AR
-    voice [C, 80, frames]; latent: the diffusion voice latent [1, 2 * dim]. The stage's generator is seeded with
+def speak(model, diffusion, vocoder, text_ids, voice, latent, codes, o: SpeakOptions, progress=None):
+    """Fixed codes [1, S] of one text (S = 500 after Tortoise's padding) -> wav [samples] at 24 kHz. voice: the
+    decoder's voice latent [1, D]; latent: the diffusion voice latent [1, 2 * dim]. The stage's generator is seeded with
     o.seed when it starts, so --codes with a seed replays the original's torch.manual_seed(seed) run.
     progress: None, or an object with stage(name), called as each stage starts, and diffusion(step, steps)."""
     if progress:
         progress.stage("latents")
-    conditioning = diffusion_conditioning(model, diffusion, text_ids, mels, latent, codes)
+    conditioning = diffusion_conditioning(model, diffusion, text_ids, voice, latent, codes)
     generator = torch.Generator(latent.device).manual_seed(o.seed) if o.seed is not None else None
     if progress:
         progress.stage("diffusion")
@@ -637,9 +637,9 @@ def spoken_codes(gen, options, stop_token):
 
 
 @torch.inference_mode()
-def speak_fast(model, hifigan, text_ids, mels, codes):
-    """Codes [S] of one text, as spoken_codes gives them -> wav [samples] at 24 kHz."""
-    voice = model.voice_latent(mels)[None]                                                       # [1, D]
+def speak_fast(model, hifigan, text_ids, voice, codes):
+    """Codes [S] of one text, as spoken_codes gives them, and the decoder's voice latent [1, D] -> wav [samples]
+    at 24 kHz."""
     return hifigan_decode(hifigan, speech_latents(model, voice, text_ids[None], codes[None]), voice).float()
 
 
@@ -680,14 +680,14 @@ class Crossfade:
 
 
 @torch.inference_mode()
-def stream(model, hifigan, text_ids, mels, options, codes=None):
-    """One text -> wav chunks [samples] at 24 kHz as they are made: sampled with `options`, one token at a time
+def stream(model, hifigan, text_ids, voice, options, codes=None):
+    """One text, the decoder's voice latent [1, D] -> wav chunks [samples] at 24 kHz as they are made: sampled
+    with `options`, one token at a time
     through a one-row KV cache, or, with codes [S], these tokens in place of sampled ones (a stream replayed).
     The steps run on clvp.py's engine's packed weights unless options.engine is "lesson": at one row a step is
     a matrix-vector product per weight, bound by memory bandwidth (official size, fp32: 84 ms a step packed,
     148 ms plain, against a floor of 71 ms for its 1.47 GB at 21.7 GB/s, on an AVX2 EPYC)."""
     dec, c = model.decoder, model.decoder.config
-    voice = model.voice_latent(mels)[None]                                                       # [1, D]
     prompt = dec.prompt(voice, text_ids[None])                                                   # [1, P, D]
     P, steps = prompt.shape[1], options.max_new_tokens if codes is None else len(codes)
     cache = clvp.KVCache.empty(c, 1, P + steps, prompt.device, prompt.dtype)
@@ -935,13 +935,14 @@ def read_codes(path, stop_token):
     return torch.from_numpy(codes[0].astype(np.int64))
 
 
-def codes_as_spoken(row, stop_token):
-    """--codes' row [T] -> what each decoder speaks: the diffusion path, [1, 500] stop-padded and fixed as api.py
-    fixes a candidate; HiFi-GAN, [S] as inference_speech returns a sample (through its first stop token), or, for
-    a row without one (clvp.py writes fixed rows), up to the calm run, where api.py cuts fixed codes."""
-    fixed = clvp.fix_candidates(row[None], stop_token, 500)[0]
+def codes_as_spoken(row, stop_token, decoder):
+    """--codes' row [T] -> what the decoder speaks. diffusion: [1, 500], stop-padded and fixed as api.py fixes a
+    candidate. hifigan: [S] as inference_speech returns a sample (through its first stop token), or, for a row
+    without one (clvp.py writes fixed rows), up to the calm run, where api.py cuts fixed codes."""
+    if decoder == "diffusion":
+        return clvp.fix_candidates(row[None], stop_token, 500)[0]
     stops = (row == stop_token).nonzero()
-    return fixed, row[:int(stops[0]) + 1] if len(stops) else row[:calm_length(row)]
+    return row[:int(stops[0]) + 1] if len(stops) else row[:calm_length(row)]
 
 
 def speak_options(args):
@@ -1054,7 +1055,7 @@ def prepare(args):
     stages = load_stages(args, model, stage_path, device, dtype)
     ids = [clvp.encode_text(model, t) for t in texts]
     if codes is not None:
-        codes = codes_as_spoken(codes, model.config.decoder.stop_token)[fast]
+        codes = codes_as_spoken(codes, model.config.decoder.stop_token, args.decoder)
     elif not args.stream:
         clvp.check_memory(model, max(len(i) for i in ids), decoding)
     if not fast:
@@ -1108,6 +1109,8 @@ class SpeakProgress(clvp.Progress):
 def spoken(args, device, decoding, options, model, stages, ids, codes, times, quiet):
     """Each part's audio in turn, as float tensors [samples]: one per part, or a stream's chunks."""
     mels = clvp.voice_mels(model, args.audio)
+    with torch.inference_mode():
+        voice = model.voice_latent(mels)[None]                   # the decoder's voice latent [1, D], once
     if args.decoder == "diffusion":
         diffusion, vocoder = stages
         dtype = diffusion.unconditioned_embedding.dtype
@@ -1117,18 +1120,18 @@ def spoken(args, device, decoding, options, model, stages, ids, codes, times, qu
         progress = SpeakProgress(not quiet, times, options)
         if args.stream:
             progress.stage("streaming")
-            yield from stream(model, stages[0], text_ids, mels, decoding, codes)
+            yield from stream(model, stages[0], text_ids, voice, decoding, codes)
             progress.stage(None)
             continue
         progress.stage("decoding")
         gen = model.generate(text_ids, mels, decoding, progress) if codes is None else None
         if args.decoder == "diffusion":
             best = codes if codes is not None else gen.best
-            yield speak(model, diffusion, vocoder, text_ids, mels, latent, best.to(device), options, progress)
+            yield speak(model, diffusion, vocoder, text_ids, voice, latent, best.to(device), options, progress)
         else:
             best = codes if codes is not None else spoken_codes(gen, decoding, model.config.decoder.stop_token)
             progress.stage("hifigan")
-            yield finite(speak_fast(model, stages[0], text_ids, mels, best.to(device)), "HiFi-GAN's waveform")
+            yield finite(speak_fast(model, stages[0], text_ids, voice, best.to(device)), "HiFi-GAN's waveform")
         progress.stage(None)
 
 
@@ -1152,7 +1155,7 @@ def run(args):
         if closed:                            # the reader went away: write_pcm said so, in one line
             return 0
     else:
-        tokens = decoding.max_new_tokens if codes is None else len(codes[0] if codes.dim() > 1 else codes)
+        tokens = decoding.max_new_tokens if codes is None else codes.shape[-1]
         container = wav_container(len(ids), tokens, args.pcm16)
 
         def write(f):        # each part (or chunk) written as soon as it is made, so memory holds one part's
